@@ -1,0 +1,5 @@
+import sys
+
+from speechssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The `speechssl` command line: one verb group per module, each calling one library function.
+
+Every module in `_GROUPS` defines `register(subparsers)`, adding its verbs with `set_defaults(func=...)`.
+`func(args)` returns an exit code (0 or None for success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (module under speechssl.cli, one-line help)
+_GROUPS = [
+    ("data", "Kaldi data dirs: validate, fix, convert to/from lhotse, durations, filtering"),
+    ("features", "MFCC / fbank / hidden-layer features into a sharded, memory-mapped store"),
+    ("kmeans", "k-means pseudo-labels: fit on a streamed sample, label every utterance"),
+    ("units", "unit quality: PNMI, phone and cluster purity"),
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechssl",
+        description="Self-supervised speech representation learning toolkit.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND")
+    sub.required = True
+    for name, help_ in _GROUPS:
+        module = importlib.import_module(f"speechssl.cli.{name}")
+        module.register(sub, help_)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
+        # Library errors already name the file / line / utterance id; print them as one line.
+        print(f"speechssl {args.group}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
