@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# mini_synth HuBERT recipe: the built-in synthetic corpus (espeak-ng, offline) through the whole HuBERT chain.
+#   ./run.sh                       # everything, default corpus
+#   ./run.sh --clean true          # a clean (no noise/reverb/perturbation) corpus
+#   ./run.sh --stage 2 --stop-stage 5
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=100
+clean=false
+tiny=false
+seed=0
+nj=2
+iter1_opts=""
+iter2_opts=""
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--clean true] [--tiny true] [--seed N] [--nj N]
+  stage 0 generates the corpus into data/; stages 1.. are recipes/hubert.sh (see its --help)."
+. ../../../tools/parse_options.sh
+
+data=data
+$clean && data=data_clean
+$tiny && data=${data}_tiny
+
+if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ ! -f "$data/corpus.json" ]; then
+  echo "$(date '+%F %T') [run.sh] stage 0: generate the mini_synth corpus -> $data"
+  opts=(--out "$data" --seed "$seed" --nj "$nj")
+  $clean && opts+=(--clean)
+  $tiny && opts+=(--tiny)
+  python3 local/make_corpus.py "${opts[@]}"
+fi
+
+suffix=${data#data}
+../../../recipes/hubert.sh --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
+  --data "$data" --train-set train --dev-set dev --dump "dump$suffix" --exp "exp$suffix" --nj "$nj" \
+  --alignments "$data/train/phones.ctm" \
+  --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts"

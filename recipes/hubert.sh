@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# HuBERT recipe, corpus-independent: features -> k-means units -> pretraining -> units of a hidden layer -> iteration 2.
+# Called by egs/<corpus>/hubert/run.sh after the corpus-specific data preparation (stage 0 there).
+# Every stage reads files and writes files; a finished stage leaves <out>/.done and is skipped when re-run.
+#
+#   recipes/hubert.sh --data data --train-set train --dev-set dev --stage 1 --stop-stage 9
+set -euo pipefail
+
+stage=1
+stop_stage=100
+data=data                # directory holding the Kaldi data dirs
+train_set=train
+dev_set=dev
+dump=dump                # features and labels
+exp=exp                  # k-means models, checkpoints, reports
+nj=2                     # shards for feature dumping / labelling
+k1=100                   # iteration 1: k-means on MFCC
+k2=100                   # iteration 2: k-means on a hidden layer of the iteration-1 model
+sample_frac=0.1
+max_frames=2000000
+iter1_conf=conf/pretrain_iter1.yaml
+iter2_conf=conf/pretrain_iter2.yaml
+iter1_opts=""            # extra key=value overrides for iteration 1 (e.g. "optim.max_minutes=20")
+iter2_opts=""
+layer=auto               # hidden layer for iteration-2 labels; auto = best PNMI from `units layers` (needs alignments)
+alignments=              # phone CTM of the train set for label-quality reports (optional)
+help_message="Usage: $0 [options]
+  --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC, 3 k-means iter1, 4 labels iter1, 5 unit quality,
+                               6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
+  --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
+  --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'"
+
+. "$(dirname "$0")/../tools/parse_options.sh"
+
+log() { echo "$(date '+%F %T') [hubert.sh] $*"; }
+done_or_run() {  # done_or_run MARKER_DIR : returns 0 if the stage must run
+  [ ! -f "$1/.done" ]
+}
+in_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+
+train=$data/$train_set
+dev=$data/$dev_set
+
+if in_stage 1; then
+  log "stage 1: validate data dirs"
+  for d in "$train" "$dev"; do speechssl data validate "$d"; done
+fi
+
+if in_stage 2; then
+  for s in $train_set $dev_set; do
+    out=$dump/mfcc/$s
+    if done_or_run "$out"; then
+      log "stage 2: MFCC (39-d, 100 Hz) for $s -> $out"
+      speechssl features dump --data "$data/$s" --kind mfcc --nshard "$nj" --out "$out"
+      touch "$out/.done"
+    fi
+  done
+fi
+
+if in_stage 3; then
+  out=$exp/kmeans_mfcc_k$k1
+  if done_or_run "$out"; then
+    log "stage 3: k-means k=$k1 on MFCC of $train_set -> $out"
+    speechssl kmeans fit --feats "$dump/mfcc/$train_set" --k "$k1" --sample-frac "$sample_frac" \
+      --max-frames "$max_frames" --out "$out"
+    touch "$out/.done"
+  fi
+fi
+
+if in_stage 4; then
+  for s in $train_set $dev_set; do
+    out=$dump/labels_iter1/$s
+    if done_or_run "$out"; then
+      log "stage 4: iteration-1 labels for $s -> $out"
+      speechssl kmeans label --feats "$dump/mfcc/$s" --km "$exp/kmeans_mfcc_k$k1" --out "$out"
+      touch "$out/.done"
+    fi
+  done
+fi
+
+if in_stage 5 && [ -n "$alignments" ]; then
+  log "stage 5: quality of the MFCC units against $alignments"
+  speechssl units quality --labels "$dump/labels_iter1/$train_set" --alignments "$alignments" \
+    --out "$exp/kmeans_mfcc_k$k1/quality.json" --plot "$exp/kmeans_mfcc_k$k1/quality.png"
+fi
+
+if in_stage 6; then
+  out=$exp/hubert_iter1
+  if done_or_run "$out"; then
+    log "stage 6: HuBERT iteration 1 -> $out"
+    # shellcheck disable=SC2086
+    speechssl pretrain --config "$iter1_conf" --resume auto exp_dir="$out" \
+      data.train="$train" data.dev="$dev" \
+      data.train_labels="[$dump/labels_iter1/$train_set]" data.dev_labels="[$dump/labels_iter1/$dev_set]" \
+      $iter1_opts
+    touch "$out/.done"
+  fi
+fi
+
+if in_stage 7 && [ -n "$alignments" ]; then
+  out=$exp/hubert_iter1/layers
+  if done_or_run "$out"; then
+    log "stage 7: what each layer of iteration 1 learned (PNMI by layer, k=$k2)"
+    speechssl units layers --ckpt "$exp/hubert_iter1/best" --data "$train" --alignments "$alignments" \
+      --k "$k2" --mfcc "$dump/mfcc/$train_set" --out "$out"
+    touch "$out/.done"
+  fi
+fi
+
+if in_stage 8; then
+  if [ "$layer" = auto ]; then
+    layer=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['best_layer'])" "$exp/hubert_iter1/layers/layers.json")
+  fi
+  km=$exp/kmeans_iter1_L${layer}_k$k2
+  if done_or_run "$km"; then
+    log "stage 8: k-means k=$k2 on layer $layer of iteration 1"
+    speechssl features dump --data "$train" --kind hidden --ckpt "$exp/hubert_iter1/best" --layer "$layer" \
+      --nshard "$nj" --out "$dump/hidden_iter1_L$layer/$train_set"
+    speechssl kmeans fit --feats "$dump/hidden_iter1_L$layer/$train_set" --k "$k2" --sample-frac "$sample_frac" \
+      --max-frames "$max_frames" --out "$km"
+    touch "$km/.done"
+  fi
+  for s in $train_set $dev_set; do
+    out=$dump/labels_iter2/$s
+    if done_or_run "$out"; then
+      speechssl features dump --data "$data/$s" --kind hidden --ckpt "$exp/hubert_iter1/best" --layer "$layer" \
+        --nshard "$nj" --out "$dump/hidden_iter1_L$layer/$s"
+      speechssl kmeans label --feats "$dump/hidden_iter1_L$layer/$s" --km "$km" --out "$out"
+      touch "$out/.done"
+    fi
+  done
+fi
+
+if in_stage 9; then
+  out=$exp/hubert_iter2
+  if done_or_run "$out"; then
+    log "stage 9: HuBERT iteration 2 -> $out"
+    # shellcheck disable=SC2086
+    speechssl pretrain --config "$iter2_conf" --resume auto exp_dir="$out" \
+      data.train="$train" data.dev="$dev" \
+      data.train_labels="[$dump/labels_iter2/$train_set]" data.dev_labels="[$dump/labels_iter2/$dev_set]" \
+      $iter2_opts
+    touch "$out/.done"
+  fi
+fi
+
+if in_stage 10 && [ -n "$alignments" ]; then
+  out=$exp/hubert_iter2/layers
+  if done_or_run "$out"; then
+    log "stage 10: what each layer of iteration 2 learned"
+    speechssl units layers --ckpt "$exp/hubert_iter2/best" --data "$train" --alignments "$alignments" \
+      --k "$k2" --mfcc "$dump/mfcc/$train_set" --out "$out"
+    touch "$out/.done"
+  fi
+fi
+log "done (stages $stage..$stop_stage)"
