@@ -1,0 +1,33 @@
+"""Data layer (floor 2): Kaldi data dirs, their validation and repair, durations, and the lhotse bridge.
+
+Imports only `speechssl.audio`. The lhotse bridge lives in `speechssl.data.lhotse_io` and is imported lazily
+(lhotse is a heavy import), so ``import speechssl.data`` stays cheap.
+"""
+
+from speechssl.data.kaldi import (
+    DataDir,
+    DataDirError,
+    Utterance,
+    c_sorted,
+    fix_data_dir,
+    format_seconds,
+    load_utterance,
+    read_data_dir,
+    subset_data_dir,
+    validate_data_dir,
+    write_data_dir,
+)
+
+__all__ = [
+    "DataDir",
+    "DataDirError",
+    "Utterance",
+    "c_sorted",
+    "fix_data_dir",
+    "format_seconds",
+    "load_utterance",
+    "read_data_dir",
+    "subset_data_dir",
+    "validate_data_dir",
+    "write_data_dir",
+]

@@ -1,0 +1,243 @@
+"""Audio I/O: read a file or a Kaldi pipe command into a float32 mono 16 kHz array, and write 16-bit WAV.
+
+Everything downstream (features, training, SUPERB) sees audio only through `load_audio`, so this is where
+bad audio is caught: a missing or corrupt file, an empty or non-finite signal, a failing pipe command or a
+segment that runs past the end of its recording each raise one `AudioError` naming the utterance and source.
+
+Sources follow Kaldi's ``wav.scp`` conventions: either a path, or a shell command ending in ``|`` whose
+standard output is an audio file (e.g. ``sox in.flac -t wav - |``). Segment times (Kaldi ``segments``) are in
+seconds of the source recording; for files only the needed frames are read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+__all__ = [
+    "SAMPLE_RATE",
+    "MAX_OVERSHOOT",
+    "AudioError",
+    "AudioInfo",
+    "is_pipe",
+    "audio_info",
+    "load_audio",
+    "save_audio",
+]
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+"""The sample rate every model in speechssl consumes."""
+
+MAX_OVERSHOOT = 0.5
+"""Seconds a segment end may exceed its recording and be truncated (Kaldi ``extract-segments --max-overshoot``)."""
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message names the utterance id (when known) and the source."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Native properties of an audio source (before downmix/resampling)."""
+
+    num_frames: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.sample_rate
+
+
+def is_pipe(source: str) -> bool:
+    """True for a Kaldi pipe source, ``"cmd args |"``."""
+    return source.rstrip().endswith("|")
+
+
+def _where(source: str, utt_id: str | None) -> str:
+    kind = "command" if is_pipe(source) else "path"
+    if utt_id is None:
+        return f"{kind} {source}"
+    return f"utt {utt_id} ({kind} {source})"
+
+
+def _run_pipe(source: str, utt_id: str | None) -> bytes:
+    """Run a pipe command through the shell and return its standard output (an audio file in memory)."""
+    cmd = source.rstrip()[:-1].strip()
+    if not cmd:
+        raise AudioError(f"{_where(source, utt_id)}: empty pipe command")
+    try:
+        proc = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    except OSError as e:  # pragma: no cover - /bin/sh missing
+        raise AudioError(f"{_where(source, utt_id)}: cannot run pipe command: {e}") from e
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = f": {err[-1]}" if err else ""
+        raise AudioError(f"{_where(source, utt_id)}: pipe command failed with exit status {proc.returncode}{detail}")
+    if not proc.stdout:
+        raise AudioError(f"{_where(source, utt_id)}: zero-length audio (pipe command wrote nothing)")
+    return proc.stdout
+
+
+def _open(source: str, utt_id: str | None) -> sf.SoundFile:
+    """Open a path or the in-memory output of a pipe command with soundfile."""
+    if is_pipe(source):
+        data: str | io.BytesIO = io.BytesIO(_run_pipe(source, utt_id))
+    else:
+        if not os.path.exists(source):
+            raise AudioError(f"{_where(source, utt_id)}: no such file")
+        if os.path.isdir(source):
+            raise AudioError(f"{_where(source, utt_id)}: is a directory, not an audio file")
+        if os.path.getsize(source) == 0:
+            raise AudioError(f"{_where(source, utt_id)}: zero-length audio (empty file)")
+        data = source
+    try:
+        return sf.SoundFile(data)
+    except (sf.SoundFileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{_where(source, utt_id)}: unreadable or corrupt audio: {e}") from e
+
+
+def audio_info(source: str, *, utt_id: str | None = None) -> AudioInfo:
+    """Frames, rate and channels of a source. Files: header only. Pipes: the command is run and decoded."""
+    with _open(source, utt_id) as f:
+        frames = f.frames
+        if is_pipe(source) or frames <= 0:
+            # Streamed WAV headers (e.g. `sox ... -t wav -`) may carry a bogus length: count what decodes.
+            try:
+                frames = sum(len(b) for b in f.blocks(blocksize=1 << 16, dtype="float32"))
+            except (sf.SoundFileError, RuntimeError) as e:
+                raise AudioError(f"{_where(source, utt_id)}: unreadable or corrupt audio: {e}") from e
+        if frames <= 0:
+            raise AudioError(f"{_where(source, utt_id)}: zero-length audio")
+        return AudioInfo(num_frames=int(frames), sample_rate=int(f.samplerate), channels=int(f.channels))
+
+
+def _frame_range(
+    start: float, end: float | None, num_frames: int, sr: int, where: str, max_overshoot: float
+) -> tuple[int, int]:
+    """Convert segment times to a frame range [first, last) of the native-rate signal, validating them."""
+    if not np.isfinite(start) or start < 0:
+        raise AudioError(f"{where}: invalid segment start {start!r} (must be a finite time >= 0 s)")
+    duration = num_frames / sr
+    first = int(round(start * sr))
+    if end is None:
+        last = num_frames
+    else:
+        if not np.isfinite(end) or end <= start:
+            raise AudioError(f"{where}: invalid segment [{start}, {end}] s (end must be > start)")
+        if end > duration + max_overshoot:
+            raise AudioError(
+                f"{where}: segment [{start:.3f}, {end:.3f}] s ends beyond the audio ({duration:.3f} s, "
+                f"tolerance {max_overshoot} s)"
+            )
+        last = min(int(round(end * sr)), num_frames)
+    if first >= num_frames:
+        raise AudioError(f"{where}: segment start {start:.3f} s is at or beyond the end of the audio ({duration:.3f} s)")
+    if last <= first:
+        raise AudioError(f"{where}: zero-length segment [{start}, {end}] s")
+    return first, last
+
+
+def load_audio(
+    source: str,
+    *,
+    utt_id: str | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    max_overshoot: float = MAX_OVERSHOOT,
+) -> np.ndarray:
+    """Read ``source`` (path or ``"cmd |"``) as float32 mono at ``sample_rate``.
+
+    ``start``/``end`` select a segment in seconds of the recording (Kaldi ``segments``); for files only those
+    frames are read. An ``end`` up to ``max_overshoot`` seconds past the end is truncated, as Kaldi does; further
+    is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
+    """
+    where = _where(source, utt_id)
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    with _open(source, utt_id) as f:
+        sr = int(f.samplerate)
+        try:
+            if is_pipe(source) or f.frames <= 0:
+                # In-memory stream: decode everything (header lengths of streamed WAVs are unreliable), then cut.
+                wav = f.read(dtype="float32", always_2d=True)
+                if wav.shape[0] == 0:
+                    raise AudioError(f"{where}: zero-length audio")
+                first, last = _frame_range(start, end, wav.shape[0], sr, where, max_overshoot)
+                wav = wav[first:last]
+            else:
+                first, last = _frame_range(start, end, f.frames, sr, where, max_overshoot)
+                if first:
+                    f.seek(first)
+                wav = f.read(last - first, dtype="float32", always_2d=True)
+                if wav.shape[0] != last - first:
+                    raise AudioError(
+                        f"{where}: truncated audio: header says {f.frames} frames but only "
+                        f"{first + wav.shape[0]} could be read"
+                    )
+        except (sf.SoundFileError, RuntimeError) as e:
+            raise AudioError(f"{where}: unreadable or corrupt audio: {e}") from e
+    if wav.shape[0] == 0:
+        raise AudioError(f"{where}: zero-length audio")
+    if not np.isfinite(wav).all():
+        bad = int(np.argmax(~np.isfinite(wav).all(axis=1)))
+        raise AudioError(f"{where}: non-finite sample (NaN or inf) at frame {first + bad}")
+    mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
+    if sr != sample_rate:
+        mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+        if mono.shape[0] == 0:
+            raise AudioError(f"{where}: zero-length audio after resampling {sr} -> {sample_rate} Hz")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write ``wav`` (float in [-1, 1], shape [S] or [S, C]) as 16-bit PCM WAV, atomically.
+
+    The file is written to a temporary name in the same directory, fsynced and renamed, so a crash never leaves
+    a truncated WAV under the final name. Samples outside [-1, 1] are clipped (with a warning); NaN/inf raise.
+    """
+    path = Path(path)
+    arr = np.asarray(wav)
+    if arr.ndim not in (1, 2) or arr.shape[0] == 0:
+        raise AudioError(f"path {path}: cannot save audio of shape {arr.shape} (need [samples] or [samples, channels])")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype != np.int16:
+            raise AudioError(f"path {path}: integer audio must be int16, got {arr.dtype}")
+        data = arr
+    else:
+        arr = arr.astype(np.float64, copy=False)
+        if not np.isfinite(arr).all():
+            raise AudioError(f"path {path}: cannot save audio with NaN or inf samples")
+        n_clip = int(np.count_nonzero(np.abs(arr) > 1.0))
+        if n_clip:
+            log.warning("path %s: clipping %d samples outside [-1, 1]", path, n_clip)
+        data = np.clip(np.round(arr * 32767.0), -32768, 32767).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            sf.write(fh, data, sample_rate, subtype="PCM_16", format="WAV")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; audio files are ordinary shared data
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
