@@ -1,6 +1,124 @@
-"""`speechssl data ...` verbs (placeholder until the room lands)."""
+"""`speechssl data ...`: validate, fix, convert to/from lhotse, durations, filter and subset Kaldi data dirs.
+
+Each verb parses its arguments and calls one library function in `speechssl.data`.
+"""
+
+from __future__ import annotations
+
+import argparse
 
 
-def register(subparsers, help_):
-    p = subparsers.add_parser("data", help=help_)
-    p.add_subparsers(dest="verb", metavar="VERB")
+def _validate(args: argparse.Namespace) -> int:
+    from speechssl.data.kaldi import read_data_dir
+
+    dd = read_data_dir(args.dir)
+    n_spk = len(set(dd.utt2spk.values()))
+    seg = f", {len(dd.wav_scp)} recordings (segments)" if dd.segments is not None else ""
+    print(f"{args.dir}: OK: {len(dd)} utterances, {n_spk} speakers{seg}")
+    return 0
+
+
+def _fix(args: argparse.Namespace) -> int:
+    from speechssl.data.kaldi import fix_data_dir
+
+    r = fix_data_dir(args.dir)
+    print(f"{args.dir}: kept {r['utterances_kept']} of {r['utterances_before']} utterances")
+    for name, n in sorted(r["dropped"].items()):
+        print(f"  dropped {n} utterances missing from {name}")
+    for name, n in sorted(r["duplicates_removed"].items()):
+        print(f"  removed {n} duplicate lines from {name}")
+    if r["recordings_dropped"]:
+        print(f"  dropped {r['recordings_dropped']} unused recordings")
+    if r["resorted"]:
+        print(f"  re-sorted {', '.join(r['resorted'])}")
+    print(f"  originals kept in {args.dir}/.backup")
+    return 0
+
+
+def _to_lhotse(args: argparse.Namespace) -> int:
+    from speechssl.data.lhotse_io import data_dir_to_lhotse
+
+    cuts = data_dir_to_lhotse(args.dir, args.out)
+    print(f"{args.out}: wrote recordings, supervisions and {len(cuts)} cuts")
+    return 0
+
+
+def _from_lhotse(args: argparse.Namespace) -> int:
+    from speechssl.data.lhotse_io import lhotse_to_data_dir
+
+    dd = lhotse_to_data_dir(args.manifests, args.out, durations=not args.no_durations)
+    print(f"{args.out}: wrote {len(dd)} utterances")
+    return 0
+
+
+def _durations(args: argparse.Namespace) -> int:
+    from speechssl.data.durations import compute_durations
+
+    dd = compute_durations(args.dir, nj=args.nj)
+    total = sum(dd.utt2dur.values())  # type: ignore[union-attr]
+    print(f"{args.dir}: wrote utt2dur and reco2dur: {len(dd)} utterances, {total / 3600:.3f} h")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from speechssl.data.durations import filter_data_dir
+
+    if args.min_duration is None and args.max_duration is None:
+        raise ValueError("give --min-duration and/or --max-duration")
+    kept, dropped = filter_data_dir(args.dir, args.out, min_duration=args.min_duration, max_duration=args.max_duration, nj=args.nj)
+    print(f"{args.out}: kept {kept} utterances, dropped {dropped}")
+    return 0
+
+
+def _subset(args: argparse.Namespace) -> int:
+    from speechssl.data.kaldi import subset_data_dir
+
+    n = subset_data_dir(args.dir, args.out, utt_list=args.utt_list, first=args.first)
+    print(f"{args.out}: wrote {n} utterances")
+    return 0
+
+
+def register(subparsers, help_: str) -> None:
+    p = subparsers.add_parser("data", help=help_, description=help_)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    v = verbs.add_parser("validate", help="check a data dir as Kaldi's validate_data_dir.sh --no-feats does (and more)")
+    v.add_argument("dir")
+    v.set_defaults(func=_validate)
+
+    v = verbs.add_parser("fix", help="sort, drop utterances missing from any file, rebuild spk2utt (like fix_data_dir.sh)")
+    v.add_argument("dir")
+    v.set_defaults(func=_fix)
+
+    v = verbs.add_parser("to-lhotse", help="write recordings/supervisions/cuts.jsonl.gz for a data dir")
+    v.add_argument("dir")
+    v.add_argument("out", help="output directory for the manifests (may be the data dir itself)")
+    v.set_defaults(func=_to_lhotse)
+
+    v = verbs.add_parser("from-lhotse", help="write a Kaldi data dir from lhotse manifests")
+    v.add_argument("manifests", help="directory with recordings+supervisions.jsonl.gz, or a cuts manifest file")
+    v.add_argument("out")
+    v.add_argument("--no-durations", action="store_true", help="do not write utt2dur / reco2dur")
+    v.set_defaults(func=_from_lhotse)
+
+    v = verbs.add_parser("durations", help="compute utt2dur and reco2dur from audio headers")
+    v.add_argument("dir")
+    v.add_argument("--nj", type=int, default=1, help="parallel readers (default 1)")
+    v.set_defaults(func=_durations)
+
+    v = verbs.add_parser("filter", help="copy utterances within a duration range to a new data dir")
+    v.add_argument("dir")
+    v.add_argument("out")
+    v.add_argument("--min-duration", type=float, default=None, metavar="SEC")
+    v.add_argument("--max-duration", type=float, default=None, metavar="SEC")
+    v.add_argument("--nj", type=int, default=1, help="parallel readers when utt2dur is missing")
+    v.set_defaults(func=_filter)
+
+    v = verbs.add_parser("subset", help="copy listed (or the first N) utterances to a new data dir")
+    v.add_argument("dir")
+    v.add_argument("out")
+    g = v.add_mutually_exclusive_group(required=True)
+    g.add_argument("--utt-list", metavar="FILE", help="file with one utterance id per line")
+    g.add_argument("--first", type=int, metavar="N", help="the first N utterances in sorted order")
+    v.set_defaults(func=_subset)

@@ -1,0 +1,99 @@
+"""Utterance durations (utt2dur / reco2dur) and filtering a data dir by duration.
+
+Durations come from audio headers (``soundfile.info``: no decoding) for files, and from decoding for pipe
+commands, whose streamed headers cannot be trusted. With a segments file, an utterance lasts from its start to
+its end, truncated at the end of its recording (as Kaldi's ``extract-segments`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from tqdm import tqdm
+
+from speechssl.audio import AudioError, audio_info
+from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
+
+__all__ = ["recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def recording_durations(dd: DataDir, *, nj: int = 1, progress: bool = True) -> dict[str, float]:
+    """Duration in seconds of every wav.scp entry, read ``nj`` at a time (threads: header reads and pipes are I/O)."""
+    recs = dd.rec_ids()
+    # Without segments a recording id is an utterance id: name it so errors say "utt X (path P)".
+    label = (lambda r: None) if dd.segments is not None else (lambda r: r)
+
+    def one(rec: str) -> float:
+        try:
+            return audio_info(dd.wav_scp[rec], utt_id=label(rec)).duration
+        except AudioError as e:
+            if dd.segments is not None:
+                raise AudioError(f"recording {rec}: {e}") from e
+            raise
+
+    bar = tqdm(total=len(recs), desc="durations", unit="rec", disable=not progress)
+    out: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=max(1, nj)) as ex:
+        for rec, dur in zip(recs, ex.map(one, recs)):
+            out[rec] = dur
+            bar.update()
+    bar.close()
+    return out
+
+
+def utterance_durations(dd: DataDir, reco2dur: dict[str, float]) -> dict[str, float]:
+    """utt -> seconds, from recording durations and (if present) segments, truncated at the recording end."""
+    if dd.segments is None:
+        return {u: reco2dur[u] for u in dd.utt_ids()}
+    out = {}
+    for utt in dd.utt_ids():
+        rec, start, end = dd.segments[utt]
+        dur = min(end, reco2dur[rec]) - start
+        if dur <= 0:
+            raise DataDirError(f"segments: utterance {utt!r} starts at {start} s, after the end of recording {rec!r} ({reco2dur[rec]:.3f} s)")
+        out[utt] = dur
+    return out
+
+
+def compute_durations(data_dir: str | os.PathLike, *, nj: int = 1, progress: bool = True) -> DataDir:
+    """Compute and write ``utt2dur`` and ``reco2dur`` for ``data_dir`` (in place, atomically per file)."""
+    dd = read_data_dir(data_dir)
+    reco2dur = recording_durations(dd, nj=nj, progress=progress)
+    dd = replace(dd, utt2dur=utterance_durations(dd, reco2dur), reco2dur=reco2dur)
+    write_data_dir(dd, data_dir)
+    return dd
+
+
+def filter_data_dir(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    min_duration: float | None = None,
+    max_duration: float | None = None,
+    nj: int = 1,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Write to ``out`` the utterances of ``src`` with ``min_duration <= duration <= max_duration`` seconds.
+
+    Uses ``src/utt2dur`` when present, otherwise reads durations from the audio. Returns (kept, dropped).
+    """
+    if min_duration is not None and max_duration is not None and min_duration > max_duration:
+        raise ValueError(f"min duration {min_duration} > max duration {max_duration}")
+    dd = read_data_dir(src)
+    if dd.utt2dur is None:
+        reco2dur = recording_durations(dd, nj=nj, progress=progress)
+        dd = replace(dd, utt2dur=utterance_durations(dd, reco2dur), reco2dur=reco2dur)
+    lo = float("-inf") if min_duration is None else min_duration
+    hi = float("inf") if max_duration is None else max_duration
+    keep = [u for u in c_sorted(dd.utt2dur) if lo <= dd.utt2dur[u] <= hi]  # type: ignore[union-attr]
+    if not keep:
+        raise DataDirError(f"{src}: no utterance has a duration in [{lo}, {hi}] s")
+    write_data_dir(dd.subset(keep), out)
+    dropped = len(dd) - len(keep)
+    log.info("%s -> %s: kept %d utterances, dropped %d outside [%s, %s] s", src, out, len(keep), dropped, lo, hi)
+    return len(keep), dropped
