@@ -1,0 +1,407 @@
+"""Kaldi-compatible MFCC and log-mel filterbank features in torch: batched, float32, CPU or GPU.
+
+Numbers match Kaldi's ``compute-mfcc-feats`` / ``compute-fbank-feats`` (and kaldi-native-fbank,
+``torchaudio.compliance.kaldi``) with ``snip_edges=true`` and ``dither=0``:
+
+* framing: 25 ms windows every 10 ms, only whole windows (``snip_edges``), done with ``Tensor.unfold``
+  (``torch.stft`` centres and pads frames, which is not Kaldi's framing);
+* per frame: remove the DC offset, pre-emphasis 0.97 (first sample against itself, as Kaldi does),
+  Povey window, zero-pad to 512, power spectrum, triangular mel filters (Kaldi's mel scale
+  ``1127 ln(1 + f/700)``, 20 Hz to Nyquist), log with a floor at float32 epsilon;
+* MFCC: orthonormal DCT-II of the log-mel energies (23 bins), first 13 coefficients, cepstral lifter 22.
+  ``use_energy=false``: C0 is the 0th cepstrum, not the log frame energy (fairseq HuBERT iteration 1).
+
+**Input scale.** The waveform is used as given. The default convention is fairseq's: float samples in
+``[-1, 1]`` (what ``soundfile`` and ``speechssl.audio.load_audio`` return). Kaldi's binaries read int16 values,
+i.e. ``32768`` times larger; this adds ``2 ln 32768 ≈ 20.79`` to every log-mel energy, hence the same offset to
+every fbank bin and ``sqrt(num_mel_bins) * 20.79`` to MFCC C0, and nothing else (other DCT rows sum to zero),
+except where a frame's energies touch the log floor. Multiply the input by 32768 to get Kaldi's own numbers.
+
+**Batches.** ``wav`` is ``[S]`` (-> ``[T, D]``) or ``[B, S]`` (-> ``[B, T, D]``, ``T`` from the longest row).
+Pass ``lengths`` (valid samples per row) for padded batches: frame ``t`` of row ``b`` only touches samples
+``< lengths[b]`` when ``t < num_frames(lengths[b])``, deltas replicate each row's own last valid frame and CMVN
+statistics use valid frames only, so every row equals the unbatched result on its own samples; frames past a
+row's ``num_frames`` are set to zero. Cut them with ``num_frames``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["mfcc", "fbank", "num_frames", "add_deltas", "apply_cmvn", "mel_banks", "dct_matrix", "FLOAT_EPS"]
+
+FLOAT_EPS = float(torch.finfo(torch.float32).eps)  # Kaldi's floor before the log: std::numeric_limits<float>::epsilon()
+INT16_LOG_OFFSET = 2.0 * math.log(32768.0)  # log-energy difference between int16-scaled and [-1, 1] input
+
+
+def _frame_sizes(sample_rate: int, frame_length_ms: float, frame_shift_ms: float) -> tuple[int, int]:
+    """Window and shift in samples, as Kaldi computes them."""
+    return int(sample_rate * frame_length_ms * 0.001), int(sample_rate * frame_shift_ms * 0.001)
+
+
+def num_frames(
+    num_samples: int, *, sample_rate: int = 16000, frame_shift_ms: float = 10.0, frame_length_ms: float = 25.0
+) -> int:
+    """Number of frames Kaldi produces for ``num_samples`` samples with ``snip_edges=true``.
+
+    ``1 + (S - L) // shift`` for ``S >= L`` (L = window length), else 0: only whole windows.
+    """
+    length, shift = _frame_sizes(sample_rate, frame_length_ms, frame_shift_ms)
+    num_samples = int(num_samples)
+    return 0 if num_samples < length else 1 + (num_samples - length) // shift
+
+
+def _num_frames_tensor(lengths: Tensor, length: int, shift: int) -> Tensor:
+    """Vectorised ``num_frames`` on a tensor of sample counts."""
+    return torch.where(lengths < length, torch.zeros_like(lengths), 1 + (lengths - length).clamp(min=0) // shift)
+
+
+def _mel_scale(freq: Tensor | float) -> Tensor:
+    """Kaldi's mel scale: 1127 ln(1 + f / 700)."""
+    return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64) / 700.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _mel_banks_cpu(num_bins: int, padded_len: int, sample_rate: int, low_freq: float, high_freq: float) -> Tensor:
+    nyquist = 0.5 * sample_rate
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    if not 0.0 <= low_freq < high <= nyquist:
+        raise ValueError(f"bad mel range: low_freq={low_freq}, high_freq={high_freq} at {sample_rate} Hz")
+    num_fft_bins = padded_len // 2
+    mel_low, mel_high = _mel_scale(low_freq), _mel_scale(high)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = torch.arange(num_bins, dtype=torch.float64).unsqueeze(1)
+    left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
+    mel = _mel_scale(torch.arange(num_fft_bins, dtype=torch.float64) * (sample_rate / padded_len)).unsqueeze(0)
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    w = torch.where(mel <= center, up, down)
+    w = torch.where((mel > left) & (mel < right), w, torch.zeros_like(w))
+    # The Nyquist bin (index padded_len/2) gets weight 0, as in Kaldi's MelBanks.
+    w = torch.cat([w, torch.zeros(num_bins, 1, dtype=torch.float64)], dim=1)
+    if (w.sum(1) == 0).any():
+        raise ValueError(f"{num_bins} mel bins are too many for a {padded_len}-point FFT: some bins are empty")
+    return w.t().contiguous()  # [padded_len/2 + 1, num_bins]
+
+
+def mel_banks(
+    num_bins: int, *, padded_len: int = 512, sample_rate: int = 16000, low_freq: float = 20.0, high_freq: float = 0.0
+) -> Tensor:
+    """Kaldi triangular mel filters as a float64 ``[padded_len/2 + 1, num_bins]`` matrix (power spectrum -> mel).
+
+    ``high_freq <= 0`` is an offset from Nyquist (Kaldi's convention).
+    """
+    return _mel_banks_cpu(num_bins, padded_len, sample_rate, float(low_freq), float(high_freq)).clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _dct_cpu(num_bins: int, num_ceps: int, lifter: float) -> Tensor:
+    n = torch.arange(num_bins, dtype=torch.float64)
+    k = torch.arange(num_ceps, dtype=torch.float64).unsqueeze(1)
+    d = torch.cos(math.pi / num_bins * (n + 0.5) * k) * math.sqrt(2.0 / num_bins)
+    d[0] = math.sqrt(1.0 / num_bins)
+    if lifter != 0.0:
+        d = d * (1.0 + 0.5 * lifter * torch.sin(math.pi * k / lifter))
+    return d.t().contiguous()  # [num_bins, num_ceps]
+
+
+def dct_matrix(num_bins: int, num_ceps: int, cepstral_lifter: float = 22.0) -> Tensor:
+    """Kaldi's orthonormal DCT-II (first ``num_ceps`` rows) with the lifter folded in: float64 ``[bins, ceps]``."""
+    if not 0 < num_ceps <= num_bins:
+        raise ValueError(f"need 0 < num_ceps <= num_mel_bins, got {num_ceps} > {num_bins}")
+    return _dct_cpu(num_bins, num_ceps, float(cepstral_lifter)).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _povey_window_cpu(length: int) -> Tensor:
+    n = torch.arange(length, dtype=torch.float64)
+    return (0.5 - 0.5 * torch.cos(2 * math.pi * n / (length - 1))).pow(0.85)
+
+
+_DEVICE_CACHE: dict[tuple, Tensor] = {}
+
+
+def _on(t: Tensor, key: tuple, device: torch.device) -> Tensor:
+    """A float32 copy of a cached float64 constant on ``device`` (cached: no host->device copy per call)."""
+    k = key + (str(device),)
+    v = _DEVICE_CACHE.get(k)
+    if v is None:
+        v = _DEVICE_CACHE[k] = t.to(device=device, dtype=torch.float32)
+    return v
+
+
+def _log_mel(
+    wav: Tensor,
+    *,
+    sample_rate: int,
+    num_mel_bins: int,
+    frame_length_ms: float,
+    frame_shift_ms: float,
+    low_freq: float,
+    high_freq: float,
+    preemphasis: float,
+    remove_dc_offset: bool,
+    dither: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Log mel energies ``[B, T, num_mel_bins]`` of a ``[B, S]`` float32 batch (Kaldi framing, snip_edges)."""
+    length, shift = _frame_sizes(sample_rate, frame_length_ms, frame_shift_ms)
+    padded = 1 << (length - 1).bit_length()  # round_to_power_of_two
+    batch, samples = wav.shape
+    device = wav.device
+    if samples < length:
+        return wav.new_zeros(batch, 0, num_mel_bins)
+    frames = wav.unfold(-1, length, shift)  # [B, T, L] view, no copy
+    if dither != 0.0:
+        frames = frames + dither * torch.randn(frames.shape, generator=generator, device=device, dtype=frames.dtype)
+    # Pre-emphasis x[i] - p x[i-1] (x[0] - p x[0]) is linear, so removing the mean m first equals
+    # subtracting (1 - p) m afterwards: one pass over the frames instead of two.
+    first = frames[..., :1] * (1.0 - preemphasis)
+    rest = frames[..., 1:] - preemphasis * frames[..., :-1]
+    emph = torch.cat([first, rest], dim=-1)
+    if remove_dc_offset:
+        emph = emph - (1.0 - preemphasis) * frames.mean(dim=-1, keepdim=True)
+    emph = emph * _on(_povey_window_cpu(length), ("povey", length), device)
+    spec = torch.fft.rfft(emph, n=padded)  # zero-padded to `padded`
+    power = spec.real.square() + spec.imag.square()
+    mel = _on(
+        _mel_banks_cpu(num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
+        ("mel", num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
+        device,
+    )
+    return torch.matmul(power, mel).clamp_(min=FLOAT_EPS).log_()
+
+
+def _as_batch(wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, bool]:
+    """``[S]`` or ``[B, S]`` -> float32 ``[B, S]``, lengths on the same device, and whether to squeeze."""
+    if not isinstance(wav, Tensor):
+        wav = torch.as_tensor(wav)
+    if wav.dim() not in (1, 2):
+        raise ValueError(f"waveform must be [S] or [B, S], got shape {tuple(wav.shape)}")
+    squeeze = wav.dim() == 1
+    wav = wav.unsqueeze(0) if squeeze else wav
+    if not wav.is_floating_point():
+        raise ValueError(f"waveform must be floating point (float samples in [-1, 1]), got {wav.dtype}")
+    wav = wav.to(torch.float32)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=wav.device).long().reshape(-1)
+        if lengths.numel() != wav.shape[0] or bool((lengths > wav.shape[1]).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"lengths {lengths.tolist()} do not fit a batch of shape {tuple(wav.shape)}")
+    return wav, lengths, squeeze
+
+
+def _filter_clamped(x: Tensor, taps: Tensor, valid: Tensor) -> Tensor:
+    """``y[b, t] = sum_j taps[j] x[b, clamp(t + j - c, 0, valid[b] - 1)]`` (edge replication per row)."""
+    batch, frames, _ = x.shape
+    half = (taps.numel() - 1) // 2
+    t = torch.arange(frames, device=x.device)
+    offs = torch.arange(-half, half + 1, device=x.device)
+    last = (valid - 1).clamp(min=0).view(batch, 1, 1)
+    idx = torch.minimum((t.view(1, -1, 1) + offs.view(1, 1, -1)).clamp(min=0), last)  # [B, T, K]
+    taps32 = taps.to(device=x.device, dtype=x.dtype)
+    out = torch.zeros_like(x)
+    for k in range(offs.numel()):
+        gathered = torch.gather(x, 1, idx[:, :, k : k + 1].expand(batch, frames, x.shape[2]))
+        out.add_(gathered, alpha=float(taps32[k]))
+    return out
+
+
+def add_deltas(feats: Tensor, *, order: int = 2, window: int = 2, mode: str = "fairseq", lengths: Tensor | None = None) -> Tensor:
+    """Append delta features: ``[.., T, D] -> [.., T, D * (order + 1)]``, edge frames replicated.
+
+    ``lengths`` (frames per row, for ``[B, T, D]``) makes each row replicate its own last valid frame.
+    ``mode="fairseq"`` (default, what HuBERT iteration 1 was trained on) and ``mode="kaldi"`` (``add-deltas``)
+    agree on the first-order deltas everywhere and on higher orders except the first/last ``window * (order-1)``
+    frames, where Kaldi replicates the static features and fairseq replicates the deltas.
+    """
+    if mode not in ("fairseq", "kaldi"):
+        raise ValueError(f"delta mode must be 'fairseq' or 'kaldi', got {mode!r}")
+    squeeze = feats.dim() == 2
+    x = feats.unsqueeze(0) if squeeze else feats
+    batch, frames, _ = x.shape
+    valid = (
+        torch.full((batch,), frames, device=x.device, dtype=torch.long)
+        if lengths is None
+        else torch.as_tensor(lengths, device=x.device).long().reshape(-1)
+    )
+    outs = [x]
+    if frames > 0:
+        base = torch.arange(-window, window + 1, dtype=torch.float64)
+        base = base / (2.0 * (base[window + 1 :] ** 2).sum())
+        if mode == "fairseq":
+            cur = x
+            for _ in range(order):
+                cur = _filter_clamped(cur, base, valid)
+                outs.append(cur)
+        else:
+            taps = torch.ones(1, dtype=torch.float64)
+            for _ in range(order):
+                taps = _full_convolve(taps, base)
+                outs.append(_filter_clamped(x, taps, valid))
+    else:
+        outs += [x] * order
+    y = torch.cat(outs, dim=-1)
+    y = _zero_tail(y, valid)
+    return y.squeeze(0) if squeeze else y
+
+
+def _full_convolve(a: Tensor, b: Tensor) -> Tensor:
+    """Full 1-d convolution of two short float64 vectors (Kaldi builds higher-order delta taps this way)."""
+    out = torch.zeros(a.numel() + b.numel() - 1, dtype=torch.float64)
+    for i in range(a.numel()):
+        out[i : i + b.numel()] += a[i] * b
+    return out
+
+
+def _zero_tail(x: Tensor, valid: Tensor) -> Tensor:
+    """Zero frames ``t >= valid[b]`` of a ``[B, T, D]`` tensor."""
+    if x.shape[1] == 0 or bool((valid >= x.shape[1]).all()):
+        return x
+    keep = torch.arange(x.shape[1], device=x.device).view(1, -1) < valid.view(-1, 1)
+    return x * keep.unsqueeze(-1).to(x.dtype)
+
+
+def apply_cmvn(feats: Tensor, *, variance: bool = False, lengths: Tensor | None = None) -> Tensor:
+    """Per-utterance cepstral mean (and optionally variance) normalisation over valid frames.
+
+    ``[T, D]`` or ``[B, T, D]``; ``lengths`` gives valid frames per row. Variance is floored at 1e-10.
+    """
+    squeeze = feats.dim() == 2
+    x = feats.unsqueeze(0) if squeeze else feats
+    batch, frames, _ = x.shape
+    valid = (
+        torch.full((batch,), frames, device=x.device, dtype=torch.long)
+        if lengths is None
+        else torch.as_tensor(lengths, device=x.device).long().reshape(-1)
+    )
+    mask = (torch.arange(frames, device=x.device).view(1, -1) < valid.view(-1, 1)).unsqueeze(-1).to(x.dtype)
+    count = valid.clamp(min=1).to(torch.float64).view(-1, 1, 1)
+    xd = x.to(torch.float64) * mask
+    mean = xd.sum(1, keepdim=True) / count
+    y = x.to(torch.float64) - mean
+    if variance:
+        var = ((y * mask) ** 2).sum(1, keepdim=True) / count
+        y = y / var.clamp(min=1e-10).sqrt()
+    y = (y * mask).to(x.dtype)
+    return y.squeeze(0) if squeeze else y
+
+
+def _cmvn_mode(cmvn: bool | str) -> str | None:
+    """``False`` -> None; ``True``/``"mean"`` -> "mean"; ``"meanvar"`` -> "meanvar"."""
+    if cmvn is False or cmvn is None:
+        return None
+    if cmvn is True or cmvn == "mean":
+        return "mean"
+    if cmvn == "meanvar":
+        return "meanvar"
+    raise ValueError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
+
+
+def fbank(
+    wav: Tensor,
+    *,
+    sample_rate: int = 16000,
+    num_mel_bins: int = 80,
+    cmvn: bool | str = False,
+    lengths: Tensor | None = None,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+    preemphasis: float = 0.97,
+    remove_dc_offset: bool = True,
+    dither: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Kaldi log-mel filterbank (``use_energy=false``): ``[S] -> [T, num_mel_bins]``, ``[B, S] -> [B, T, bins]``.
+
+    ``cmvn``: False, True/"mean" (mean normalisation) or "meanvar", per utterance. ``dither`` > 0 adds
+    Gaussian noise of that standard deviation per frame (Kaldi's dither; default 0 = deterministic).
+    See the module docstring for the input scale and padded batches.
+    """
+    x, lens, squeeze = _as_batch(wav, lengths)
+    length, shift = _frame_sizes(sample_rate, frame_length_ms, frame_shift_ms)
+    out = _log_mel(
+        x,
+        sample_rate=sample_rate,
+        num_mel_bins=num_mel_bins,
+        frame_length_ms=frame_length_ms,
+        frame_shift_ms=frame_shift_ms,
+        low_freq=low_freq,
+        high_freq=high_freq,
+        preemphasis=preemphasis,
+        remove_dc_offset=remove_dc_offset,
+        dither=dither,
+        generator=generator,
+    )
+    out = _finish(out, lens, length, shift, cmvn)
+    return out.squeeze(0) if squeeze else out
+
+
+def _finish(out: Tensor, lens: Tensor | None, length: int, shift: int, cmvn: bool | str) -> Tensor:
+    """Zero frames past each row's length and apply CMVN on the valid frames."""
+    valid = None if lens is None else _num_frames_tensor(lens, length, shift)
+    if valid is not None:
+        out = _zero_tail(out, valid)
+    mode = _cmvn_mode(cmvn)
+    if mode is not None:
+        out = apply_cmvn(out, variance=mode == "meanvar", lengths=valid)
+    return out
+
+
+def mfcc(
+    wav: Tensor,
+    *,
+    sample_rate: int = 16000,
+    num_ceps: int = 13,
+    deltas: bool = True,
+    cmvn: bool | str = False,
+    lengths: Tensor | None = None,
+    num_mel_bins: int = 23,
+    cepstral_lifter: float = 22.0,
+    delta_mode: str = "fairseq",
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+    preemphasis: float = 0.97,
+    remove_dc_offset: bool = True,
+    dither: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Kaldi MFCC (``use_energy=false``) + deltas: ``[S] -> [T, 39]``, ``[B, S] -> [B, T, 39]`` by default.
+
+    The defaults are fairseq HuBERT iteration 1's features (``torchaudio.compliance.kaldi.mfcc(use_energy=False)``
+    then ``compute_deltas`` twice). ``deltas=False`` gives the 13 static cepstra. ``cmvn`` (False, True/"mean",
+    "meanvar") normalises the static cepstra per utterance before deltas are taken, as Kaldi's
+    ``apply-cmvn | add-deltas`` does. ``delta_mode``: see ``add_deltas``. See the module docstring for the
+    input scale and padded batches.
+    """
+    x, lens, squeeze = _as_batch(wav, lengths)
+    length, shift = _frame_sizes(sample_rate, frame_length_ms, frame_shift_ms)
+    logmel = _log_mel(
+        x,
+        sample_rate=sample_rate,
+        num_mel_bins=num_mel_bins,
+        frame_length_ms=frame_length_ms,
+        frame_shift_ms=frame_shift_ms,
+        low_freq=low_freq,
+        high_freq=high_freq,
+        preemphasis=preemphasis,
+        remove_dc_offset=remove_dc_offset,
+        dither=dither,
+        generator=generator,
+    )
+    if not 0 < num_ceps <= num_mel_bins:
+        raise ValueError(f"need 0 < num_ceps <= num_mel_bins, got num_ceps={num_ceps}, num_mel_bins={num_mel_bins}")
+    dct = _on(_dct_cpu(num_mel_bins, num_ceps, float(cepstral_lifter)), ("dct", num_mel_bins, num_ceps, float(cepstral_lifter)), x.device)
+    out = torch.matmul(logmel, dct)
+    out = _finish(out, lens, length, shift, cmvn)
+    if deltas:
+        valid = None if lens is None else _num_frames_tensor(lens, length, shift)
+        out = add_deltas(out, order=2, window=2, mode=delta_mode, lengths=valid)
+    return out.squeeze(0) if squeeze else out
