@@ -241,3 +241,149 @@ def test_gpu_matches_cpu():
     x = torch.from_numpy(np.stack([speech_like(32_000, 7), speech_like(32_000, 8)]))
     torch.testing.assert_close(mfcc(x.cuda()).cpu(), mfcc(x), rtol=0, atol=1e-3)
     torch.testing.assert_close(fbank(x.cuda()).cpu(), fbank(x), rtol=0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dumping a data dir into a feature store
+
+
+def make_data_dir(root, durations=(1.3, 0.7, 2.05, 1.0, 0.9), segments=False):
+    """A tiny Kaldi data dir of speech-like WAVs (optionally as segments of one recording)."""
+    from speechssl.audio import save_audio
+    from speechssl.data.kaldi import DataDir, write_data_dir
+
+    wav_dir = root / "wav"
+    wav_dir.mkdir(parents=True)
+    utts = [f"spk{i % 2}-utt{i:02d}" for i in range(len(durations))]
+    if segments:
+        total = speech_like(int(SR * (sum(durations) + 0.1)), 99)
+        save_audio(wav_dir / "rec.wav", total)
+        segs, t = {}, 0.0
+        for u, d in zip(utts, durations):
+            segs[u] = ("rec", round(t, 2), round(t + d, 2))
+            t += d
+        dd = DataDir(wav_scp={"rec": str(wav_dir / "rec.wav")}, utt2spk={u: u.split("-")[0] for u in utts}, segments=segs)
+    else:
+        scp = {}
+        for i, (u, d) in enumerate(zip(utts, durations)):
+            save_audio(wav_dir / f"{u}.wav", speech_like(int(SR * d), i))
+            scp[u] = str(wav_dir / f"{u}.wav")
+        dd = DataDir(wav_scp=scp, utt2spk={u: u.split("-")[0] for u in utts})
+    write_data_dir(dd, root / "data")
+    return root / "data"
+
+
+def reference_feats(data_dir, kind="mfcc", **kw):
+    from speechssl.data.kaldi import load_utterance, read_data_dir
+
+    fn = mfcc if kind == "mfcc" else fbank
+    dd = read_data_dir(data_dir)
+    return {u.utt_id: fn(torch.from_numpy(load_utterance(u)), **kw).numpy() for u in dd.utterances()}
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_dump_matches_unbatched_and_reruns_only_missing(tmp_path, segments):
+    from speechssl.features.dump import dump_features
+    from speechssl.features.store import FeatureReader, FeatureStoreError
+
+    data = make_data_dir(tmp_path, segments=segments)
+    out = tmp_path / "feats"
+    dump_features(data, out, kind="mfcc", nshard=3, batch_seconds=2.0)  # small batches: several per shard
+    r = FeatureReader(out)
+    ref = reference_feats(data)
+    assert r.ids == sorted(ref) and r.dim == 39 and r.meta["frame_rate"] == 100.0
+    for u, want in ref.items():
+        np.testing.assert_allclose(r[u], want, rtol=0, atol=2e-4)
+    assert [len(ids) for ids, _, _ in r.shard_arrays()] == [1, 2, 2]  # contiguous ranges of the sorted list
+
+    # rerun: finished shards with the same header are skipped (files untouched)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    dump_features(data, out, kind="mfcc", nshard=3)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    # an interrupted shard (no .done) is redone, the others are left alone
+    (out / "shard.1.done").unlink()
+    dump_features(data, out, kind="mfcc", nshard=3)
+    assert (out / "shard.0.bin").stat().st_mtime_ns == stamp["shard.0.bin"]
+    assert (out / "shard.1.bin").stat().st_mtime_ns != stamp["shard.1.bin"]
+    np.testing.assert_array_equal(FeatureReader(out)[r.ids[2]], r[r.ids[2]])
+    # other options on a finished store: refused, with the way out named
+    with pytest.raises(FeatureStoreError, match="different header.*cmvn.*--overwrite"):
+        dump_features(data, out, kind="mfcc", nshard=3, cmvn=True)
+    dump_features(data, out, kind="mfcc", nshard=3, cmvn=True, overwrite=True)
+    r2 = FeatureReader(out)
+    assert r2.meta["source"]["options"]["cmvn"] == "mean"
+    u = r2.ids[0]
+    np.testing.assert_allclose(r2[u], reference_feats(data, cmvn=True)[u], rtol=0, atol=2e-4)
+
+
+def test_dump_by_rank_and_torchrun_env(tmp_path, monkeypatch):
+    from speechssl.features.dump import dump_features, resolve_shards
+    from speechssl.features.store import FeatureReader, FeatureStoreError
+
+    data = make_data_dir(tmp_path)
+    out = tmp_path / "fb"
+    dump_features(data, out, kind="fbank", nshard=2, rank=1)
+    assert sorted(p.name for p in out.glob("*.done")) == ["shard.1.done"]
+    with pytest.raises(FeatureStoreError, match=r"shard\(s\) \[0\] of 2"):
+        FeatureReader(out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert resolve_shards(None, None) == (2, [0])
+    assert resolve_shards(4, None) == (4, [0, 1, 2, 3])  # env only applies when it describes the same nshard
+    dump_features(data, out, kind="fbank", nshard=None)
+    r = FeatureReader(out)
+    ref = reference_feats(data, kind="fbank")
+    assert r.dim == 80 and set(r.ids) == set(ref)
+    for u in r.ids:
+        np.testing.assert_allclose(r[u], ref[u], rtol=0, atol=2e-4)
+    # the data dir changed since the dump: the utterance-list fingerprint no longer matches
+    from speechssl.data.kaldi import read_data_dir, write_data_dir
+
+    dd = read_data_dir(data)
+    write_data_dir(dd.subset(dd.utt_ids()[:3]), tmp_path / "data3")
+    with pytest.raises(FeatureStoreError, match="utts_sha1"):
+        dump_features(tmp_path / "data3", out, kind="fbank", nshard=2)
+
+
+def test_dump_with_generic_function(tmp_path):
+    from speechssl.data.kaldi import load_utterance, read_data_dir
+    from speechssl.features.dump import dump_with
+    from speechssl.features.store import FeatureReader
+
+    data = make_data_dir(tmp_path)
+
+    def frames_50hz(wav: np.ndarray) -> np.ndarray:  # a stand-in for a model layer: 50 Hz, 4-d
+        n = len(wav) // 320
+        return wav[: n * 320].reshape(n, 320)[:, :4] * 10
+
+    meta = {"kind": "toy_l3", "frame_rate": 50.0, "dtype": "float16", "source": {"checkpoint_sha1": "abc", "layer": 3}}
+    dump_with(data, tmp_path / "hid", frames_50hz, meta, nshard=2)
+    r = FeatureReader(tmp_path / "hid")
+    assert r.meta["kind"] == "toy_l3" and r.dim == 4 and r.meta["source"]["layer"] == 3
+    for u in read_data_dir(data).utterances():
+        np.testing.assert_array_equal(r[u.utt_id], frames_50hz(load_utterance(u)).astype(np.float16))
+    dump_with(data, tmp_path / "hid", frames_50hz, meta, nshard=2)  # rerun: skipped, no error
+
+
+def test_dump_errors_name_the_utterance_and_leave_no_shard(tmp_path):
+    from speechssl.features.dump import dump_features
+
+    data = make_data_dir(tmp_path, durations=(1.0, 0.02, 1.0))
+    with pytest.raises(ValueError, match=r"utt spk1-utt01 .*shorter than one 25 ms frame"):
+        dump_features(data, tmp_path / "f", nshard=1)
+    assert not list((tmp_path / "f").glob("*.done")) and not list((tmp_path / "f").glob("*.tmp*"))
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        dump_features(data, tmp_path / "g", kind="plp")
+
+
+def test_cli_dump_and_info(tmp_path, capsys):
+    from speechssl.cli import main
+
+    data = make_data_dir(tmp_path)
+    out = tmp_path / "feats"
+    assert main(["features", "dump", "--data", str(data), "--out", str(out), "--nshard", "2", "--cmvn", "meanvar"]) == 0
+    assert main(["features", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert '"kind": "mfcc"' in text and "5 utterances" in text and "dim 39" in text and "2 shard(s)" in text
+    assert main(["features", "info", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err

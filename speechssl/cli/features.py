@@ -1,6 +1,68 @@
-"""`speechssl features ...` verbs (placeholder until the room lands)."""
+"""`speechssl features ...`: dump MFCC / fbank of a data dir into a sharded store, and describe a store.
+
+Each verb parses its arguments and calls one library function in `speechssl.features`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 
 
-def register(subparsers, help_):
-    p = subparsers.add_parser("features", help=help_)
-    p.add_subparsers(dest="verb", metavar="VERB")
+def _dump(args: argparse.Namespace) -> int:
+    from speechssl.features.dump import dump_features
+
+    dump_features(
+        args.data,
+        args.out,
+        kind=args.kind,
+        nshard=args.nshard,
+        rank=args.rank,
+        cmvn=args.cmvn or False,
+        device=args.device,
+        overwrite=args.overwrite,
+        batch_seconds=args.batch_seconds,
+        workers=args.workers,
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from speechssl.features.store import FeatureReader
+
+    r = FeatureReader(args.dir)
+    print(json.dumps(r.meta, indent=1, sort_keys=True))
+    hours = r.total_frames / r.frame_rate / 3600.0
+    print(f"{args.dir}: {len(r)} utterances, {r.total_frames} frames, {hours:.3f} h, dim {r.dim}, "
+          f"{r.meta['nshard']} shard(s)")
+    return 0
+
+
+def register(subparsers, help_: str) -> None:
+    p = subparsers.add_parser("features", help=help_, description=help_)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    v = verbs.add_parser(
+        "dump",
+        help="compute MFCC (39-d, HuBERT iteration 1) or 80-d fbank for a data dir into a sharded store",
+        description="Shards are contiguous ranges of the sorted utterance list. Without --rank, every missing "
+        "shard is dumped in turn (or the torchrun RANK when WORLD_SIZE equals --nshard); finished shards with "
+        "the same header are skipped, unfinished ones redone.",
+    )
+    v.add_argument("--data", required=True, metavar="DIR", help="Kaldi data dir")
+    v.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
+    v.add_argument("--kind", choices=("mfcc", "fbank"), default="mfcc")
+    v.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
+    v.add_argument("--rank", type=int, default=None, help="shard to dump (default: $RANK, else all missing)")
+    v.add_argument("--cmvn", nargs="?", const="mean", choices=("mean", "meanvar"), default=None,
+                   help="per-utterance CMVN of the static features (--cmvn = mean; --cmvn meanvar)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    v.add_argument("--overwrite", action="store_true", help="redo shards finished with a different header")
+    v.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio per batch (default 120)")
+    v.add_argument("--workers", type=int, default=2, help="audio reading threads (default 2)")
+    v.set_defaults(func=_dump)
+
+    v = verbs.add_parser("info", help="print a feature store's header, utterances, frames and hours")
+    v.add_argument("dir")
+    v.set_defaults(func=_info)

@@ -1,0 +1,277 @@
+"""Dump features of a Kaldi data dir into a sharded feature store (`speechssl features dump`).
+
+The sorted utterance list is cut into ``nshard`` contiguous, equally sized (by count) ranges; shard ``R`` holds
+range ``R`` and is written by one ``FeatureWriter``. Ranks are independent: run them as torchrun workers
+(``RANK`` / ``WORLD_SIZE``), as separate jobs (``--rank R``), or all in one process (no rank: every missing
+shard in turn). Re-running is cheap and safe: a finished shard whose header matches is skipped, an unfinished
+one is redone, and a finished one with a different header (other options, other data) is an error unless
+``overwrite=True`` — so a store never silently mixes two configurations.
+
+Every header records a SHA-1 of the data dir's sorted utterance list, so shards dumped from a data dir that
+has since changed are detected instead of being combined with new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
+from speechssl.features.kaldi import fbank, mfcc, num_frames
+from speechssl.features.store import (
+    FeatureStoreError,
+    FeatureWriter,
+    _diff,
+    _normalise_meta,
+    _same_meta,
+    read_shard_header,
+    shard_done,
+    store_meta,
+)
+
+__all__ = ["dump_features", "dump_with", "shard_range", "resolve_shards", "feature_meta", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+KINDS = ("mfcc", "fbank")
+BatchFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def shard_range(num_utts: int, nshard: int, rank: int) -> tuple[int, int]:
+    """``[start, end)`` of shard ``rank``: contiguous ranges whose sizes differ by at most one."""
+    if nshard < 1 or not 0 <= rank < nshard:
+        raise ValueError(f"need 0 <= rank < nshard, got rank={rank} nshard={nshard}")
+    return num_utts * rank // nshard, num_utts * (rank + 1) // nshard
+
+
+def resolve_shards(nshard: int | None, rank: int | None) -> tuple[int, list[int]]:
+    """Shard count and the ranks this process dumps.
+
+    Explicit values win. Otherwise the torchrun environment: ``WORLD_SIZE`` gives nshard and ``RANK`` the rank.
+    Without either, nshard defaults to 1 and all ranks are done in sequence (finished ones are skipped).
+    """
+    env_world, env_rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if nshard is None:
+        nshard = int(env_world) if env_world else 1
+    if rank is None and env_rank is not None and env_world and int(env_world) == nshard:
+        rank = int(env_rank)
+    if nshard < 1:
+        raise ValueError(f"nshard must be >= 1, got {nshard}")
+    if rank is not None and not 0 <= rank < nshard:
+        raise ValueError(f"rank must be in [0, {nshard}), got {rank}")
+    return nshard, list(range(nshard)) if rank is None else [rank]
+
+
+def _utts_sha1(utt_ids: Sequence[str]) -> str:
+    """Fingerprint of the (sorted) utterance list, stored in every shard header."""
+    h = hashlib.sha1()
+    for u in utt_ids:
+        h.update(u.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
+    """Store meta for the built-in kinds: everything that determines the numbers (but not the device)."""
+    cmvn_mode = {False: None, True: "mean", "mean": "mean", "meanvar": "meanvar", None: None}.get(cmvn, "bad")  # type: ignore[call-overload]
+    if cmvn_mode == "bad":
+        raise ValueError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
+    common = {
+        "sample_rate": SAMPLE_RATE,
+        "frame_length_ms": 25.0,
+        "frame_shift_ms": 10.0,
+        "snip_edges": True,
+        "dither": 0.0,
+        "input_scale": "float [-1, 1]",
+        "cmvn": cmvn_mode,
+        "implementation": "speechssl.features.kaldi",
+    }
+    if kind == "mfcc":
+        opts = {**common, "num_ceps": 13, "num_mel_bins": 23, "cepstral_lifter": 22.0, "use_energy": False,
+                "deltas": "fairseq (compute_deltas twice, window 2)"}
+        dim = 39
+    elif kind == "fbank":
+        opts = {**common, "num_mel_bins": 80, "use_energy": False}
+        dim = 80
+    else:
+        raise ValueError(f"unknown feature kind {kind!r}; choose from {KINDS}")
+    return {"kind": kind, "dim": dim, "frame_rate": 100.0, "dtype": "float32", "source": {"options": opts}}
+
+
+def _kaldi_batch_fn(kind: str, cmvn: bool | str, device: str, batch_seconds: float) -> BatchFn:
+    """Batched MFCC/fbank: sort by length, pad into batches of ~``batch_seconds`` padded audio, cut by num_frames."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    extract = mfcc if kind == "mfcc" else fbank
+
+    def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
+        order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
+        out: list[np.ndarray] = [np.empty(0)] * len(wavs)
+        max_padded = int(batch_seconds * SAMPLE_RATE)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and len(wavs[order[end]]) * (end + 1 - start) <= max_padded:
+                end += 1
+            idx = order[start:end]
+            longest = len(wavs[idx[-1]])
+            batch = torch.zeros(len(idx), longest)
+            for j, i in enumerate(idx):
+                batch[j, : len(wavs[i])] = torch.from_numpy(wavs[i])
+            lengths = torch.tensor([len(wavs[i]) for i in idx])
+            with torch.inference_mode():
+                feats = extract(batch.to(dev), lengths=lengths.to(dev), cmvn=cmvn).cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = feats[j, : num_frames(len(wavs[i]))]
+            start = end
+        return out
+
+    return run
+
+
+def _load_chunks(utts: list[Utterance], chunk_seconds: float, workers: int) -> Iterator[list[tuple[Utterance, np.ndarray]]]:
+    """Load audio in chunks of about ``chunk_seconds`` (read in parallel threads; order preserved)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        i = 0
+        step = 16  # utterances submitted at a time; chunks close once they hold chunk_seconds of audio
+        pending = [pool.submit(load_utterance, u, SAMPLE_RATE) for u in utts[i : i + step]]
+        i += step
+        chunk: list[tuple[Utterance, np.ndarray]] = []
+        seconds = 0.0
+        base = 0
+        while pending:
+            fut = pending.pop(0)
+            wav = fut.result()
+            chunk.append((utts[base], wav))
+            base += 1
+            seconds += len(wav) / SAMPLE_RATE
+            if len(pending) < step and i < len(utts):
+                pending += [pool.submit(load_utterance, u, SAMPLE_RATE) for u in utts[i : i + step]]
+                i += step
+            if seconds >= chunk_seconds:
+                yield chunk
+                chunk, seconds = [], 0.0
+        if chunk:
+            yield chunk
+
+
+def _check_or_skip(out_dir: Path, rank: int, meta: dict[str, Any], overwrite: bool) -> bool:
+    """True if shard ``rank`` is already finished with this header (skip it); raise if finished with another."""
+    if not shard_done(out_dir, rank):
+        return False
+    old = store_meta(read_shard_header(out_dir, rank))
+    if _same_meta(old, meta):
+        return True
+    if overwrite:
+        return False
+    raise FeatureStoreError(
+        f"{out_dir}/shard.{rank}: already dumped with a different header ({_diff(old, meta)}); "
+        "use --overwrite (overwrite=True) to redo it, or choose another --out"
+    )
+
+
+def _dump(
+    dd: DataDir,
+    out_dir: Path,
+    batch_fn: BatchFn,
+    meta: dict[str, Any],
+    nshard: int | None,
+    rank: int | None,
+    overwrite: bool,
+    chunk_seconds: float,
+    workers: int,
+) -> None:
+    """Shared driver of ``dump_features`` and ``dump_with``."""
+    utt_ids = dd.utt_ids()
+    if not utt_ids:
+        raise ValueError("data dir has no utterances")
+    nshard, ranks = resolve_shards(nshard, rank)
+    meta = dict(meta)
+    source = dict(meta.get("source") or {})
+    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": _utts_sha1(utt_ids)}
+    meta["source"] = source
+    meta = _normalise_meta(meta, nshard)
+    for r in ranks:
+        if _check_or_skip(out_dir, r, meta, overwrite):
+            log.info("%s: shard %d/%d already finished with the same header, skipped", out_dir, r, nshard)
+            continue
+        start, end = shard_range(len(utt_ids), nshard, r)
+        utts = [dd.utterance(u) for u in utt_ids[start:end]]
+        with FeatureWriter(out_dir, r, nshard, meta, overwrite=overwrite) as writer, tqdm(
+            total=len(utts), desc=f"features shard {r}/{nshard}", unit="utt", dynamic_ncols=True
+        ) as bar:
+            for chunk in _load_chunks(utts, chunk_seconds, workers):
+                for u, wav in chunk:
+                    if num_frames(len(wav)) == 0:
+                        raise ValueError(
+                            f"utt {u.utt_id} ({u.source}): {len(wav) / SAMPLE_RATE:.3f} s is shorter than one 25 ms "
+                            "frame; drop it (speechssl data filter --min-duration 0.1)"
+                        )
+                feats = batch_fn([w for _, w in chunk])
+                for (u, wav), f in zip(chunk, feats):
+                    f = np.asarray(f)
+                    if f.ndim != 2:
+                        raise ValueError(f"utt {u.utt_id}: feature function returned shape {f.shape}, expected [T, D]")
+                    writer.add(u.utt_id, f)
+                bar.update(len(chunk))
+        log.info("%s: shard %d/%d: %d utterances, %d frames", out_dir, r, nshard, writer.num_utts, writer.num_frames)
+
+
+def dump_features(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "mfcc",
+    nshard: int | None = 1,
+    rank: int | None = None,
+    cmvn: bool | str = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    batch_seconds: float = 120.0,
+    workers: int = 2,
+) -> None:
+    """Dump ``kind`` ("mfcc": 39-d fairseq HuBERT iteration-1 MFCC; "fbank": 80-d log-mel) features at 100 Hz.
+
+    ``rank=None`` does every missing shard (or the torchrun ``RANK`` when ``WORLD_SIZE == nshard``);
+    ``nshard=None`` takes ``WORLD_SIZE`` (else 1). Audio is read with ``workers`` threads and features are
+    computed in padded batches of about ``batch_seconds`` of audio on ``device``.
+    """
+    meta = feature_meta(kind, cmvn)
+    cmvn_arg: bool | str = meta["source"]["options"]["cmvn"] or False
+    dd = read_data_dir(data_dir)
+    _dump(dd, Path(out_dir), _kaldi_batch_fn(kind, cmvn_arg, device, batch_seconds), meta, nshard, rank, overwrite,
+          chunk_seconds=4 * batch_seconds, workers=workers)
+
+
+def dump_with(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    fn: Callable[[np.ndarray], np.ndarray],
+    meta: dict[str, Any],
+    *,
+    nshard: int | None = 1,
+    rank: int | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+) -> None:
+    """Dump ``fn(wav) -> [T, D]`` for every utterance (``wav``: float32 [-1, 1] at 16 kHz).
+
+    The generic path for hidden-layer features of a model: the caller (``units``) owns the model and passes
+    ``meta`` = ``{"kind": "hubert_l6", "frame_rate": 50.0, "dtype": "float16", "source": {"checkpoint_sha1": ...,
+    "layer": 6}}``; the features room never imports models. Shards, skipping and ``overwrite`` as ``dump_features``.
+    """
+    dd = read_data_dir(data_dir)
+
+    def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
+        return [fn(w) for w in wavs]
+
+    _dump(dd, Path(out_dir), run, meta, nshard, rank, overwrite, chunk_seconds=60.0, workers=workers)
