@@ -108,8 +108,9 @@ def _open(source: str, utt_id: str | None) -> sf.SoundFile:
         raise AudioError(f"{_where(source, utt_id)}: unreadable or corrupt audio: {e}") from e
 
 
-def audio_info(source: str, *, utt_id: str | None = None) -> AudioInfo:
+def audio_info(source: str | os.PathLike, *, utt_id: str | None = None) -> AudioInfo:
     """Frames, rate and channels of a source. Files: header only. Pipes: the command is run and decoded."""
+    source = os.fspath(source)
     with _open(source, utt_id) as f:
         frames = f.frames
         if is_pipe(source) or frames <= 0:
@@ -150,7 +151,7 @@ def _frame_range(
 
 
 def load_audio(
-    source: str,
+    source: str | os.PathLike,
     *,
     utt_id: str | None = None,
     start: float = 0.0,
@@ -164,6 +165,7 @@ def load_audio(
     frames are read. An ``end`` up to ``max_overshoot`` seconds past the end is truncated, as Kaldi does; further
     is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
     """
+    source = os.fspath(source)
     where = _where(source, utt_id)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -225,7 +227,8 @@ def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMP
         n_clip = int(np.count_nonzero(np.abs(arr) > 1.0))
         if n_clip:
             log.warning("path %s: clipping %d samples outside [-1, 1]", path, n_clip)
-        data = np.clip(np.round(arr * 32767.0), -32768, 32767).astype(np.int16)
+        # Scale by 2^15 so that reading back (int / 32768, as soundfile does) returns the same values.
+        data = np.clip(np.round(arr * 32768.0), -32768, 32767).astype(np.int16)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
