@@ -1,6 +1,68 @@
-"""`speechssl kmeans ...` verbs (placeholder until the room lands)."""
+"""`speechssl kmeans fit|label`: k-means on a streamed sample of a feature store; unit labels keyed by utterance."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer from the torchrun environment (RANK, WORLD_SIZE), or ``default``."""
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from speechssl.units.kmeans import fit_store
+
+    fit_store(args.feats, args.out, k=args.k, sample_frac=args.sample_frac, max_frames=args.max_frames,
+              seed=args.seed, niter=args.niter, nredo=args.nredo, device=args.device)
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from speechssl.units.kmeans import label_store
+
+    nshard = args.nshard if args.nshard is not None else _env_int("WORLD_SIZE", 1)
+    rank = args.rank if args.rank is not None else _env_int("RANK", 0)
+    merged = label_store(args.feats, args.km, args.out, rank=rank, nshard=nshard, device=args.device,
+                         batch_frames=args.batch_frames)
+    if merged:
+        print(f"labels: wrote {args.out}/text.km and meta.json")
+    else:
+        print(f"labels: rank {rank}/{nshard} done; text.km is merged when the last rank finishes")
+    return 0
 
 
 def register(subparsers, help_):
-    p = subparsers.add_parser("kmeans", help=help_)
-    p.add_subparsers(dest="verb", metavar="VERB")
+    p = subparsers.add_parser("kmeans", help=help_, description=help_)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    f = verbs.add_parser("fit", help="fit k-means (faiss) on a uniform frame sample drawn in one pass over a store",
+                         description="Fit k-means on a uniformly random sample of frames drawn in one streaming "
+                                     "pass; memory is the sample (<= --max-frames x dim x 4 B) plus k-means working "
+                                     "memory, printed before starting. faiss initialises with k random distinct "
+                                     "sample frames (no k-means++), nredo restarts keep the best objective.")
+    f.add_argument("--feats", required=True, help="feature store dir (speechssl features dump)")
+    f.add_argument("--k", type=int, required=True, help="number of clusters")
+    f.add_argument("--sample-frac", type=float, default=0.1, help="fraction of all frames to sample (default 0.1)")
+    f.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames (bounds memory)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--niter", type=int, default=20, help="Lloyd iterations per run (default 20)")
+    f.add_argument("--nredo", type=int, default=1, help="restarts; the lowest objective wins (default 1)")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    f.add_argument("--out", required=True, help="k-means dir: centroids.safetensors, centroids.npy, kmeans.json")
+    f.set_defaults(func=_fit)
+
+    lab = verbs.add_parser("label", help="assign every utterance's frames to the nearest centroid (text.km)",
+                           description="Write text.km ('utt u1 u2 ...', sorted by id) and meta.json. Sharded: "
+                                       "each rank writes shards/R-of-N.km; the last rank to finish merges.")
+    lab.add_argument("--feats", required=True, help="feature store dir")
+    lab.add_argument("--km", required=True, help="k-means dir from `speechssl kmeans fit`")
+    lab.add_argument("--out", required=True, help="label dir")
+    lab.add_argument("--nshard", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
+    lab.add_argument("--rank", type=int, default=None, help="this rank (default: $RANK or 0)")
+    lab.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    lab.add_argument("--batch-frames", type=int, default=32768, help="frames per distance matmul")
+    lab.set_defaults(func=_label)

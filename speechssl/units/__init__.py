@@ -1,0 +1,35 @@
+"""Units room (floor 6): k-means pseudo-labels keyed by utterance id, label/audio checks, label quality."""
+
+from speechssl.units.alignments import AlignmentError, PhoneAlignment, read_alignments, read_ctm, read_textgrid
+from speechssl.units.kmeans import (
+    Assigner,
+    KMeansModel,
+    fit_kmeans,
+    fit_store,
+    label_store,
+    label_with,
+    merge_label_shards,
+    sample_frames,
+    shard_ids,
+)
+from speechssl.units.labels import (
+    LabelError,
+    LabelSet,
+    check_label_length,
+    check_labels_cover,
+    check_same_utterances,
+    expected_num_frames,
+    label_stride,
+    read_labels,
+    write_labels,
+)
+from speechssl.units.quality import QualityReport, evaluate_labels, label_quality, quality_from_counts
+
+__all__ = [
+    "AlignmentError", "PhoneAlignment", "read_alignments", "read_ctm", "read_textgrid",
+    "Assigner", "KMeansModel", "fit_kmeans", "fit_store", "label_store", "label_with", "merge_label_shards",
+    "sample_frames", "shard_ids",
+    "LabelError", "LabelSet", "check_label_length", "check_labels_cover", "check_same_utterances",
+    "expected_num_frames", "label_stride", "read_labels", "write_labels",
+    "QualityReport", "evaluate_labels", "label_quality", "quality_from_counts",
+]

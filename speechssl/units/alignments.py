@@ -1,0 +1,244 @@
+"""Phone alignments for label-quality metrics: Kaldi CTM files and Praat TextGrids (Montreal Forced Aligner).
+
+Both readers return ``{utt_id: PhoneAlignment}``; :func:`frame_phones` turns one alignment into one phone per
+label frame (the phone covering the frame centre). Gaps in a CTM and empty TextGrid intervals are silence
+(:data:`SILENCE`), so the two formats give the same frames for the same alignment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from speechssl.units.labels import LabelError, frame_centres
+
+__all__ = ["SILENCE", "AlignmentError", "PhoneAlignment", "read_ctm", "read_textgrid", "read_textgrid_dir",
+           "read_alignments", "frame_phones"]
+
+SILENCE = "sil"
+# Neighbouring CTM segments may overlap by this much (rounding of start + duration at low time precision).
+_OVERLAP_TOL = 5e-4
+
+
+class AlignmentError(LabelError):
+    """A malformed alignment file, or an alignment that disagrees with the labels (names file / utterance)."""
+
+
+@dataclass
+class PhoneAlignment:
+    """Phone segments of one utterance, sorted by start time, non-overlapping; ``end`` = aligned duration (s)."""
+
+    utt_id: str
+    starts: np.ndarray  # float64 [N]
+    ends: np.ndarray  # float64 [N]
+    phones: list[str]
+    end: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.starts) and np.any(self.starts[1:] < self.ends[:-1] - _OVERLAP_TOL):
+            i = int(np.argmax(self.starts[1:] < self.ends[:-1] - _OVERLAP_TOL))
+            raise AlignmentError(
+                f"{self.source}: utt {self.utt_id}: segment '{self.phones[i + 1]}' at {self.starts[i + 1]:g} s "
+                f"overlaps '{self.phones[i]}' ending at {self.ends[i]:g} s"
+            )
+
+
+def _segments_to_alignment(utt: str, segs: list[tuple[float, float, str]], end: float | None,
+                           source: str) -> PhoneAlignment:
+    """Sort segments by start and build a PhoneAlignment (end defaults to the last segment's end)."""
+    segs = sorted(segs, key=lambda s: s[0])
+    starts = np.array([s[0] for s in segs], dtype=np.float64)
+    ends = np.array([s[1] for s in segs], dtype=np.float64)
+    stop = float(end) if end is not None else (float(ends.max()) if len(ends) else 0.0)
+    return PhoneAlignment(utt, starts, ends, [s[2] for s in segs], stop, source)
+
+
+# ----------------------------------------------------------------------------------------------------- CTM
+
+
+def read_ctm(path: str | os.PathLike) -> dict[str, PhoneAlignment]:
+    """Read a Kaldi CTM, ``utt channel start duration phone [confidence]``, times in seconds at any precision.
+
+    Lines may come in any order; ``;;`` comment lines and blank lines are skipped. Errors name file:line.
+    """
+    segs: dict[str, list[tuple[float, float, str]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith(";;"):
+                continue
+            if len(parts) not in (5, 6):
+                raise AlignmentError(f"{path}:{n}: expected 'utt channel start duration phone [conf]', got {line.strip()!r}")
+            utt, _, start_s, dur_s, phone = parts[:5]
+            try:
+                start, dur = float(start_s), float(dur_s)
+            except ValueError:
+                raise AlignmentError(f"{path}:{n}: utt {utt}: start/duration must be numbers, got {start_s!r} {dur_s!r}") from None
+            if not (np.isfinite(start) and np.isfinite(dur)) or start < 0 or dur < 0:
+                raise AlignmentError(f"{path}:{n}: utt {utt}: negative or non-finite start/duration {start_s} {dur_s}")
+            if dur > 0:
+                segs.setdefault(utt, []).append((start, start + dur, phone))
+            else:
+                segs.setdefault(utt, [])
+    return {utt: _segments_to_alignment(utt, s, None, str(path)) for utt, s in segs.items()}
+
+
+# ------------------------------------------------------------------------------------------------ TextGrid
+
+# Values of a Praat text file, long or short format: quoted strings ("" escapes a quote), <exists>/<absent>
+# flags, numbers. Keys ("xmin =", "intervals: size =") and bracketed indices ("item [1]:") are skipped.
+_TG_TOKEN = re.compile(
+    r'"((?:[^"]|"")*)"|<(exists|absent)>|\[[^\]]*\]|([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)'
+)
+
+
+def _tg_tokens(text: str) -> list[Any]:
+    """Praat values in file order: str for strings, bool for flags, float for numbers."""
+    out: list[Any] = []
+    for m in _TG_TOKEN.finditer(text):
+        if m.group(1) is not None:
+            out.append(m.group(1).replace('""', '"'))
+        elif m.group(2) is not None:
+            out.append(m.group(2) == "exists")
+        elif m.group(3) is not None:
+            out.append(float(m.group(3)))
+    return out
+
+
+def _decode_praat(raw: bytes) -> str:
+    """Praat writes UTF-8 or, with non-ASCII text, UTF-16 with a BOM."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
+def parse_textgrid(text: str, source: str = "<string>") -> tuple[float, dict[str, list[tuple[float, float, str]]]]:
+    """Parse a long- or short-format TextGrid: ``(xmax, {tier name: [(start, end, label), ...]})``.
+
+    Point tiers (TextTier) are read as zero-length segments and are of no use as phone tiers.
+    """
+    tok = _tg_tokens(text)
+    pos = 0
+
+    def take(kind: type, what: str) -> Any:
+        nonlocal pos
+        if pos >= len(tok):
+            raise AlignmentError(f"{source}: TextGrid ends early (expected {what})")
+        value = tok[pos]
+        if kind is float and isinstance(value, bool) or not isinstance(value, kind):
+            raise AlignmentError(f"{source}: malformed TextGrid: expected {what}, got {value!r}")
+        pos += 1
+        return value
+
+    if "ooBinaryFile" in text[:64]:
+        raise AlignmentError(f"{source}: binary TextGrid; save it from Praat as a text file")
+    if not str(take(str, "File type")).startswith("ooTextFile") or take(str, "Object class") != "TextGrid":
+        raise AlignmentError(f"{source}: not a Praat TextGrid text file")
+    take(float, "xmin")
+    xmax = take(float, "xmax")
+    tiers: dict[str, list[tuple[float, float, str]]] = {}
+    if not take(bool, "<exists>/<absent>"):
+        return xmax, tiers
+    for _ in range(int(take(float, "number of tiers"))):
+        cls, name = take(str, "tier class"), take(str, "tier name")
+        take(float, "tier xmin")
+        take(float, "tier xmax")
+        count = int(take(float, "number of intervals"))
+        segs: list[tuple[float, float, str]] = []
+        for _ in range(count):
+            if cls == "IntervalTier":
+                a, b, label = take(float, "interval xmin"), take(float, "interval xmax"), take(str, "interval text")
+            elif cls == "TextTier":
+                a = b = take(float, "point time")
+                label = take(str, "point mark")
+            else:
+                raise AlignmentError(f"{source}: unknown tier class {cls!r}")
+            segs.append((a, b, label))
+        tiers[name] = segs
+    return xmax, tiers
+
+
+def _pick_tier(tiers: Mapping[str, Any], tier: str, source: str) -> str:
+    """The tier called ``tier``; else the one tier called '<speaker> - <tier>' (MFA multi-speaker output)."""
+    if tier in tiers:
+        return tier
+    cands = [t for t in tiers if t.endswith(f" - {tier}")]
+    if len(cands) == 1:
+        return cands[0]
+    raise AlignmentError(f"{source}: no single tier named {tier!r}; tiers are {list(tiers)}")
+
+
+def read_textgrid(path: str | os.PathLike, tier: str = "phones", utt_id: str | None = None) -> PhoneAlignment:
+    """One TextGrid as a PhoneAlignment of its ``tier`` (utt id defaults to the file stem).
+
+    Empty intervals (blank text, as MFA writes silence) become :data:`SILENCE`; ``end`` is the file's xmax.
+    """
+    path = Path(path)
+    text = _decode_praat(path.read_bytes())
+    xmax, tiers = parse_textgrid(text, str(path))
+    name = _pick_tier(tiers, tier, str(path))
+    segs = [(a, b, lab.strip() or SILENCE) for a, b, lab in tiers[name] if b > a]
+    return _segments_to_alignment(utt_id or path.stem, segs, xmax, str(path))
+
+
+def read_textgrid_dir(path: str | os.PathLike, tier: str = "phones") -> dict[str, PhoneAlignment]:
+    """All ``*.TextGrid`` files under ``path`` (recursively, as MFA writes per-speaker dirs), keyed by file stem."""
+    out: dict[str, PhoneAlignment] = {}
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() == ".textgrid" and p.is_file())
+    if not files:
+        raise AlignmentError(f"{path}: no *.TextGrid files found")
+    for p in files:
+        ali = read_textgrid(p, tier)
+        if ali.utt_id in out:
+            raise AlignmentError(f"{p}: utterance {ali.utt_id!r} also aligned in {out[ali.utt_id].source}")
+        out[ali.utt_id] = ali
+    return out
+
+
+def read_alignments(path: str | os.PathLike, tier: str = "phones") -> dict[str, PhoneAlignment]:
+    """A CTM file, a single TextGrid, or a directory of TextGrids."""
+    p = Path(path)
+    if p.is_dir():
+        return read_textgrid_dir(p, tier)
+    if not p.exists():
+        raise AlignmentError(f"{p}: alignment file or directory does not exist")
+    if p.suffix.lower() == ".textgrid":
+        ali = read_textgrid(p, tier)
+        return {ali.utt_id: ali}
+    return read_ctm(p)
+
+
+# ---------------------------------------------------------------------------------------- frames <-> phones
+
+
+def frame_phones(ali: PhoneAlignment, num_labels: int, label_rate: float, framing: Mapping[str, Any] | None = None,
+                 sample_rate: int = 16000, label_file: str | None = None) -> np.ndarray:
+    """The phone covering the centre of each label frame (object array of str; gaps = :data:`SILENCE`).
+
+    The alignment spans the frames whose centre lies before ``ali.end``; if that count differs from
+    ``num_labels`` by more than one frame the labels and alignment describe different audio: AlignmentError.
+    Frames whose centre lies past the alignment's end (at most one) are left out, so the result may be one
+    shorter than ``num_labels``: use ``labels[:len(result)]``.
+    """
+    centres = frame_centres(num_labels + 2, framing, label_rate, sample_rate)
+    n_ali = int(np.searchsorted(frame_centres(int(ali.end * label_rate) + 4, framing, label_rate, sample_rate),
+                                ali.end, side="left"))
+    if abs(n_ali - num_labels) > 1:
+        where = f" in {label_file}" if label_file else ""
+        raise AlignmentError(
+            f"utt {ali.utt_id}: {num_labels} labels{where} but the alignment ({ali.source}) lasts {ali.end:g} s = "
+            f"{n_ali} frames at {label_rate:g} Hz (tolerance 1 frame)"
+        )
+    n = min(n_ali, num_labels)
+    c = centres[:n]
+    idx = np.searchsorted(ali.starts, c, side="right") - 1
+    covered = idx >= 0
+    covered[covered] &= c[covered] < ali.ends[idx[covered]]
+    table = np.array(list(ali.phones) + [SILENCE], dtype=object)
+    return table[np.where(covered, idx, len(ali.phones))]

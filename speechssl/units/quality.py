@@ -1,0 +1,203 @@
+"""Label quality against phone alignments: phone purity, cluster purity, PNMI (HuBERT paper, §IV-F).
+
+With the joint distribution ``p(y, z)`` of phone ``y`` and unit ``z`` over all aligned frames:
+
+* phone purity   ``E_z[max_y p(y|z)] = sum_z max_y p(y, z)``  (how well a unit predicts one phone)
+* cluster purity ``E_y[max_z p(z|y)] = sum_y max_z p(y, z)``  (how concentrated a phone is on one unit)
+* PNMI           ``I(y; z) / H(y)``                          (share of phone uncertainty the units remove)
+
+Utterances of the label set without an alignment are skipped and counted, never mixed in; an alignment whose
+length disagrees with its labels by more than one frame is an error naming the utterance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from speechssl.units.alignments import PhoneAlignment, frame_phones, read_alignments
+from speechssl.units.labels import atomic_write_text, read_labels, sort_ids
+
+__all__ = ["QualityReport", "quality_from_counts", "count_table", "evaluate_labels", "label_quality",
+           "plot_phone_given_unit"]
+
+
+def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """Phone purity, cluster purity, PNMI, H(y) and I(y;z) (nats) from a ``[phones, units]`` count table."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    if c.ndim != 2 or total <= 0:
+        raise ValueError(f"need a non-empty [phones, units] count table, got shape {c.shape} with {total} frames")
+    p = c / total
+    py, pz = p.sum(1), p.sum(0)
+    nz = p > 0
+    outer = np.outer(py, pz)
+    mi = float(np.sum(p[nz] * np.log(p[nz] / outer[nz])))
+    h_y = float(-np.sum(py[py > 0] * np.log(py[py > 0])))
+    return {
+        "phone_purity": float(p.max(0).sum()),
+        "cluster_purity": float(p.max(1).sum()),
+        "pnmi": mi / h_y if h_y > 0 else 0.0,
+        "h_phone": h_y,
+        "mutual_info": mi,
+    }
+
+
+def count_table(phone_ids: np.ndarray, units: np.ndarray, num_phones: int, k: int) -> np.ndarray:
+    """``[num_phones, k]`` int64 table of frame counts of each (phone, unit) pair."""
+    flat = np.asarray(phone_ids, dtype=np.int64) * k + np.asarray(units, dtype=np.int64)
+    return np.bincount(flat, minlength=num_phones * k).reshape(num_phones, k)
+
+
+@dataclass
+class QualityReport:
+    """Metrics plus everything needed to audit them (count table, phones, skipped utterances)."""
+
+    metrics: dict[str, float]
+    counts: np.ndarray  # [P, K] int64
+    phones: list[str]
+    num_frames: int
+    num_utts: int
+    skipped_no_alignment: list[str] = field(default_factory=list)  # labelled, not aligned
+    aligned_not_labelled: list[str] = field(default_factory=list)
+    dropped_edge_frames: int = 0  # frames past the end of an alignment (at most one per utterance)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (the count table is included: it is small, and lets anyone recompute)."""
+        return {
+            **self.metrics,
+            "num_frames": self.num_frames,
+            "num_utts": self.num_utts,
+            "num_skipped_no_alignment": len(self.skipped_no_alignment),
+            "skipped_no_alignment": self.skipped_no_alignment[:100],
+            "num_aligned_not_labelled": len(self.aligned_not_labelled),
+            "dropped_edge_frames": self.dropped_edge_frames,
+            "phones": self.phones,
+            "counts": self.counts.tolist(),
+        }
+
+    def summary(self) -> str:
+        """Lines for the terminal."""
+        m = self.metrics
+        lines = [
+            f"phone purity   {m['phone_purity']:.4f}",
+            f"cluster purity {m['cluster_purity']:.4f}",
+            f"PNMI           {m['pnmi']:.4f}",
+            f"frames {self.num_frames}, utterances {self.num_utts}, phones {len(self.phones)}, "
+            f"units used {int((self.counts.sum(0) > 0).sum())}/{self.counts.shape[1]}",
+        ]
+        if self.skipped_no_alignment:
+            lines.append(f"skipped {len(self.skipped_no_alignment)} labelled utterance(s) without alignment "
+                         f"(e.g. {', '.join(self.skipped_no_alignment[:3])})")
+        if self.aligned_not_labelled:
+            lines.append(f"{len(self.aligned_not_labelled)} aligned utterance(s) have no labels (ignored)")
+        return "\n".join(lines)
+
+
+def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                    alignments: Mapping[str, PhoneAlignment], *, label_file: str | None = None) -> QualityReport:
+    """Frame-level phone/unit statistics of ``labels`` against ``alignments`` (see module docstring)."""
+    k = int(meta["k"])
+    rate = float(meta["label_rate"])
+    framing = meta.get("framing")
+    phone_index: dict[str, int] = {}
+    phone_chunks, unit_chunks = [], []
+    skipped, used, dropped = [], 0, 0
+    for utt in tqdm(sort_ids(labels), desc="label quality", unit="utt", leave=False):
+        ali = alignments.get(utt)
+        if ali is None:
+            skipped.append(utt)
+            continue
+        units = np.asarray(labels[utt])
+        phones = frame_phones(ali, len(units), rate, framing, label_file=label_file)
+        dropped += len(units) - len(phones)
+        phone_chunks.append(np.array([phone_index.setdefault(p, len(phone_index)) for p in phones], dtype=np.int64))
+        unit_chunks.append(units[: len(phones)])
+        used += 1
+    if not used or not sum(len(c) for c in phone_chunks):
+        raise ValueError(
+            f"no labelled utterance has an alignment ({len(labels)} labelled, {len(alignments)} aligned, e.g. "
+            f"labels {sort_ids(labels)[:2]} vs alignments {sort_ids(alignments)[:2]}): check the utterance ids"
+        )
+    # Phones sorted (C order) so tables and plots are comparable across runs.
+    names = sort_ids(phone_index)
+    remap = np.empty(len(names), dtype=np.int64)
+    for new, name in enumerate(names):
+        remap[phone_index[name]] = new
+    counts = count_table(remap[np.concatenate(phone_chunks)], np.concatenate(unit_chunks), len(names), k)
+    return QualityReport(
+        metrics=quality_from_counts(counts),
+        counts=counts,
+        phones=names,
+        num_frames=int(counts.sum()),
+        num_utts=used,
+        skipped_no_alignment=skipped,
+        aligned_not_labelled=sort_ids(set(alignments) - set(labels)),
+        dropped_edge_frames=dropped,
+    )
+
+
+def label_quality(label_dir: str | os.PathLike, alignments: str | os.PathLike, *, tier: str = "phones",
+                  out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> QualityReport:
+    """Read a label dir and a CTM / TextGrid dir, compute the metrics, optionally write JSON and a PNG heatmap."""
+    labels, meta = read_labels(label_dir)
+    alis = read_alignments(alignments, tier=tier)
+    text = Path(label_dir) / "text.km" if Path(label_dir).is_dir() else Path(label_dir)
+    report = evaluate_labels(labels, meta, alis, label_file=str(text))
+    if out_json is not None:
+        d = report.to_dict()
+        d.update(labels=str(label_dir), alignments=str(alignments), k=int(meta["k"]),
+                 label_rate=float(meta["label_rate"]), kmeans_hash=meta.get("kmeans_hash"))
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_json, json.dumps(d, indent=1) + "\n")
+    if plot is not None:
+        plot_phone_given_unit(report, plot, title=f"P(phone | unit), {Path(label_dir).name}")
+    return report
+
+
+def unit_order(p_y_given_z: np.ndarray) -> np.ndarray:
+    """Units sorted by their most likely phone (phone index), then by that probability, descending."""
+    best = p_y_given_z.argmax(0)
+    return np.lexsort((-p_y_given_z.max(0), best))
+
+
+def plot_phone_given_unit(report: QualityReport, path: str | os.PathLike, title: str = "P(phone | unit)") -> None:
+    """PNG heatmap of P(phone | unit): phones sorted on the y axis, used units ordered by most likely phone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touching pyplot's global state
+    from matplotlib.figure import Figure
+
+    counts = report.counts[:, report.counts.sum(0) > 0].astype(np.float64)
+    units = np.flatnonzero(report.counts.sum(0) > 0)
+    p = counts / counts.sum(0, keepdims=True)
+    order = unit_order(p)
+    n_ph, n_u = p.shape
+    fig = Figure(figsize=(min(4 + 0.06 * n_u, 40), min(2 + 0.16 * n_ph, 30)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(p[:, order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(n_ph))
+    ax.set_yticklabels(report.phones, fontsize=max(4, min(9, 600 // max(n_ph, 1))))
+    if n_u <= 120:
+        ax.set_xticks(range(n_u))
+        ax.set_xticklabels([str(u) for u in units[order]], rotation=90, fontsize=5)
+    ax.set_xlabel(f"unit (ordered by most likely phone), {n_u} used")
+    ax.set_ylabel("phone")
+    m = report.metrics
+    ax.set_title(f"{title}\nPNMI {m['pnmi']:.3f}, phone purity {m['phone_purity']:.3f}, "
+                 f"cluster purity {m['cluster_purity']:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
