@@ -389,9 +389,10 @@ def _check_spk2utt(s2u: _Table, u2s: _Table) -> None:
                 )
             want = next(expected, None)
             if want != utt:
+                where = f" ({u2s.loc(want)}, speaker {u2s.entries[want].fields[0]!r})" if want is not None else ""
                 raise DataDirError(
-                    f"{s2u.loc(spk)}: spk2utt does not expand to utt2spk: expected {want!r} before {utt!r} "
-                    "(utterances must be sorted within each speaker; rebuild with `speechssl data fix`)"
+                    f"{s2u.loc(spk)}: spk2utt does not expand to utt2spk: expected utterance {want!r}{where} "
+                    f"but found {utt!r} (rebuild spk2utt with `speechssl data fix`)"
                 )
     missing = [u for u in u2s.order if u not in seen]
     if missing:
@@ -656,8 +657,9 @@ def fix_data_dir(path: str | os.PathLike) -> dict:
         fixed = replace(fixed, reco2dur=None)
     backup = path / ".backup"
     backup.mkdir(exist_ok=True)
-    for n in tables:
-        shutil.copy2(path / n, backup / n)
+    for p in path.iterdir():
+        if p.is_file() and _managed(p.name):
+            shutil.copy2(p, backup / p.name)
     write_data_dir(fixed, path)
     report = {
         "utterances_before": len(u2s.order),
