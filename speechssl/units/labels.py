@@ -136,14 +136,15 @@ def frame_centres(num_frames: int, framing: Mapping[str, Any] | None, label_rate
 
 def framing_from_features(meta: Mapping[str, Any], sample_rate: int = 16000) -> dict[str, Any] | None:
     """The framing of a feature store from its header: an explicit ``framing`` entry (top level or in
-    ``source``) wins; MFCC / fbank at 100 Hz default to Kaldi's 25 ms / 10 ms windows with snip_edges
-    (``source`` may override ``frame_length_ms``, ``frame_shift_ms``, ``snip_edges``). None if unknown."""
+    ``source``) wins; MFCC / fbank default to Kaldi's 25 ms / 10 ms windows with snip_edges, overridden by
+    ``frame_length_ms``, ``frame_shift_ms``, ``snip_edges`` in ``source`` or ``source.options``. Else None."""
     for where in (meta, meta.get("source") or {}):
         if isinstance(where.get("framing"), Mapping):
             return dict(where["framing"])
     kind = str(meta.get("kind", "")).lower()
     if kind.startswith(("mfcc", "fbank")):
         src = meta.get("source") or {}
+        src = src.get("options", src)  # `features dump` keeps its extractor options under source.options
         shift_ms = float(src.get("frame_shift_ms", 10.0))
         length_ms = float(src.get("frame_length_ms", 25.0))
         return {
