@@ -1,0 +1,234 @@
+"""Model checkpoints without pickle: ``model.safetensors`` + ``config.json``, written atomically.
+
+``config.json`` layout::
+
+    {"format": "speechssl-hubert", "version": 1, "model_class": "HubertPretrainModel" | "HubertModel",
+     "model": {...HubertConfig.to_dict()...}, "extra": {...caller metadata: step, label sets, ...}}
+
+``export_hf`` writes a directory ``transformers.HubertModel.from_pretrained`` loads (waveform-CNN frontend only):
+the encoder state dict unchanged (our names are transformers' names), transformers ``HubertConfig`` fields in
+``config.json`` and a ``preprocessor_config.json`` for ``Wav2Vec2FeatureExtractor``.
+Training state (optimizer, scheduler, RNG) is the trainer's business and lives in a separate file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import HubertConfig
+from .hubert import HubertModel, HubertPretrainModel
+
+__all__ = ["save_model", "load_model", "read_config", "export_hf", "CheckpointError"]
+
+FORMAT = "speechssl-hubert"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as asked; the message names the directory and the problem."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
+    """Write ``files`` (name -> dict of tensors for .safetensors, or JSON-able object) into a temp directory beside
+    ``out_dir``, fsync, then rename it into place (an existing ``out_dir`` is replaced)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, content in files.items():
+            path = tmp / name
+            if name.endswith(".safetensors"):
+                save_file(content, str(path), metadata={"format": "pt"})
+            else:
+                path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # contiguous CPU copies; safetensors refuses shared storage, which no parameter here has
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(model: nn.Module, config: HubertConfig, out_dir, extra: dict | None = None) -> None:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically.
+
+    ``model`` is a :class:`HubertPretrainModel` or :class:`HubertModel` (a DDP/compiled wrapper is unwrapped);
+    ``extra`` is JSON-able metadata stored under ``"extra"`` (step, label sets, k-means hash, ...).
+    """
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, (HubertModel, HubertPretrainModel)):
+        raise TypeError(f"save_model expects a HubertModel or HubertPretrainModel, got {type(model).__name__}")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_class": type(model).__name__,
+        "model": config.to_dict(),
+        "extra": extra or {},
+    }
+    json.dumps(meta)  # fail before writing anything if extra is not plain JSON
+    _write_dir_atomic(Path(out_dir), {WEIGHTS: _state_dict(model), CONFIG: meta})
+
+
+def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
+    """``(HubertConfig, full config.json dict)`` of a checkpoint written by :func:`save_model`."""
+    path = Path(ckpt_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {CONFIG} (not a speechssl checkpoint directory)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} "
+                              "(a transformers directory? load it through speechssl.upstream)")
+    return HubertConfig.from_dict(meta["model"]), meta
+
+
+def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` with strict key checking.
+
+    ``pretrain_head=True`` returns a :class:`HubertPretrainModel` (the checkpoint must contain the head);
+    ``False`` returns the bare :class:`HubertModel` (from either kind of checkpoint). Returned in eval mode.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config, meta = read_config(ckpt_dir)
+    weights = ckpt_dir / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}")
+    state = load_file(str(weights))
+    saved_head = meta.get("model_class") == "HubertPretrainModel"
+    if pretrain_head:
+        if not saved_head:
+            raise CheckpointError(f"{ckpt_dir}: holds a bare HubertModel; load it with pretrain_head=False")
+        model: nn.Module = HubertPretrainModel(config)
+    else:
+        model = HubertModel(config)
+        if saved_head:
+            state = {k[len("hubert."):]: v for k, v in state.items() if k.startswith("hubert.")}
+    _load_strict(model, state, weights)
+    return model.eval()
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def hf_config_dict(config: HubertConfig) -> dict[str, Any]:
+    """transformers ``HubertConfig`` fields for an encoder built from ``config`` (CNN frontend only)."""
+    if config.frontend != "cnn":
+        raise ValueError(
+            f"cannot export a {config.frontend!r}-frontend model to transformers: HubertModel only has the waveform "
+            "CNN frontend. Use speechssl checkpoints (speechssl.upstream.load) for fbank models."
+        )
+    return {
+        "architectures": ["HubertModel"],
+        "model_type": "hubert",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout": config.hidden_dropout,
+        "activation_dropout": config.activation_dropout,
+        "attention_dropout": config.attention_dropout,
+        "feat_proj_layer_norm": True,
+        "feat_proj_dropout": config.feat_proj_dropout,
+        "layerdrop": config.layerdrop,
+        "layer_norm_eps": config.layer_norm_eps,
+        "initializer_range": 0.02,
+        "feat_extract_norm": config.feat_extract_norm,
+        "feat_extract_activation": "gelu",
+        "conv_dim": [d for d, _, _ in config.conv_layers],
+        "conv_kernel": [k for _, k, _ in config.conv_layers],
+        "conv_stride": [s for _, _, s in config.conv_layers],
+        "conv_bias": config.conv_bias,
+        "num_conv_pos_embeddings": config.num_conv_pos_embeddings,
+        "num_conv_pos_embedding_groups": config.num_conv_pos_embedding_groups,
+        "conv_pos_batch_norm": False,
+        "do_stable_layer_norm": config.do_stable_layer_norm,
+        # fine-tuning SpecAugment defaults of transformers (not our pretraining mask_prob)
+        "apply_spec_augment": True,
+        "mask_time_prob": 0.05,
+        "mask_time_length": 10,
+        "mask_feature_prob": 0.0,
+        "mask_feature_length": 10,
+        "vocab_size": 32,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(model_or_dir, out_dir) -> None:
+    """Write a transformers-loadable HuBERT directory (``HubertModel.from_pretrained(out_dir)``).
+
+    ``model_or_dir``: a :class:`HubertModel`, a :class:`HubertPretrainModel` (its head is dropped: transformers has
+    none) or a checkpoint directory from :func:`save_model`. Raises ``ValueError`` for the fbank frontend.
+    """
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model = load_model(model_or_dir, pretrain_head=False)
+    else:
+        model = getattr(model_or_dir, "module", model_or_dir)
+        model = model.hubert if isinstance(model, HubertPretrainModel) else model
+    if not isinstance(model, HubertModel):
+        raise TypeError(f"export_hf expects a HubertModel, HubertPretrainModel or checkpoint dir, got {type(model)}")
+    config = model.config
+    hf_config = hf_config_dict(config)
+    preprocessor = {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": 16000,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": config.normalize_waveform,
+        "return_attention_mask": config.feat_extract_norm == "layer",
+    }
+    _write_dir_atomic(Path(out_dir), {WEIGHTS: _state_dict(model), CONFIG: hf_config,
+                                      "preprocessor_config.json": preprocessor})

@@ -1,0 +1,185 @@
+"""Frontends: waveform ``[B, S]`` -> frame features ``[B, T, C]`` plus the frame count of every row.
+
+Two frontends share one interface (``forward(wavs, wav_lens) -> (features, frame_lens)``, ``num_frames``) and
+one parameter prefix (``feature_extractor.conv_layers.N.conv``):
+
+* :class:`ConvFeatureExtractor`, the wav2vec 2.0 / HuBERT waveform CNN (transformers' ``HubertFeatureEncoder``
+  parameter names, so the state dict is a copy of transformers');
+* :class:`FbankFeatureExtractor`, 80-d Kaldi fbank (``speechssl.features.kaldi.fbank``, no gradient) with
+  per-utterance mean/variance normalisation and strided Conv1d subsampling: the cheap CPU frontend.
+
+:class:`GradMultiply` is fairseq's: identity forward, gradient scaled by ``feature_grad_mult`` backward
+(HuBERT Base trains its CNN with 0.1 of the gradient; 0 runs the frontend without autograd at all).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from speechssl.features.kaldi import fbank
+
+from .config import HubertConfig
+
+__all__ = ["GradMultiply", "ConvFeatureExtractor", "FbankFeatureExtractor", "build_frontend", "lengths_to_mask"]
+
+
+class GradMultiply(torch.autograd.Function):
+    """``y = x`` forward; ``dL/dx = scale * dL/dy`` backward (fairseq ``GradMultiply``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """``[B]`` lengths -> ``[B, max_len]`` bool, True on valid positions."""
+    return torch.arange(max_len, device=lengths.device).view(1, -1) < lengths.view(-1, 1)
+
+
+def _scale_grad(features: Tensor, feature_grad_mult: float) -> Tensor:
+    if 0.0 < feature_grad_mult != 1.0 and features.requires_grad:
+        return GradMultiply.apply(features, feature_grad_mult)
+    return features
+
+
+class _ConvLayer(nn.Module):
+    """Conv1d -> optional norm -> GELU. ``norm`` is None, "group" (GroupNorm(dim, dim)) or "layer" (LN over channels)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, *, bias: bool, norm: str | None,
+                 padding: int = 0, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel_size=kernel, stride=stride, padding=padding, bias=bias)
+        self.norm_kind = norm
+        if norm == "group":
+            self.layer_norm = nn.GroupNorm(num_groups=out_dim, num_channels=out_dim, affine=True, eps=eps)
+        elif norm == "layer":
+            self.layer_norm = nn.LayerNorm(out_dim, elementwise_affine=True, eps=eps)
+        self.activation = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T']
+        x = self.conv(x)
+        if self.norm_kind == "group":
+            x = self.layer_norm(x)
+        elif self.norm_kind == "layer":
+            x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.activation(x)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """The HuBERT waveform CNN: ``conv_layers`` = [(dim, kernel, stride), ...], no padding.
+
+    ``feat_extract_norm="group"``: GroupNorm(dim, dim) after the first conv only (Base; normalises every channel
+    over time, so a row's output depends on how much zero padding the batch gave it, exactly as in fairseq and
+    transformers). ``"layer"``: LayerNorm over channels after every conv (Large; padding-independent).
+    """
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        layers, in_dim = [], 1
+        for i, (dim, kernel, stride) in enumerate(config.conv_layers):
+            if config.feat_extract_norm == "layer":
+                norm = "layer"
+            else:
+                norm = "group" if i == 0 else None
+            layers.append(_ConvLayer(in_dim, dim, kernel, stride, bias=config.conv_bias, norm=norm,
+                                     eps=config.layer_norm_eps))
+            in_dim = dim
+        self.conv_layers = nn.ModuleList(layers)
+        for layer in self.conv_layers:  # fairseq ConvFeatureExtractionModel init
+            nn.init.kaiming_normal_(layer.conv.weight)
+            if layer.conv.bias is not None:
+                nn.init.zeros_(layer.conv.bias)
+        self.kernels_strides = [(k, s) for _, k, s in config.conv_layers]
+        self.feature_grad_mult = config.feature_grad_mult
+        self.output_dim = in_dim
+
+    def num_frames(self, num_samples: Tensor) -> Tensor:
+        """Output frames for ``num_samples`` input samples: ``floor((L - kernel) / stride) + 1`` per layer, >= 0."""
+        n = torch.as_tensor(num_samples).long()
+        for kernel, stride in self.kernels_strides:
+            n = (torch.div(n - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+        return n
+
+    def _run(self, wavs: Tensor) -> Tensor:
+        x = wavs.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x.transpose(1, 2)
+
+    def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, S]`` float waveforms (zero beyond ``wav_lens``) -> ``([B, T, C], frame_lens [B])``."""
+        if self.feature_grad_mult > 0:
+            features = _scale_grad(self._run(wavs), self.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                features = self._run(wavs)
+        return features, self.num_frames(wav_lens)
+
+
+class FbankFeatureExtractor(nn.Module):
+    """80-d Kaldi log-mel fbank (100 Hz, no gradient) -> per-utterance mean/variance normalisation -> Conv1d stack.
+
+    The normalisation uses each utterance's own valid frames (``fbank(..., lengths, cmvn="meanvar")``), so a row's
+    features never depend on the batch. Each conv layer is ``Conv1d(kernel, stride, padding=kernel // 2)`` + GELU;
+    frames past a row's length are zeroed before every conv, so a row's valid output frames equal its unbatched
+    output. Default (``hubert_tiny``): one layer (256, 3, 2): 100 Hz -> 50 Hz, ``ceil(T / 2)`` frames.
+    """
+
+    FRAME_LENGTH = 400  # 25 ms at 16 kHz
+    FRAME_SHIFT = 160  # 10 ms
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        layers, in_dim = [], config.num_mel_bins
+        for dim, kernel, stride in config.conv_layers:
+            layers.append(_ConvLayer(in_dim, dim, kernel, stride, bias=config.conv_bias, norm=None, padding=kernel // 2))
+            in_dim = dim
+        self.conv_layers = nn.ModuleList(layers)
+        self.kernels_strides = [(k, s) for _, k, s in config.conv_layers]
+        self.num_mel_bins = config.num_mel_bins
+        self.feature_grad_mult = config.feature_grad_mult
+        self.output_dim = in_dim
+
+    def num_fbank_frames(self, num_samples: Tensor) -> Tensor:
+        """Kaldi frames with snip_edges: ``1 + (S - 400) // 160`` for ``S >= 400``, else 0."""
+        n = torch.as_tensor(num_samples).long()
+        return torch.where(n < self.FRAME_LENGTH, torch.zeros_like(n),
+                           1 + (n - self.FRAME_LENGTH).clamp(min=0) // self.FRAME_SHIFT)
+
+    def num_frames(self, num_samples: Tensor) -> Tensor:
+        """Output frames: fbank frames, then ``floor((T + 2 * (kernel // 2) - kernel) / stride) + 1`` per conv."""
+        n = self.num_fbank_frames(num_samples)
+        for kernel, stride in self.kernels_strides:
+            n = torch.where(n > 0, torch.div(n + 2 * (kernel // 2) - kernel, stride, rounding_mode="floor") + 1, 0)
+        return n
+
+    def _run(self, feats: Tensor, lens: Tensor) -> Tensor:
+        x = feats.transpose(1, 2)  # [B, 80, T]
+        for (kernel, stride), layer in zip(self.kernels_strides, self.conv_layers):
+            x = x * lengths_to_mask(lens, x.shape[-1]).unsqueeze(1).to(x.dtype)
+            x = layer(x)
+            lens = torch.where(lens > 0, torch.div(lens + 2 * (kernel // 2) - kernel, stride, rounding_mode="floor") + 1, 0)
+        return x.transpose(1, 2)
+
+    def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad(), torch.autocast(wavs.device.type, enabled=False):
+            feats = fbank(wavs.float(), num_mel_bins=self.num_mel_bins, lengths=wav_lens, cmvn="meanvar")
+        fbank_lens = self.num_fbank_frames(wav_lens).to(wavs.device)
+        if self.feature_grad_mult > 0:
+            features = _scale_grad(self._run(feats, fbank_lens), self.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                features = self._run(feats, fbank_lens)
+        return features, self.num_frames(wav_lens)
+
+
+def build_frontend(config: HubertConfig) -> nn.Module:
+    if config.frontend == "cnn":
+        return ConvFeatureExtractor(config)
+    return FbankFeatureExtractor(config)

@@ -1,0 +1,170 @@
+"""The HuBERT / wav2vec 2.0 transformer encoder, with transformers' ``HubertModel`` parameter names.
+
+``feature_projection.{layer_norm, projection}``, ``encoder.pos_conv_embed.conv`` (weight norm, parametrization
+keys ``parametrizations.weight.original0/1`` as transformers 5.x stores them), ``encoder.layer_norm``,
+``encoder.layers.N.{attention.{q,k,v,out}_proj, layer_norm, feed_forward.{intermediate,output}_dense,
+final_layer_norm}``.
+
+Two layouts (``do_stable_layer_norm``):
+
+* post-LN (Base): ``x = LN(x + pos_conv(x))`` before the layers; each layer
+  ``x = LN(x + Attn(x)); x = LN'(x + FFN(x))``.
+* pre-LN (Large): ``x = x + pos_conv(x)``; each layer ``x = x + Attn(LN(x)); x = x + FFN(LN'(x))``;
+  ``encoder.layer_norm`` after the last layer.
+
+Hidden states follow s3prl's HuBERT convention (the upstream contract): the input of every layer plus the
+encoder output, ``num_hidden_layers + 1`` tensors. They equal transformers' ``output_hidden_states`` except
+the last one for pre-LN models, where transformers 5.x returns the last layer's output *before* the final
+LayerNorm and we (and s3prl) return the encoder output *after* it (= transformers' ``last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from .config import HubertConfig
+
+__all__ = ["FeatureProjection", "PositionalConvEmbedding", "Attention", "FeedForward", "EncoderLayer", "Encoder"]
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over frontend channels -> Linear to ``hidden_size`` -> dropout (fairseq ``layer_norm`` +
+    ``post_extract_proj`` + ``dropout_input``)."""
+
+    def __init__(self, in_dim: int, config: HubertConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_dim, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(in_dim, config.hidden_size)
+        self.dropout = nn.Dropout(config.feat_proj_dropout)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.dropout(self.projection(self.layer_norm(features)))
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Grouped Conv1d over time (kernel ``num_conv_pos_embeddings``), weight norm over dim 2, "same" length
+    (one trailing frame dropped for an even kernel), GELU."""
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        kernel, dim = config.num_conv_pos_embeddings, config.hidden_size
+        conv = nn.Conv1d(dim, dim, kernel_size=kernel, padding=kernel // 2, groups=config.num_conv_pos_embedding_groups)
+        # fairseq's init: std = sqrt(4 / (kernel * dim)) (dropout 0 term), zero bias, then weight norm over dim 2
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel * dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = weight_norm(conv, name="weight", dim=2)
+        self.num_pad_remove = 1 if kernel % 2 == 0 else 0
+        self.activation = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, T, D]
+        y = self.conv(x.transpose(1, 2))
+        if self.num_pad_remove:
+            y = y[:, :, : -self.num_pad_remove]
+        return self.activation(y).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` with a key padding mask."""
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = dim // self.num_heads
+        self.dropout = config.attention_dropout
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """``x`` [B, T, D]; ``attn_mask`` [B, 1, 1, T] bool, True where a key may be attended to."""
+        batch, frames, dim = x.shape
+        shape = (batch, frames, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = nn.GELU()
+        self.intermediate_dropout = nn.Dropout(config.activation_dropout)
+        self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.intermediate_dropout(self.intermediate_act_fn(self.intermediate_dense(x)))
+        return self.output_dropout(self.output_dense(x))
+
+
+class EncoderLayer(nn.Module):
+    """One transformer layer; ``pre_ln`` selects the pre-LN (stable layer norm) ordering."""
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        self.pre_ln = config.do_stable_layer_norm
+        self.attention = Attention(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        if self.pre_ln:
+            x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    """Positional conv embedding + ``num_hidden_layers`` layers, with LayerDrop in training."""
+
+    def __init__(self, config: HubertConfig):
+        super().__init__()
+        self.pre_ln = config.do_stable_layer_norm
+        self.layerdrop = config.layerdrop
+        self.pos_conv_embed = PositionalConvEmbedding(config)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, x: Tensor, valid: Tensor | None = None, num_layers: int | None = None) -> list[Tensor]:
+        """``x`` [B, T, D] projected (and masked) features; ``valid`` [B, T] bool (True = real frame).
+
+        Returns the input of each of the first ``num_layers`` layers (default: all) plus one more tensor: the
+        encoder output when all layers ran (after ``encoder.layer_norm`` for pre-LN), else the input of layer
+        ``num_layers``. Padded frames are zeroed before the positional conv and never attended to.
+        """
+        attn_mask = None
+        if valid is not None:
+            x = x * valid.unsqueeze(-1).to(x.dtype)
+            if not bool(valid.all()):
+                attn_mask = valid[:, None, None, :]
+        x = x + self.pos_conv_embed(x)
+        if not self.pre_ln:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+
+        run = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
+        hidden_states = []
+        for layer in self.layers[:run]:
+            hidden_states.append(x)
+            if self.training and self.layerdrop > 0.0 and float(torch.rand([])) < self.layerdrop:
+                continue
+            x = layer(x, attn_mask)
+        if self.pre_ln and run == len(self.layers):
+            x = self.layer_norm(x)
+        hidden_states.append(x)
+        return hidden_states
