@@ -17,6 +17,7 @@ _GROUPS = [
     ("features", "MFCC / fbank / hidden-layer features into a sharded, memory-mapped store"),
     ("kmeans", "k-means pseudo-labels: fit on a streamed sample, label every utterance"),
     ("units", "unit quality: PNMI, phone and cluster purity"),
+    ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
 ]
 
 

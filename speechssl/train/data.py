@@ -1,0 +1,349 @@
+"""Data for masked-unit pretraining: cuts, unit labels, duration-bucketed batches, label-aligned crops.
+
+* ``load_cuts(data_dir)``: the data dir's lhotse ``cuts.jsonl.gz`` (built from the Kaldi files into a cache dir
+  when the data dir has none).
+* ``load_label_sets``: one ``speechssl.units.labels.LabelSet`` per label dir; every label goes through its
+  ``get(utt, num_samples)`` (``check_label_length``) and ``stride_for(frame_rate)`` (``label_stride``).
+* ``ResumableBatchSampler``: lhotse ``DynamicBucketingSampler`` (batches in seconds, duration buckets, DDP
+  rank/world size, ``drop_last``) plus an exact, prefetch-proof position: the trainer records how many batches
+  of the current epoch it has *consumed* (lhotse's own ``state_dict`` counts batches *yielded*, which runs ahead
+  of training when a DataLoader prefetches). Resuming re-iterates the epoch's manifest and skips them; no audio
+  is read while skipping.
+* ``PretrainDataset``: reads audio through ``speechssl.audio.load_audio``, crops each batch to a common length
+  (fairseq HuBERT: the shortest utterance, at most ``crop_max``; or pads when ``pad_audio``), with crop
+  offsets on the model's frame grid (multiples of ``downsample_rate`` samples) so the labels are cut at
+  exactly the matching frame. Offsets are a hash of (seed, epoch, utterance id): no global RNG, so crops are
+  identical after a resume, with any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from lhotse.dataset.sampling.base import TimeConstraint
+
+from speechssl.audio import SAMPLE_RATE, load_audio
+from speechssl.units.labels import LabelError, LabelSet
+
+log = logging.getLogger(__name__)
+
+LABEL_PAD = -100
+
+__all__ = [
+    "LABEL_PAD",
+    "load_cuts",
+    "load_label_sets",
+    "check_cuts_and_labels",
+    "CroppedTimeConstraint",
+    "ResumableBatchSampler",
+    "PretrainDataset",
+    "cut_num_samples",
+    "crop_offset",
+]
+
+
+# ---------------------------------------------------------------------------------------------- cuts
+def load_cuts(data_dir: str | Path, cache_dir: str | Path | None = None):
+    """The lazily-read CutSet of a data dir (``DIR/cuts.jsonl.gz``).
+
+    A Kaldi-only data dir is converted with ``speechssl.data.lhotse_io.data_dir_to_lhotse`` into
+    ``cache_dir`` (never into the input dir); a later call reuses the cached manifests.
+    """
+    from lhotse import CutSet
+
+    data_dir = Path(data_dir)
+    cuts_file = data_dir / "cuts.jsonl.gz"
+    if not cuts_file.is_file():
+        if not (data_dir / "wav.scp").is_file():
+            raise FileNotFoundError(f"{data_dir}: neither cuts.jsonl.gz nor a Kaldi wav.scp; is this a data dir?")
+        if cache_dir is None:
+            raise FileNotFoundError(f"{cuts_file} missing and no cache dir given to build it from the Kaldi files")
+        cache_dir = Path(cache_dir)
+        cuts_file = cache_dir / "cuts.jsonl.gz"
+        if not cuts_file.is_file():
+            from speechssl.data.lhotse_io import data_dir_to_lhotse
+
+            log.info("%s has no lhotse manifests; writing them to %s", data_dir, cache_dir)
+            data_dir_to_lhotse(data_dir, cache_dir)
+    return CutSet.from_jsonl_lazy(cuts_file)
+
+
+def cut_num_samples(cut, sample_rate: int = SAMPLE_RATE) -> int:
+    """Length of a cut in samples at ``sample_rate`` (what ``load_audio`` returns for it)."""
+    rec = getattr(cut, "recording", None)
+    if rec is not None and rec.sampling_rate == sample_rate and getattr(cut, "num_samples", None) is not None:
+        return int(cut.num_samples)
+    return int(round(cut.duration * sample_rate))
+
+
+def _cut_source(cut) -> str:
+    rec = cut.recording
+    if rec is None or len(rec.sources) != 1:
+        raise ValueError(f"utterance {cut.id}: expected a cut with one audio source, got {rec!r}")
+    src = rec.sources[0]
+    if src.type == "file":
+        return src.source
+    if src.type == "command":
+        return src.source + " |"
+    raise ValueError(f"utterance {cut.id}: unsupported audio source type {src.type!r}")
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def load_label_sets(dirs: Sequence[str | Path]) -> list[LabelSet]:
+    """One ``speechssl.units.labels.LabelSet`` per label dir (the label-length check lives there)."""
+    return [LabelSet(d) for d in dirs]
+
+
+def check_cuts_and_labels(
+    cuts, label_sets: Sequence[LabelSet], *, min_duration: float, where: str, max_errors: int = 5
+) -> tuple[list[str], float]:
+    """Check every cut up front (before hours of training): labels exist in every set and their length fits
+    the audio (``check_label_length``). Returns (ids of usable cuts, their total hours); cuts shorter than
+    ``min_duration`` seconds are skipped (as fairseq's ``min_sample_size``) and counted in the log.
+
+    Raises ``ValueError`` listing the first offending utterance ids.
+    """
+    keep, missing, errors = [], [], []
+    short = 0
+    total = 0.0
+    for cut in cuts:
+        for ls in label_sets:
+            if cut.id not in ls:
+                missing.append(f"utt {cut.id}: no labels in {ls.text_path}")
+                continue
+            try:
+                ls.get(cut.id, cut_num_samples(cut))
+            except LabelError as e:
+                errors.append(str(e))
+        if cut.duration < min_duration:
+            short += 1
+            continue
+        keep.append(cut.id)
+        total += cut.duration
+    problems = missing + errors
+    if problems:
+        shown = "\n  ".join(problems[:max_errors])
+        more = f"\n  ... and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
+        raise LabelError(f"{where}: {len(problems)} utterance(s) with missing or misaligned labels:\n  {shown}{more}")
+    if short:
+        log.info("%s: skipping %d utterance(s) shorter than %.2f s", where, short, min_duration)
+    if not keep:
+        raise ValueError(f"{where}: no utterance of at least {min_duration} s (data.crop_min)")
+    return keep, total / 3600.0
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class CroppedTimeConstraint(TimeConstraint):
+    """lhotse ``TimeConstraint`` counting each cut as at most ``crop_max`` seconds (what the model will see),
+    so ``max_duration`` is the audio per batch after cropping, as fairseq's ``max_tokens`` is."""
+
+    crop_max: float | None = None
+
+    def _len(self, example) -> float:
+        d = example.duration
+        return min(d, self.crop_max) if self.crop_max is not None else d
+
+    def add(self, example) -> None:
+        if self.max_duration is not None:
+            d = self._maybe_apply_quadratic_correction(self._len(example))
+            self.current += d
+            self.longest_seen = max(self.longest_seen, d)
+        self.num_cuts += 1
+
+    def measure_length(self, example) -> float:
+        return self._len(example)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index_in_epoch, CutSet)`` from a lhotse ``DynamicBucketingSampler``.
+
+    ``state_dict()`` = ``{"epoch", "batches_done"}``: set ``batches_done`` from the batches the trainer has
+    actually consumed (``mark_consumed``), not from what a prefetching DataLoader pulled.
+    """
+
+    def __init__(
+        self,
+        cuts,
+        *,
+        max_duration: float,
+        crop_max: float | None,
+        num_buckets: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        world_size: int = 1,
+        rank: int = 0,
+        keep_ids: set[str] | None = None,
+    ):
+        from lhotse.dataset import DynamicBucketingSampler
+
+        if keep_ids is not None:
+            cuts = cuts.filter(_Keep(keep_ids))
+        self.sampler = DynamicBucketingSampler(
+            cuts,
+            constraint=CroppedTimeConstraint(max_duration=max_duration, crop_max=crop_max),
+            num_buckets=num_buckets,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+            world_size=world_size,
+            rank=rank,
+        )
+        self.epoch = 0
+        self.batches_done = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches_done = 0
+
+    def mark_consumed(self, epoch: int, index: int) -> None:
+        self.epoch, self.batches_done = epoch, index + 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch = int(sd["epoch"])
+        self.batches_done = int(sd["batches_done"])
+
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        epoch, skip = self.epoch, self.batches_done
+        self.sampler.set_epoch(epoch)
+        for i, cuts in enumerate(self.sampler):
+            if i < skip:
+                continue  # fast-forward on the manifest only; no audio is read
+            yield epoch, i, cuts
+
+    def __len__(self) -> int:  # pragma: no cover - lhotse samplers have no cheap length
+        raise TypeError("ResumableBatchSampler has no length (batches are sized dynamically)")
+
+
+class _Keep:
+    """Picklable filter predicate (cut id in a set)."""
+
+    def __init__(self, ids: set[str]):
+        self.ids = ids
+
+    def __call__(self, cut) -> bool:
+        return cut.id in self.ids
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+def crop_offset(seed: int, epoch: int, utt_id: str, max_offset_frames: int) -> int:
+    """A crop offset in frames, uniform on [0, max_offset_frames], from a hash of (seed, epoch, utt id)."""
+    if max_offset_frames <= 0:
+        return 0
+    h = hashlib.blake2b(f"{seed}\x00{epoch}\x00{utt_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % (max_offset_frames + 1)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """``dataset[(epoch, index, cuts)]`` -> a padded batch.
+
+    Batch: ``wavs`` float32 [B, S], ``wav_lens`` int64 [B], ``labels`` list (one per label set) of int64
+    [B, T] at the model frame rate (pad ``LABEL_PAD``), ``ids``, ``epoch``, ``index``, ``audio_seconds``.
+
+    ``num_frames(num_samples) -> int`` is the model's frame count for a waveform length; ``frame_rate`` and
+    ``downsample_rate`` its frame grid (50 Hz, 320 samples for the HuBERT CNN).
+    """
+
+    def __init__(
+        self,
+        label_sets: Sequence[LabelSet],
+        *,
+        frame_rate: float,
+        downsample_rate: int,
+        num_frames: Callable[[int], int],
+        crop_max: float | None,
+        seed: int,
+        pad_audio: bool = False,
+        random_crop: bool = True,
+    ):
+        self.label_sets = list(label_sets)
+        self.strides = [ls.stride_for(frame_rate) for ls in self.label_sets]
+        self.frame_rate = frame_rate
+        self.ds = int(downsample_rate)
+        self.num_frames = num_frames
+        self.crop_max = None if crop_max is None else int(round(crop_max * SAMPLE_RATE))
+        self.seed = seed
+        self.pad_audio = pad_audio
+        self.random_crop = random_crop
+
+    def _target_len(self, lengths: list[int]) -> list[int]:
+        cap = self.crop_max
+        if self.pad_audio:
+            return [n if cap is None else min(n, cap) for n in lengths]
+        t = min(lengths) if cap is None else min(min(lengths), cap)
+        if t >= self.ds:
+            t -= t % self.ds  # a whole number of frame strides
+        return [t] * len(lengths)
+
+    def _labels_for(self, ls: LabelSet, stride: int, utt_id: str, n_full: int, frame_off: int, n_frames: int):
+        lab = ls.get(utt_id, n_full)  # raises LabelError naming the utterance on a length mismatch
+        sel = np.asarray(lab[frame_off * stride :: stride][:n_frames], dtype=np.int64)
+        if len(sel) < n_frames:
+            # check_label_length allows the label sequence to be one label frame short at the end
+            short = n_frames - len(sel)
+            if short > 1:
+                raise LabelError(
+                    f"utt {utt_id}: {len(lab)} labels at {ls.label_rate} Hz cover only {len(sel)} of the "
+                    f"{n_frames} model frames of the crop at frame {frame_off} ({ls.text_path})"
+                )
+            sel = np.concatenate([sel, np.full(short, LABEL_PAD, dtype=np.int64)])
+        if sel.size and (sel.min() < 0 or sel.max() >= ls.k):
+            raise LabelError(f"utt {utt_id}: label out of range [0, {ls.k}) in {ls.text_path}")
+        return sel
+
+    def __getitem__(self, item) -> dict:
+        epoch, index, cuts = item
+        cuts = list(cuts)
+        lengths = [cut_num_samples(c) for c in cuts]
+        targets = self._target_len(lengths)
+        wavs, labels = [], [[] for _ in self.label_sets]
+        frames = []
+        for cut, n, t in zip(cuts, lengths, targets):
+            max_off = (n - t) // self.ds if n > t else 0
+            f_off = crop_offset(self.seed, epoch, cut.id, max_off) if self.random_crop else 0
+            off = f_off * self.ds
+            start = cut.start + off / SAMPLE_RATE
+            wav = load_audio(_cut_source(cut), utt_id=cut.id, start=start, end=start + t / SAMPLE_RATE)
+            if abs(len(wav) - t) > 2:
+                raise ValueError(f"utterance {cut.id}: read {len(wav)} samples, the manifest implies {t}")
+            wav = wav[:t] if len(wav) >= t else np.pad(wav, (0, t - len(wav)))
+            wavs.append(torch.from_numpy(wav))
+            nf = int(self.num_frames(t))
+            frames.append(nf)
+            for j, (ls, stride) in enumerate(zip(self.label_sets, self.strides)):
+                labels[j].append(self._labels_for(ls, stride, cut.id, n, f_off, nf))
+        B, S = len(cuts), max(targets)
+        T = max(frames)
+        wav_batch = torch.zeros(B, S)
+        for i, w in enumerate(wavs):
+            wav_batch[i, : len(w)] = w
+        lab_batches = []
+        for per_set in labels:
+            lb = torch.full((B, T), LABEL_PAD, dtype=torch.long)
+            for i, lab in enumerate(per_set):
+                lb[i, : len(lab)] = torch.from_numpy(lab)
+            lab_batches.append(lb)
+        return {
+            "wavs": wav_batch,
+            "wav_lens": torch.tensor(targets, dtype=torch.long),
+            "labels": lab_batches,
+            "ids": [c.id for c in cuts],
+            "epoch": epoch,
+            "index": index,
+            "audio_seconds": float(sum(targets)) / SAMPLE_RATE,
+        }
+
+
+def collate_identity(batch):
+    """DataLoader(batch_size=None) passes the dataset's batch through unchanged."""
+    return batch

@@ -1,0 +1,263 @@
+"""Training state on disk without pickle: tensors in safetensors, everything else in plain JSON.
+
+A training-state "bundle" is two files, ``NAME.safetensors`` + ``NAME.json``. Any nested structure of dicts
+(string or int keys), lists, tuples, scalars, ``None``, tensors and numpy arrays round-trips:
+tensors go to the safetensors file under a generated key and the JSON holds a reference to it.
+That covers ``optimizer.state_dict()``, RNG states (python, numpy, torch, CUDA) and sampler positions.
+
+Checkpoint layout (one directory per saved step)::
+
+    EXP/checkpoints/step-00001000/
+        model.safetensors, config.json      speechssl.models.checkpoint.save_model
+        train_state.safetensors/.json       optimizer, step, epoch, sampler position, best metric, counters
+        rng.safetensors/.json               RNG states of every rank (gathered to rank 0)
+        COMPLETE                            written last; a directory without it is ignored
+
+The directory is assembled as ``.tmp-step-...`` and renamed when complete, so a crash mid-save leaves
+either the old set of checkpoints or the new one, never a half-written "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_bundle",
+    "load_bundle",
+    "get_rng_state",
+    "set_rng_state",
+    "preserved_rng",
+    "checkpoint_dirs",
+    "find_latest_checkpoint",
+    "mark_complete",
+    "is_complete",
+    "prune_checkpoints",
+    "step_dir_name",
+]
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = f"t{len(tensors)}"
+        arr = np.ascontiguousarray(obj)
+        # safetensors has no unsigned 32/64-bit types in every torch build: store widened, restore the dtype.
+        store = arr.astype(np.int64) if arr.dtype in (np.uint32, np.uint64, np.uint16) else arr
+        tensors[key] = torch.from_numpy(store.copy())
+        return {"__ndarray__": key, "dtype": str(arr.dtype)}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), tensors, path)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"__float__": repr(obj)}  # nan, inf, -inf: JSON has no literal for them
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            if any(k.startswith("__") and k.endswith("__") for k in obj):
+                return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"cannot store {path}: dict key {k!r} of type {type(k).__name__}")
+            items.append([k, _encode(v, tensors, f"{path}.{k}")])
+        return {"__dict__": items}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).replace("torch.", "")}
+    raise TypeError(f"cannot store {path} of type {type(obj).__name__} without pickle")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__dtype__" in obj:
+            return getattr(torch, obj["__dtype__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def save_bundle(directory: str | Path, name: str, obj: Any) -> None:
+    """Write ``obj`` as ``directory/name.safetensors`` + ``directory/name.json`` (atomically, each file)."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _encode(obj, tensors, name)
+    atomic_write_bytes(directory / f"{name}.safetensors", save(tensors))
+    atomic_write_text(directory / f"{name}.json", json.dumps({"format": "speechssl-state-1", "data": meta}, indent=1))
+
+
+def load_bundle(directory: str | Path, name: str, map_location: str | torch.device = "cpu") -> Any:
+    directory = Path(directory)
+    jpath, tpath = directory / f"{name}.json", directory / f"{name}.safetensors"
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"training state file missing: {p}")
+    try:
+        header = json.loads(jpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{jpath}: corrupt training state ({e})") from e
+    if header.get("format") != "speechssl-state-1":
+        raise ValueError(f"{jpath}: unknown training state format {header.get('format')!r}")
+    tensors = load_file(str(tpath), device=str(map_location))
+    return _decode(header["data"], tensors)
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def get_rng_state() -> dict:
+    """Python, numpy, torch CPU and (when present) CUDA RNG states of this process."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu())
+
+
+@contextmanager
+def preserved_rng(seed: int) -> Iterator[None]:
+    """Run a block with every RNG seeded from ``seed`` and restore the previous states afterwards.
+
+    Validation uses it: masks are the same at every validation (comparable numbers), and validating
+    does not move the training RNG (resume stays exact whatever the validation schedule).
+    """
+    saved = get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def mark_complete(ckpt_dir: str | Path, info: dict) -> None:
+    atomic_write_text(Path(ckpt_dir) / COMPLETE, json.dumps(info, indent=1) + "\n")
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / COMPLETE).is_file()
+
+
+def checkpoint_dirs(root: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of the step checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (is_complete(p) or not complete_only):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete step checkpoint under ``root`` (incomplete ones are ignored), or None."""
+    dirs = checkpoint_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete step checkpoints, and stale temp dirs."""
+    root = Path(root)
+    removed = []
+    if keep_last > 0:
+        for _, p in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in root.glob(".tmp-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
