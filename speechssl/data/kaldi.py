@@ -480,8 +480,11 @@ def validate_data_dir(path: str | os.PathLike) -> None:
     _cross_check(_load_tables(path, strict=True), path)
 
 
+_ANY_WHITESPACE = re.compile(r"\s")
+
+
 def _check_token(where: str, value: str, what: str) -> None:
-    if not value or any(c.isspace() for c in value):
+    if not value or _ANY_WHITESPACE.search(value):
         raise DataDirError(f"{where}: {what} {value!r} is empty or contains whitespace")
 
 
@@ -514,10 +517,10 @@ def _render(dd: DataDir) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _tables_from_datadir(dd: DataDir, where: Path) -> dict[str, _Table]:
+def _tables_from_datadir(dd: DataDir, where: Path, rendered: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, _Table]:
     """Build the tables ``dd`` would write (line numbers as they would be), checking ids and values on the way."""
     tables: dict[str, _Table] = {}
-    for name, rows in _render(dd).items():
+    for name, rows in (rendered if rendered is not None else _render(dd)).items():
         path = where / name
         entries: dict[str, _Entry] = {}
         order: list[str] = []
@@ -562,9 +565,8 @@ def write_data_dir(dd: DataDir, path: str | os.PathLike) -> None:
     alignments) are left alone. Nothing is touched if validation fails.
     """
     path = Path(path)
-    tables = _tables_from_datadir(dd, path)
-    _cross_check(tables, path)
     rows = _render(dd)
+    _cross_check(_tables_from_datadir(dd, path, rows), path)
     if path.exists() and not path.is_dir():
         raise DataDirError(f"{path}: exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
