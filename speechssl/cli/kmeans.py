@@ -16,7 +16,7 @@ def _fit(args: argparse.Namespace) -> int:
     from speechssl.units.kmeans import fit_store
 
     fit_store(args.feats, args.out, k=args.k, sample_frac=args.sample_frac, max_frames=args.max_frames,
-              seed=args.seed, niter=args.niter, nredo=args.nredo, device=args.device)
+              seed=args.seed, niter=args.niter, nredo=args.nredo, init=args.init, device=args.device)
     return 0
 
 
@@ -42,8 +42,9 @@ def register(subparsers, help_):
     f = verbs.add_parser("fit", help="fit k-means (faiss) on a uniform frame sample drawn in one pass over a store",
                          description="Fit k-means on a uniformly random sample of frames drawn in one streaming "
                                      "pass; memory is the sample (<= --max-frames x dim x 4 B) plus k-means working "
-                                     "memory, printed before starting. faiss initialises with k random distinct "
-                                     "sample frames (no k-means++), nredo restarts keep the best objective.")
+                                     "memory, printed before starting. Lloyd iterations in faiss, started from greedy "
+                                     "k-means++ seeding (faiss itself only has random init: --init random); "
+                                     "nredo restarts keep the best objective.")
     f.add_argument("--feats", required=True, help="feature store dir (speechssl features dump)")
     f.add_argument("--k", type=int, required=True, help="number of clusters")
     f.add_argument("--sample-frac", type=float, default=0.1, help="fraction of all frames to sample (default 0.1)")
@@ -51,6 +52,8 @@ def register(subparsers, help_):
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--niter", type=int, default=20, help="Lloyd iterations per run (default 20)")
     f.add_argument("--nredo", type=int, default=1, help="restarts; the lowest objective wins (default 1)")
+    f.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"],
+                   help="kmeans++ (default) or random (faiss's k distinct random frames)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda")
     f.add_argument("--out", required=True, help="k-means dir: centroids.safetensors, centroids.npy, kmeans.json")
     f.set_defaults(func=_fit)

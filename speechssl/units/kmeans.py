@@ -8,10 +8,12 @@ fairseq's recipe loads a 10% sample of the features into RAM as one array and fi
   all shards by sequential hypergeometric splits over chunks of 65,536 frames. The only allocations are the
   ``[n, dim]`` float32 sample and one chunk's index/gather buffers, so memory is known before the pass
   starts (:func:`memory_estimate`, printed by the CLI).
-* **Fitting** is Lloyd's algorithm in faiss (``faiss.Kmeans``, ``spherical=False``). faiss initialises each
-  of ``nredo`` runs with ``k`` distinct training points drawn at random (not k-means++), re-seeds empty
-  clusters by splitting the largest cluster in two (a tiny symmetric perturbation of its centroid), and keeps
-  the run with the lowest objective. faiss would silently subsample to ``256 * k`` points; we turn that off
+* **Fitting** is Lloyd's algorithm in faiss (``faiss.Kmeans``, ``spherical=False``). faiss's own
+  initialisation is ``k`` distinct training points drawn at random (it has no k-means++); it re-seeds empty
+  clusters by splitting the largest cluster in two (a tiny symmetric perturbation of its centroid). Random
+  init gets stuck in poor local minima (two centroids in one mode, one for two modes), so by default each of
+  ``nredo`` runs starts from our greedy k-means++ seeding (:func:`kmeanspp_init`, on a subsample, as sklearn
+  does) and the run with the lowest objective wins; ``init="random"`` gives faiss's behaviour. faiss would silently subsample to ``256 * k`` points; we turn that off
   (the sample is already the size asked for). On a CUDA machine without faiss-gpu the same algorithm runs in
   torch (:func:`_fit_torch`).
 * **Assignment** (:class:`Assigner`) is batched nearest-centroid search in torch:
@@ -53,6 +55,7 @@ __all__ = [
     "memory_estimate",
     "sample_frames",
     "fit_kmeans",
+    "kmeanspp_init",
     "fit_store",
     "shard_ids",
     "label_with",
@@ -177,13 +180,18 @@ def memory_estimate(n: int, dim: int, k: int, chunk: int = CHUNK_FRAMES, batch: 
     * sampling buffers: one chunk's index permutation (int64) and gathered rows;
     * faiss Lloyd: per-point assignment (int64), distance (float32) and norm (float32), one 4096 x 1024 float32
       BLAS block, centroid copies;
-    * final assignment of the sample (:class:`Assigner`): one ``batch x k`` float32 score block and outputs.
+    * final assignment of the sample (:class:`Assigner`): one ``batch x k`` float32 score block and outputs;
+    * k-means++ seeding: a subset of ``max(20000, 20 k)`` frames and a few distance rows over it.
+
+    The stages run one after another, so working memory is the largest of them.
     """
     sample = n * dim * 4
     sampling = chunk * 8 + min(chunk, max(n, 1)) * dim * 4 * 2
     faiss_work = n * (8 + 4 + 4) + 4096 * 1024 * 4 + 4 * k * dim * 4
     assign = min(batch, max(n, 1)) * (k * 4 * 2 + dim * 4) + n * (8 + 4)
-    working = max(sampling, faiss_work, assign)
+    m, trials = min(n, max(20_000, 20 * k)), 2 + int(np.log(max(k, 1)))
+    seeding = m * dim * 4 * 2 + m * 4 * (2 * trials + 4)  # k-means++ subset (+ its tensor copy) and distances
+    working = max(sampling, faiss_work + k * dim * 4, assign, seeding)
     return {"sample": sample, "working": working, "total": sample + working}
 
 
@@ -290,6 +298,36 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def kmeanspp_init(x: np.ndarray, k: int, seed: int = 0, max_points: int | None = None,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Greedy k-means++ seeding (as sklearn: ``2 + floor(ln k)`` candidates per step, keep the best) on a random
+    subset of ``max_points`` frames (default ``max(20000, 20 k)``; sklearn's MiniBatchKMeans seeds on 30,000)."""
+    g = np.random.default_rng(seed)
+    n = x.shape[0]
+    m = min(n, max_points or max(20_000, 20 * k))
+    sub = x[np.sort(g.choice(n, m, replace=False))] if m < n else x
+    dev = torch.device(device) if isinstance(device, str) else device
+    xt = torch.as_tensor(np.ascontiguousarray(sub, dtype=np.float32), device=dev)
+    xn = (xt * xt).sum(1)
+    trials = 2 + int(np.log(k))
+    first = int(g.integers(m))
+    centers = [first]
+    closest = (xn - 2 * xt @ xt[first] + xn[first]).clamp_min_(0)
+    for _ in range(1, k):
+        pot = float(closest.sum())
+        if pot <= 0:  # fewer distinct points than k: pick any unused ones, Lloyd splits clusters later
+            cand = torch.as_tensor(g.integers(m, size=trials), device=dev)
+        else:
+            r = torch.as_tensor(g.random(trials) * pot, device=dev, dtype=closest.dtype)
+            cand = torch.searchsorted(torch.cumsum(closest, 0), r).clamp_(max=m - 1)
+        d = (xn[None] - 2 * xt[cand] @ xt.t() + xn[cand, None]).clamp_min_(0)
+        d = torch.minimum(d, closest[None])
+        best = int(d.sum(1).argmin())
+        centers.append(int(cand[best]))
+        closest = d[best]
+    return xt[centers].cpu().numpy()
+
+
 def fit_kmeans(
     x: np.ndarray,
     k: int,
@@ -297,41 +335,61 @@ def fit_kmeans(
     niter: int = 20,
     nredo: int = 1,
     seed: int = 0,
+    init: str = "kmeans++",
     device: str = "auto",
     verbose: bool = False,
 ) -> np.ndarray:
     """Lloyd k-means of ``x`` ``[n, d]`` float32 into ``k`` centroids (faiss; torch on CUDA without faiss-gpu).
 
-    Deterministic for a given ``seed`` and thread count. Raises ValueError if ``n < k``.
+    ``init``: ``"kmeans++"`` (our greedy k-means++ seeding, :func:`kmeanspp_init`, then faiss Lloyd) or
+    ``"random"`` (faiss's own: ``k`` distinct random points). ``nredo`` runs with seeds ``seed + r``; the lowest
+    objective wins. Deterministic for a given seed and thread count. Raises ValueError if ``n < k``.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if k < 1 or n < k:
         raise ValueError(f"k-means needs at least k={k} frames, got {n}; raise --sample-frac / --max-frames")
+    if init not in ("kmeans++", "random"):
+        raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
     if n < 39 * k:
         log.warning("only %d frames for k=%d (< 39 per centroid): centroids will be noisy", n, k)
     dev = resolve_device(device)
-    if dev.type == "cuda" and not _faiss_has_gpu():
-        return _fit_torch(x, k, niter=niter, nredo=nredo, seed=seed, device=dev)
-    import faiss
+    use_torch = dev.type == "cuda" and not _faiss_has_gpu()
+    best_c, best_obj = None, float("inf")
+    for r in range(max(1, nredo)):
+        c0 = kmeanspp_init(x, k, seed + r, device=dev) if init == "kmeans++" else None
+        if use_torch:
+            c = _fit_torch(x, k, niter=niter, nredo=1, seed=seed + r, device=dev, init_centroids=c0)
+        else:
+            import faiss
 
-    km = faiss.Kmeans(
-        d, k, niter=niter, nredo=nredo, seed=seed, spherical=False, verbose=verbose,
-        max_points_per_centroid=(n + k - 1) // k + 1,  # never subsample: the sample is already the one asked for
-        min_points_per_centroid=1, gpu=dev.type == "cuda",
-    )
-    km.train(x)
-    return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+            km = faiss.Kmeans(
+                d, k, niter=niter, nredo=1, seed=seed + r, spherical=False, verbose=verbose,
+                max_points_per_centroid=(n + k - 1) // k + 1,  # never subsample: the sample is the one asked for
+                min_points_per_centroid=1, gpu=dev.type == "cuda",
+            )
+            km.train(x, init_centroids=c0)
+            c = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+        obj = Assigner(c, device=dev).inertia(x) if nredo > 1 else 0.0
+        if best_c is None or obj < best_obj:
+            best_c, best_obj = c, obj
+    assert best_c is not None
+    return best_c
 
 
-def _fit_torch(x: np.ndarray, k: int, *, niter: int, nredo: int, seed: int, device: torch.device) -> np.ndarray:
-    """faiss's algorithm in torch (random distinct init, Lloyd, split the largest cluster into empty ones)."""
+def _fit_torch(x: np.ndarray, k: int, *, niter: int, nredo: int, seed: int, device: torch.device,
+               init_centroids: np.ndarray | None = None) -> np.ndarray:
+    """faiss's algorithm in torch (random distinct init unless given, Lloyd, split the largest cluster into
+    empty ones)."""
     g = torch.Generator().manual_seed(seed)
     xt = torch.as_tensor(x, device=device)
     n, d = xt.shape
     best_c, best_obj = None, float("inf")
     for _ in range(nredo):
-        c = xt[torch.randperm(n, generator=g)[:k].to(device)].clone()
+        if init_centroids is not None:
+            c = torch.as_tensor(init_centroids, device=device).clone()
+        else:
+            c = xt[torch.randperm(n, generator=g)[:k].to(device)].clone()
         for _ in range(niter):
             a = Assigner(c.cpu().numpy(), device=device)
             labels = torch.as_tensor(a(x), device=device)
@@ -362,6 +420,7 @@ def fit_store(
     seed: int = 0,
     niter: int = 20,
     nredo: int = 1,
+    init: str = "kmeans++",
     device: str = "auto",
     report: Callable[[str], None] = print,
 ) -> KMeansModel:
@@ -379,7 +438,7 @@ def fit_store(
            f"memory estimate {mem['total'] / 2**20:.1f} MiB = sample {mem['sample'] / 2**20:.1f} MiB "
            f"({n} x {dim} x 4 B) + working {mem['working'] / 2**20:.1f} MiB")
     x = sample_frames(reader.shard_arrays(), reader.total_frames, n, seed=seed)
-    centroids = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, device=device)
+    centroids = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=device)
     inertia = Assigner(centroids, device=device).inertia(x) / n
     model = KMeansModel(centroids, {
         "features": feature_spec(reader.meta),
@@ -393,8 +452,8 @@ def fit_store(
         "seed": seed,
         "niter": niter,
         "nredo": nredo,
-        "algorithm": "faiss Lloyd, random init" if resolve_device(device).type == "cpu" or _faiss_has_gpu()
-        else "torch Lloyd, random init",
+        "init": init,
+        "algorithm": "faiss Lloyd" if resolve_device(device).type == "cpu" or _faiss_has_gpu() else "torch Lloyd",
         "created_by": f"speechssl {__version__}",
     })
     model.save(out_dir)
