@@ -13,6 +13,7 @@ has since changed are detected instead of being combined with new ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -37,7 +38,7 @@ from speechssl.features.store import (
     store_meta,
 )
 
-__all__ = ["dump_features", "dump_with", "shard_range", "resolve_shards", "feature_meta", "KINDS"]
+__all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,21 @@ def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
     return {"kind": kind, "dim": dim, "frame_rate": 100.0, "dtype": "float32", "source": {"options": opts}}
 
 
-def _kaldi_batch_fn(kind: str, cmvn: bool | str, device: str, batch_seconds: float) -> BatchFn:
-    """Batched MFCC/fbank: sort by length, pad into batches of ~``batch_seconds`` padded audio, cut by num_frames."""
+def batch_extractor(
+    kind: str, *, cmvn: bool | str = False, device: str = "cpu", batch_seconds: float = 120.0, deltas: bool = True
+) -> BatchFn:
+    """A function list-of-waveforms -> list-of-[T, D] features computed in padded batches.
+
+    Sorts by length, pads into batches of at most ``batch_seconds`` of padded audio, runs ``mfcc``/``fbank``
+    with ``lengths`` (so each result equals the unbatched one) and cuts each row at ``num_frames``.
+    ``deltas`` only applies to MFCC.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown feature kind {kind!r}; choose from {KINDS}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
-    extract = mfcc if kind == "mfcc" else fbank
+    extract = functools.partial(mfcc, deltas=deltas) if kind == "mfcc" else fbank
 
     def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
@@ -248,7 +258,7 @@ def dump_features(
     meta = feature_meta(kind, cmvn)
     cmvn_arg: bool | str = meta["source"]["options"]["cmvn"] or False
     dd = read_data_dir(data_dir)
-    _dump(dd, Path(out_dir), _kaldi_batch_fn(kind, cmvn_arg, device, batch_seconds), meta, nshard, rank, overwrite,
+    _dump(dd, Path(out_dir), batch_extractor(kind, cmvn=cmvn_arg, device=device, batch_seconds=batch_seconds), meta, nshard, rank, overwrite,
           chunk_seconds=4 * batch_seconds, workers=workers)
 
 

@@ -158,22 +158,39 @@ def _log_mel(
     frames = wav.unfold(-1, length, shift)  # [B, T, L] view, no copy
     if dither != 0.0:
         frames = frames + dither * torch.randn(frames.shape, generator=generator, device=device, dtype=frames.dtype)
-    # Pre-emphasis x[i] - p x[i-1] (x[0] - p x[0]) is linear, so removing the mean m first equals
-    # subtracting (1 - p) m afterwards: one pass over the frames instead of two.
-    first = frames[..., :1] * (1.0 - preemphasis)
-    rest = frames[..., 1:] - preemphasis * frames[..., :-1]
-    emph = torch.cat([first, rest], dim=-1)
+        emph_frames = torch.cat([frames[..., :1], frames[..., 1:] - preemphasis * frames[..., :-1]], dim=-1)
+    else:
+        # Within a frame, pre-emphasis x[i] - p x[i-1] (i >= 1) is the signal-level pre-emphasis, so it is
+        # computed once on the waveform (2.5x fewer samples than the overlapping frames) and framed as a view;
+        # only column 0 (Kaldi: x[0] - p x[0]) is fixed below.
+        sig = torch.empty_like(wav)
+        sig[:, 1:] = wav[:, 1:] - preemphasis * wav[:, :-1]
+        sig[:, 0] = 0.0
+        emph_frames = sig.unfold(-1, length, shift)
+    num = frames.shape[1]
+    # Frames go straight into a zero-padded FFT buffer (the pad columns stay zero).
+    buf = wav.new_empty(batch, num, padded)
+    buf[..., length:].zero_()
+    body = buf[..., :length]
+    # Removing the mean m first equals subtracting (1 - p) m after the (linear) pre-emphasis.
     if remove_dc_offset:
-        emph = emph - (1.0 - preemphasis) * frames.mean(dim=-1, keepdim=True)
-    emph = emph * _on(_povey_window_cpu(length), ("povey", length), device)
-    spec = torch.fft.rfft(emph, n=padded)  # zero-padded to `padded`
-    power = spec.real.square() + spec.imag.square()
-    mel = _on(
-        _mel_banks_cpu(num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
-        ("mel", num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
+        mean = frames.mean(dim=-1, keepdim=True)
+        torch.sub(emph_frames, (1.0 - preemphasis) * mean, out=body)
+        body[..., 0] = (1.0 - preemphasis) * (frames[..., 0] - mean[..., 0])
+    else:
+        body.copy_(emph_frames)
+        body[..., 0] = (1.0 - preemphasis) * frames[..., 0]
+    body.mul_(_on(_povey_window_cpu(length), ("povey", length), device))
+    spec = torch.fft.rfft(buf)  # [B, T, padded/2 + 1] complex
+    # |X|^2 @ mel without strided real/imag views: square the interleaved (re, im) floats in one contiguous
+    # pass and multiply by the mel matrix with each row repeated for re and im.
+    sq = torch.view_as_real(spec).reshape(batch, num, 2 * (padded // 2 + 1)).square_()
+    mel2 = _on(
+        _mel_banks_cpu(num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)).repeat_interleave(2, dim=0),
+        ("mel2", num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
         device,
     )
-    return torch.matmul(power, mel).clamp_(min=FLOAT_EPS).log_()
+    return torch.matmul(sq, mel2).clamp_(min=FLOAT_EPS).log_()
 
 
 def _as_batch(wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, bool]:
@@ -195,19 +212,27 @@ def _as_batch(wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | Non
 
 
 def _filter_clamped(x: Tensor, taps: Tensor, valid: Tensor) -> Tensor:
-    """``y[b, t] = sum_j taps[j] x[b, clamp(t + j - c, 0, valid[b] - 1)]`` (edge replication per row)."""
-    batch, frames, _ = x.shape
+    """``y[b, t] = sum_j taps[j] x[b, clamp(t + j - c, 0, valid[b] - 1)]`` (edge replication per row).
+
+    One gather builds the edge-replicated, padded copy ``[B, T + 2c, D]``; the taps are then shifted slices.
+    """
+    batch, frames, dim = x.shape
     half = (taps.numel() - 1) // 2
-    t = torch.arange(frames, device=x.device)
-    offs = torch.arange(-half, half + 1, device=x.device)
-    last = (valid - 1).clamp(min=0).view(batch, 1, 1)
-    idx = torch.minimum((t.view(1, -1, 1) + offs.view(1, 1, -1)).clamp(min=0), last)  # [B, T, K]
-    taps32 = taps.to(device=x.device, dtype=x.dtype)
-    out = torch.zeros_like(x)
-    for k in range(offs.numel()):
-        gathered = torch.gather(x, 1, idx[:, :, k : k + 1].expand(batch, frames, x.shape[2]))
-        out.add_(gathered, alpha=float(taps32[k]))
-    return out
+    if bool((valid == frames).all()):
+        padded = torch.cat([x[:, :1].expand(batch, half, dim), x, x[:, -1:].expand(batch, half, dim)], dim=1)
+    else:
+        pos = torch.arange(-half, frames + half, device=x.device).view(1, -1)
+        idx = torch.minimum(pos.clamp(min=0), (valid - 1).clamp(min=0).view(-1, 1))  # [B, T + 2c]
+        padded = torch.gather(x, 1, idx.unsqueeze(-1).expand(batch, frames + 2 * half, dim))
+    out: Tensor | None = None
+    for k, w in enumerate(taps.tolist()):
+        if w == 0.0:
+            continue
+        if out is None:
+            out = padded[:, k : k + frames] * w
+        else:
+            out.add_(padded[:, k : k + frames], alpha=w)
+    return out if out is not None else torch.zeros_like(x)
 
 
 def add_deltas(feats: Tensor, *, order: int = 2, window: int = 2, mode: str = "fairseq", lengths: Tensor | None = None) -> Tensor:
