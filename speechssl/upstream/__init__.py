@@ -1,0 +1,114 @@
+"""Upstream feature extraction: a checkpoint in, every layer's hidden states out (floor 5).
+
+``load(path)`` -> :class:`Upstream`, an ``nn.Module`` in eval mode whose ``forward(wavs, wavs_len)`` returns
+``(hidden_states, lens)``: one ``[B, T, D]`` tensor per layer (the input of every transformer layer plus the
+encoder output, s3prl's convention: 13 for Base) and the valid frames per row. Dropout and LayerDrop are off.
+
+Today this loads speechssl checkpoints (``model.safetensors`` + ``config.json``); local transformers
+HuBERT / wav2vec 2.0 directories are the upstream-API milestone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from speechssl.models.checkpoint import load_model, read_config
+from speechssl.models.hubert import HubertModel
+
+__all__ = ["Upstream", "load", "checkpoint_sha1", "layer_extractor"]
+
+
+def checkpoint_sha1(path: str | Path) -> str:
+    """SHA-1 of a checkpoint's ``model.safetensors``: names the exact weights features came from."""
+    h = hashlib.sha1()
+    with open(Path(path) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Upstream(nn.Module):
+    """A frozen encoder mapping a batch of 16 kHz waveforms to every layer's hidden states."""
+
+    def __init__(self, model: HubertModel, source: str = ""):
+        super().__init__()
+        self.model = model.eval()
+        self.source = source
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of hidden-state tensors returned (transformer layers + 1)."""
+        return self.model.num_layers + 1
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return self.model.hidden_sizes
+
+    @property
+    def downsample_rate(self) -> int:
+        return self.model.downsample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.model.frame_rate
+
+    def train(self, mode: bool = True) -> "Upstream":
+        # Frozen: dropout and LayerDrop stay off whatever the caller's mode.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, wavs: Sequence[Tensor] | Tensor, wavs_len: Tensor | None = None,
+                num_layers: int | None = None) -> tuple[list[Tensor], Tensor]:
+        """``wavs``: a list of 1-D waveforms, or a padded ``[B, S]`` batch with ``wavs_len``."""
+        if isinstance(wavs, (list, tuple)):
+            if wavs_len is not None:
+                raise ValueError("wavs_len is given by the list itself; pass a padded tensor to use wavs_len")
+            wavs_len = torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)
+            wavs = nn.utils.rnn.pad_sequence([w.reshape(-1).float() for w in wavs], batch_first=True)
+        device = next(self.model.parameters()).device
+        wavs = wavs.to(device)
+        wavs_len = (wavs_len if wavs_len is not None else torch.full((wavs.shape[0],), wavs.shape[1])).to(device)
+        hidden, lens = self.model(wavs, wavs_len, num_layers=num_layers)
+        return hidden, lens
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Upstream:
+    """Load a speechssl checkpoint directory (with or without its pretraining head) as an :class:`Upstream`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory)")
+    read_config(path)  # clear error for a directory that is not ours
+    model = load_model(path, pretrain_head=False)
+    return Upstream(model, source=str(path)).to(device)
+
+
+def layer_extractor(upstream: Upstream, layer: int, *, dtype=np.float16,
+                    max_seconds: float = 60.0) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn(wav) -> [T, D]``: hidden states of ``layer`` (0 = encoder input, ``num_layers - 1`` = output).
+
+    Runs only the layers needed. Feeds ``features.dump_with`` and ``kmeans label_with``: iteration 2 labels
+    come from a model layer without the features room importing models.
+    """
+    if not 0 <= layer < upstream.num_layers:
+        raise ValueError(f"layer {layer} out of range: {upstream.source} has hidden states 0..{upstream.num_layers - 1}")
+    device = next(upstream.parameters()).device
+
+    def fn(wav: np.ndarray) -> np.ndarray:
+        if wav.shape[0] > max_seconds * 16000:
+            raise ValueError(f"utterance of {wav.shape[0] / 16000:.1f} s is longer than {max_seconds} s; "
+                             "segment it first")
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0).to(device)
+        hidden, lens = upstream(x, torch.tensor([x.shape[1]]), num_layers=layer)
+        return hidden[layer][0, : int(lens[0])].float().cpu().numpy().astype(dtype)
+
+    return fn
