@@ -186,10 +186,12 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
         if keep_ids is not None:
             cuts = cuts.filter(_Keep(keep_ids))
+        # num_buckets=1: no duration bucketing (lhotse needs >= 2 buckets: one holds everything, one is empty)
+        buckets = dict(duration_bins=[1e9]) if num_buckets == 1 else dict(num_buckets=num_buckets)
         self.sampler = DynamicBucketingSampler(
             cuts,
             constraint=CroppedTimeConstraint(max_duration=max_duration, crop_max=crop_max),
-            num_buckets=num_buckets,
+            **buckets,
             shuffle=shuffle,
             drop_last=drop_last,
             seed=seed,

@@ -463,8 +463,17 @@ class Trainer:
         last_saved = self.step if self._resumed else -1
         stop_reason = "max_steps"
         t_prev = time.monotonic()
+        if o.max_minutes is not None and self.elapsed_s >= o.max_minutes * 60.0:
+            # budget spent by the runs this one resumes (elapsed_s is restored identically on every rank)
+            if d.is_main:
+                log.info("optim.max_minutes=%g already spent (%.1f min); nothing to do", o.max_minutes,
+                         self.elapsed_s / 60)
+            stop_reason = "max_minutes"
+            o_steps = self.step  # skip the loop
+        else:
+            o_steps = o.max_steps
         try:
-            while self.step < o.max_steps:
+            while self.step < o_steps:
                 lr = lr_at(self.step + 1, peak_lr=o.lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
                            end_lr=o.end_lr, power=o.power)
                 for g in self.optimizer.param_groups:
