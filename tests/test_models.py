@@ -1,0 +1,398 @@
+"""speechssl.models: equivalence with transformers' HubertModel and fairseq's HuBERT (s3prl copy), pretraining
+head behaviour, frontends, checkpoints. Tiny configs only; CPU, 1-2 threads."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from speechssl.models import (
+    HubertConfig,
+    HubertModel,
+    HubertPretrainModel,
+    export_hf,
+    hubert_base,
+    hubert_large,
+    hubert_tiny,
+    hubert_xlarge,
+    load_model,
+    save_model,
+)
+from speechssl.models.checkpoint import CheckpointError
+
+torch.set_num_threads(2)
+
+SMALL = dict(conv_layers=[(48, 10, 5), (48, 3, 2), (48, 2, 2)], hidden_size=32, num_hidden_layers=3,
+             num_attention_heads=4, intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+
+
+def small_post_ln(**kw):  # Base layout: group-norm CNN, post-LN
+    return hubert_base(**{**SMALL, **kw})
+
+
+def small_pre_ln(**kw):  # Large layout: layer-norm CNN, pre-LN
+    return hubert_large(**{**SMALL, "normalize_waveform": False, **kw})
+
+
+def padded_batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wavs = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        wavs[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return wavs, torch.tensor(lengths)
+
+
+# ----------------------------------------------------------------------------------------- transformers equivalence
+@pytest.mark.parametrize("make", [small_post_ln, small_pre_ln], ids=["post_ln_group", "pre_ln_layer"])
+def test_hidden_states_match_transformers(make, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = HubertModel(make()).eval()
+    ours = set(model.state_dict())
+    export_hf(model, tmp_path)
+    hf = transformers.HubertModel.from_pretrained(tmp_path).eval()
+    # same parameter names, same values (export is a copy, not a translation)
+    assert ours == set(hf.state_dict()), ours ^ set(hf.state_dict())
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # randomise LayerNorm/bias params too so the comparison covers them
+    with torch.no_grad():
+        for p in list(model.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+        hf.load_state_dict(model.state_dict())
+
+    wavs, lens = padded_batch([4000, 3000, 2500])
+    with torch.no_grad():
+        hs, frame_lens = model(wavs, lens)
+        attention_mask = (torch.arange(wavs.shape[1])[None] < lens[:, None]).long()
+        out = hf(wavs, attention_mask=attention_mask, output_hidden_states=True)
+    assert len(hs) == len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert frame_lens.tolist() == hf._get_feat_extract_output_lengths(lens).tolist()
+    # ours: input of every layer + encoder output (s3prl). transformers 5.x: input of every layer + last layer's
+    # output before the final LayerNorm; its last_hidden_state is the encoder output.
+    reference = list(out.hidden_states[:-1]) + [out.last_hidden_state]
+    for layer, (a, b) in enumerate(zip(hs, reference)):
+        for i, n in enumerate(frame_lens.tolist()):
+            torch.testing.assert_close(a[i, :n], b[i, :n], atol=1e-5, rtol=1e-5, msg=f"layer {layer} row {i}")
+    if model.config.do_stable_layer_norm:  # the pre-LN last state really is different in transformers
+        assert not torch.allclose(hs[-1], out.hidden_states[-1], atol=1e-3)
+    else:
+        torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_export_hf_loads_from_checkpoint_dir_and_rejects_fbank(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    cfg = small_post_ln()
+    model = HubertPretrainModel(cfg).eval()
+    save_model(model, cfg, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
+    wavs, lens = padded_batch([3000])
+    with torch.no_grad():
+        torch.testing.assert_close(model.hubert(wavs, lens)[0][-1], hf(wavs).last_hidden_state, atol=1e-5, rtol=1e-5)
+    pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert pre["do_normalize"] is False and pre["sampling_rate"] == 16000
+    with pytest.raises(ValueError, match="fbank"):
+        export_hf(HubertModel(hubert_tiny(num_hidden_layers=1)), tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------------------- fairseq equivalence
+def _fairseq_copy(model: HubertPretrainModel):
+    """The same weights in s3prl's copy of fairseq's HubertModel (fairseq parameter names)."""
+    fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+    cfg = model.config
+    conv = "[" + ",".join(f"({d},{k},{s})" for d, k, s in cfg.conv_layers) + "]"
+    fcfg = fs.HubertConfig(
+        label_rate=16000 / cfg.downsample_rate, encoder_layers=cfg.num_hidden_layers,
+        encoder_embed_dim=cfg.hidden_size, encoder_ffn_embed_dim=cfg.intermediate_size,
+        encoder_attention_heads=cfg.num_attention_heads, conv_feature_layers=conv,
+        conv_pos=cfg.num_conv_pos_embeddings, conv_pos_groups=cfg.num_conv_pos_embedding_groups,
+        final_dim=cfg.final_dim, untie_final_proj=cfg.untie_final_proj, conv_bias=cfg.conv_bias,
+        extractor_mode="layer_norm" if cfg.feat_extract_norm == "layer" else "default",
+        layer_norm_first=cfg.do_stable_layer_norm, logit_temp=cfg.logit_temp, mask_prob=cfg.mask_prob,
+        feature_grad_mult=cfg.feature_grad_mult,
+    )
+    ref = fs.HubertModel(fcfg, fs.HubertPretrainingConfig(label_rate=fcfg.label_rate),
+                         [list(range(k)) for k in cfg.num_classes]).eval()
+    rename = [("hubert.masked_spec_embed", "mask_emb"), ("label_embeddings", "label_embs_concat"),
+              ("hubert.feature_projection.layer_norm", "layer_norm"),
+              ("hubert.feature_projection.projection", "post_extract_proj"),
+              ("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v"),
+              ("pos_conv_embed.conv", "pos_conv.0"), (".attention.", ".self_attn."),
+              (".layer_norm.", ".self_attn_layer_norm."), ("feed_forward.intermediate_dense", "fc1"),
+              ("feed_forward.output_dense", "fc2"), ("hubert.", "")]
+    state = {}
+    for k, v in model.state_dict().items():
+        name = k
+        if ".conv_layers." in k:  # fairseq: Sequential(conv, dropout, norm, gelu); layer norm wrapped in TransposeLast
+            norm = "2.1" if cfg.feat_extract_norm == "layer" else "2"
+            name = k.replace(".conv.", ".0.").replace(".layer_norm.", f".{norm}.").replace("hubert.", "")
+        else:
+            for a, b in rename:
+                if a == ".layer_norm." and ".layers." not in name:
+                    continue
+                name = name.replace(a, b)
+        state[name] = v
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("make", [small_post_ln, small_pre_ln], ids=["post_ln_group", "pre_ln_layer"])
+def test_pretraining_loss_matches_fairseq(make, monkeypatch):
+    fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+    torch.manual_seed(0)
+    model = HubertPretrainModel(make(num_classes=[7, 5])).eval()
+    ref = _fairseq_copy(model)
+    wavs, lens = padded_batch([4000, 4000])
+    T = int(model.hubert.num_frames(4000))
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, 7, (2, T), generator=g), torch.randint(0, 5, (2, T), generator=g)]
+    mask = model.compute_mask(torch.tensor([T, T]), T, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(fs, "compute_mask_indices", lambda *a, **k: mask.numpy())
+    with torch.no_grad():
+        out = model(wavs, lens, labels, mask=mask)
+        res = ref(wavs, target_list=labels, padding_mask=torch.zeros_like(wavs, dtype=torch.bool), mask=True)
+    # fairseq criterion: sum of masked CE over label sets / number of masked frames + 10 * features_pen
+    n_masked = int(mask.sum())
+    ce = [torch.nn.functional.cross_entropy(lg.float(), torch.zeros(lg.shape[0], dtype=torch.long), reduction="sum")
+          for lg in res["logit_m_list"]]
+    expected = sum(ce) / n_masked + 10.0 * res["features_pen"]
+    torch.testing.assert_close(out["loss"], expected.float(), atol=1e-4, rtol=1e-5)
+    for i in range(2):
+        assert out["logs"][f"loss_m_{i}"] == pytest.approx(float(ce[i]) / n_masked, rel=1e-4)
+    assert out["sample_size"] == n_masked
+    assert out["logs"]["feature_pen"] == pytest.approx(float(res["features_pen"]), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- pretraining head
+def test_tiny_model_overfits_a_fixed_batch():
+    """Random labels of two label sets on a fixed padded batch: masked CE must fall by >= 90% in 40 Adam steps."""
+    torch.manual_seed(0)
+    cfg = hubert_tiny(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                      conv_layers=[(64, 3, 2)], final_dim=32, num_classes=[20, 12], hidden_dropout=0.0,
+                      attention_dropout=0.0, feat_proj_dropout=0.0, pred_nomask_weight=1.0)
+    model = HubertPretrainModel(cfg).train()
+    wavs, lens = padded_batch([6400, 6400, 4800], seed=3)
+    T = int(model.hubert.num_frames(6400))
+    g = torch.Generator().manual_seed(4)
+    labels = [torch.randint(0, k, (3, T), generator=g) for k in cfg.num_classes]
+    frame_lens = model.hubert.num_frames(lens)
+    for lab in labels:
+        lab[torch.arange(T)[None] >= frame_lens[:, None]] = -100
+    mask = model.compute_mask(frame_lens, T, torch.Generator().manual_seed(5))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    first = None
+    for step in range(40):
+        out = model(wavs, lens, labels, mask=mask)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        ce = out["logs"]["loss_m_0"] + out["logs"]["loss_m_1"]
+        first = ce if first is None else first
+    assert ce < 0.1 * first, (first, ce)
+    assert out["logs"]["acc_m_0"] > 0.95 and out["logs"]["acc_u_1"] > 0.95
+
+
+def test_pretrain_logs_masks_and_padding():
+    torch.manual_seed(0)
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=2, num_classes=[50])).eval()
+    wavs, lens = padded_batch([16000, 9000])
+    frame_lens = model.hubert.num_frames(lens)
+    T = int(frame_lens.max())
+    labels = [torch.randint(0, 50, (2, T))]
+    out = model(wavs, lens, labels, generator=torch.Generator().manual_seed(0))
+    logs = out["logs"]
+    for key in ["loss", "loss_m_0", "loss_u_0", "acc_m_0", "acc_u_0", "feature_pen", "mask_frac", "num_frames"]:
+        assert isinstance(logs[key], float) and math.isfinite(logs[key]), key
+    assert logs["num_frames"] == float(frame_lens.sum())
+    mask = out["mask"]
+    assert not mask[1, int(frame_lens[1]):].any()  # padded frames are never masked
+    assert logs["count_m_0"] + logs["count_u_0"] == logs["num_frames"]  # padded frames carry no loss
+    assert 0.2 < logs["mask_frac"] < 0.8
+    # loss ignores label -100: relabelling an ignored frame's label changes nothing
+    labels2 = [labels[0].clone()]
+    labels2[0][mask] = -100
+    out2 = model(wavs, lens, labels2, mask=mask)
+    assert out2["logs"]["count_m_0"] == 0 and out2["logs"]["loss"] == pytest.approx(
+        10 * out2["logs"]["feature_pen"], rel=1e-5)
+
+
+def test_label_length_mismatch():
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=1, num_classes=[10])).eval()
+    wavs, lens = padded_batch([16000])
+    T = int(model.hubert.num_frames(16000))
+    for dt in (-1, 0, 1):  # one frame either way is cropped / padded
+        assert math.isfinite(model(wavs, lens, [torch.randint(0, 10, (1, T + dt))])["logs"]["loss"])
+    with pytest.raises(ValueError, match="more than 1 frame"):
+        model(wavs, lens, [torch.randint(0, 10, (1, T + 2))])
+    with pytest.raises(ValueError, match="more than 1 frame"):
+        model(wavs, lens, [torch.randint(0, 10, (1, T // 2))])
+    with pytest.raises(ValueError, match="outside"):
+        model(wavs, lens, [torch.full((1, T), 10)])
+    with pytest.raises(ValueError, match="label sets"):
+        model(wavs, lens, [torch.zeros(1, T, dtype=torch.long)] * 2)
+
+
+def test_feature_grad_mult():
+    wavs, lens = padded_batch([4000, 3000])
+    grads = {}
+    for fgm in (0.0, 0.1, 1.0):
+        torch.manual_seed(0)
+        model = HubertModel(small_post_ln(feature_grad_mult=fgm, hidden_dropout=0.0, attention_dropout=0.0,
+                                          feat_proj_dropout=0.0, layerdrop=0.0))
+        hs, _ = model(wavs, lens)
+        hs[-1].pow(2).mean().backward()
+        conv = model.feature_extractor.conv_layers[0].conv.weight.grad
+        grads[fgm] = None if conv is None else conv.clone()
+        assert model.feature_projection.projection.weight.grad is not None
+    assert grads[0.0] is None  # no autograd through the CNN at all
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-9)
+
+
+def test_layerdrop_only_in_training():
+    torch.manual_seed(0)
+    model = HubertModel(small_pre_ln(layerdrop=0.5))
+    wavs, lens = padded_batch([4000])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(wavs, lens)[0][-1], model(wavs, lens)[0][-1]
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        outs = [model(wavs, lens)[0][-1] for _ in range(8)]
+    assert any(not torch.allclose(o, a, atol=1e-6) for o in outs)  # dropout of layers changes the output
+
+
+def test_num_layers_prefix_matches_full_run():
+    model = HubertModel(small_pre_ln()).eval()
+    wavs, lens = padded_batch([4000, 2000])
+    with torch.no_grad():
+        full, _ = model(wavs, lens)
+        part, _ = model(wavs, lens, num_layers=2)
+    assert len(part) == 3
+    for a, b in zip(part, full):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------- frontends
+def test_fbank_frontend_frame_counts_and_batch_independence():
+    torch.manual_seed(0)
+    model = HubertModel(hubert_tiny(num_hidden_layers=1)).eval()
+    assert model.downsample_rate == 320 and model.frame_rate == 50.0
+    lengths = [64000, 16000, 15999, 401, 400, 399, 1000]
+    for n in lengths:
+        if n >= 400:
+            wavs, lens = padded_batch([n])
+            with torch.no_grad():
+                feats, fl = model.extract_features(wavs, lens)
+            assert feats.shape[1] == int(model.num_frames(n)) == int(fl[0]), n
+    assert int(model.num_frames(399)) == 0
+    assert model.num_frames(torch.tensor([64000, 16000])).tolist() == [199, 49]
+    # a padded row's valid frames equal its unpadded forward (fbank CMVN and convs are per utterance)
+    wavs, lens = padded_batch([16000, 9000])
+    with torch.no_grad():
+        hs, fl = model(wavs, lens)
+        alone, _ = model(wavs[1:, :9000], lens[1:])
+    torch.testing.assert_close(hs[-1][1, : int(fl[1])], alone[-1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_cnn_frontend_frame_formula():
+    model = HubertModel(hubert_base(num_hidden_layers=1, conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2))
+    # 320x downsampling with a 400-sample receptive field: floor((S - 400) / 320) + 1
+    for s in [400, 719, 720, 16000, 64000, 250000]:
+        assert int(model.num_frames(s)) == (s - 400) // 320 + 1
+        with torch.no_grad():
+            assert model.extract_features(torch.zeros(1, s))[0].shape[1] == (s - 400) // 320 + 1
+    assert int(model.num_frames(399)) == 0
+
+
+# ----------------------------------------------------------------------------------------- configs
+def test_builders_and_parameter_counts():
+    def count(cfg):
+        with torch.device("meta"):
+            return sum(p.numel() for p in HubertModel(cfg).parameters())
+    assert 94e6 < count(hubert_base()) < 95e6  # HuBERT Base ~95M
+    assert 315e6 < count(hubert_large()) < 317e6  # Large ~316M
+    assert 0.9e9 < count(hubert_xlarge()) < 1.0e9  # X-Large ~1B
+    assert 4e6 < count(hubert_tiny()) < 6e6
+    base = hubert_base(num_classes=[500])
+    assert (base.final_dim, base.feature_grad_mult, base.layerdrop, base.do_stable_layer_norm) == (256, 0.1, 0.05, False)
+    large = hubert_large()
+    assert (large.final_dim, large.feat_extract_norm, large.do_stable_layer_norm, large.hidden_dropout) == (
+        768, "layer", True, 0.0)
+    assert hubert_xlarge().final_dim == 1024 and hubert_xlarge().hidden_size == 1280
+
+
+def test_config_json_round_trip_and_unknown_keys():
+    cfg = hubert_tiny(num_classes=[100, 500])
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert HubertConfig.from_dict(data) == cfg
+    with pytest.raises(ValueError, match="hidden_sise"):
+        HubertConfig.from_dict({**data, "hidden_sise": 3})
+    with pytest.raises(ValueError, match="hidden_sise"):
+        hubert_base(hidden_sise=3)
+    with pytest.raises(ValueError, match="frontend"):
+        hubert_base(frontend="mel")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = hubert_tiny(num_hidden_layers=2, num_classes=[30, 40])
+    model = HubertPretrainModel(cfg).eval()
+    save_model(model, cfg, tmp_path / "ck", extra={"step": 12, "labels": ["km100", "km500"]})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["extra"]["step"] == 12 and meta["model"]["num_classes"] == [30, 40]
+    loaded = load_model(tmp_path / "ck")
+    assert isinstance(loaded, HubertPretrainModel) and not loaded.training
+    wavs, lens = padded_batch([8000, 5000])
+    T = int(model.hubert.num_frames(8000))
+    labels = [torch.randint(0, 30, (2, T)), torch.randint(0, 40, (2, T))]
+    mask = model.compute_mask(model.hubert.num_frames(lens), T, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(wavs, lens, labels, mask=mask)["loss"], loaded(wavs, lens, labels, mask=mask)["loss"])
+        bare = load_model(tmp_path / "ck", pretrain_head=False)
+        assert isinstance(bare, HubertModel)
+        for a, b in zip(model.hubert(wavs, lens)[0], bare(wavs, lens)[0]):
+            assert torch.equal(a, b)
+    # overwrite in place is atomic and replaces the old content
+    save_model(model.hubert, cfg, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="pretrain_head=False"):
+        load_model(tmp_path / "ck")
+
+
+def test_checkpoint_key_mismatch_is_reported(tmp_path):
+    cfg = hubert_tiny(num_hidden_layers=2)
+    save_model(HubertPretrainModel(cfg), cfg, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["model"]["num_hidden_layers"] = 3
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"missing keys \['hubert\.encoder\.layers\.2\."):
+        load_model(tmp_path / "ck")
+    meta["model"]["num_hidden_layers"] = 1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['hubert\.encoder\.layers\.1\."):
+        load_model(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path / "missing")
+    # nothing is pickled: the weights file is safetensors, the config plain JSON
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes()[8:9] == b"{"
+
+
+# ----------------------------------------------------------------------------------------- bf16
+def test_bf16_autocast_forward_backward_tiny():
+    torch.manual_seed(0)
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=2, num_classes=[50])).train()
+    wavs, lens = padded_batch([16000, 12000])
+    T = int(model.hubert.num_frames(16000))
+    labels = [torch.randint(0, 50, (2, T))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(wavs, lens, labels)
+    assert out["loss"].dtype == torch.float32 and math.isfinite(out["loss"].item())
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
