@@ -79,5 +79,5 @@ def register(subparsers, help_):
     lab.add_argument("--nshard", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
     lab.add_argument("--rank", type=int, default=None, help="this rank (default: $RANK or 0)")
     lab.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    lab.add_argument("--batch-frames", type=int, default=32768, help="frames per distance matmul")
+    lab.add_argument("--batch-frames", type=int, default=8192, help="frames per distance matmul")
     lab.set_defaults(func=_label)

@@ -67,7 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK_FRAMES = 65536  # sampling granularity: bounds the per-chunk index and gather buffers
-ASSIGN_BATCH = 32768  # frames per distance matmul in Assigner (batch x k float32 scores)
+ASSIGN_BATCH = 8192  # frames per distance matmul in Assigner (batch x k float32 scores; cache-sized)
 # The feature-store header keys that must agree between the features a k-means model was fitted on and the
 # features it labels (dtype and nshard are storage details).
 FEATURE_KEYS = ("kind", "dim", "frame_rate", "source")
