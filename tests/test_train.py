@@ -406,3 +406,15 @@ def test_paper_and_recipe_configs_load():
     assert base.model.num_classes == [100] and base.model.hidden_size == 768
     large = load_config(PretrainConfig, root / "egs/librispeech/hubert/conf/hubert_large.yaml")
     assert (large.optim.lr, large.optim.clip_norm, large.model.num_hidden_layers) == (1.5e-3, 1.0, 24)
+
+
+def test_bf16_autocast_step_runs(tmp_path, corpus):
+    data, labdir = corpus
+    cfg = tiny_cfg(tmp_path / "bf", data, labdir, "optim.bf16=true", "optim.max_steps=2", "ckpt.every_steps=2")
+    trainer = Trainer(cfg)
+    assert trainer.bf16
+    summary = trainer.train()
+    trainer.close()
+    assert summary["step"] == 2 and summary["bad_steps"] == 0
+    # fp32 master weights: parameters stay float32 under bf16 autocast
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -422,9 +422,10 @@ class Trainer:
                 yield batch
             if not got and start_skip == 0:
                 raise RuntimeError(
-                    f"{self.cfg.data.train}: an epoch produced no batch (data.max_duration "
-                    f"{self.cfg.data.max_duration} s smaller than an utterance, or too little data for drop_last "
-                    f"with {self.dist.world} process(es))"
+                    f"{self.cfg.data.train}: an epoch produced no full batch. Batches are dropped when a duration "
+                    f"bucket runs out before reaching data.max_duration={self.cfg.data.max_duration} s (lhotse "
+                    f"drop_last), so a small corpus needs fewer buckets: lower data.num_buckets "
+                    f"(now {self.cfg.data.num_buckets}) or data.max_duration; {self.dist.world} process(es)"
                 )
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
