@@ -59,7 +59,8 @@ def register(subparsers, help_: str) -> None:
                    help="per-utterance CMVN of the static features (--cmvn = mean; --cmvn meanvar)")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     v.add_argument("--overwrite", action="store_true", help="redo shards finished with a different header")
-    v.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio per batch (default 120)")
+    v.add_argument("--batch-seconds", type=float, default=None,
+                   help="padded audio per batch (default 10 on cpu, 300 on cuda)")
     v.add_argument("--workers", type=int, default=2, help="audio reading threads (default 2)")
     v.set_defaults(func=_dump)
 

@@ -107,8 +107,19 @@ def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
     return {"kind": kind, "dim": dim, "frame_rate": 100.0, "dtype": "float32", "source": {"options": opts}}
 
 
+def default_batch_seconds(device: str) -> float:
+    """Padded audio per batch: small on CPU (cache-resident buffers beat batching there: measured ~1.3-1.5x
+    faster at 8-12 s than at 120 s), large on GPU (kernel launches amortised over many utterances)."""
+    return 10.0 if torch.device(device).type == "cpu" else 300.0
+
+
 def batch_extractor(
-    kind: str, *, cmvn: bool | str = False, device: str = "cpu", batch_seconds: float = 120.0, deltas: bool = True
+    kind: str,
+    *,
+    cmvn: bool | str = False,
+    device: str = "cpu",
+    batch_seconds: float | None = None,
+    deltas: bool = True,
 ) -> BatchFn:
     """A function list-of-waveforms -> list-of-[T, D] features computed in padded batches.
 
@@ -122,6 +133,8 @@ def batch_extractor(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     extract = functools.partial(mfcc, deltas=deltas) if kind == "mfcc" else fbank
+    if batch_seconds is None:
+        batch_seconds = default_batch_seconds(device)
 
     def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
@@ -246,20 +259,22 @@ def dump_features(
     cmvn: bool | str = False,
     device: str = "cpu",
     overwrite: bool = False,
-    batch_seconds: float = 120.0,
+    batch_seconds: float | None = None,
     workers: int = 2,
 ) -> None:
     """Dump ``kind`` ("mfcc": 39-d fairseq HuBERT iteration-1 MFCC; "fbank": 80-d log-mel) features at 100 Hz.
 
     ``rank=None`` does every missing shard (or the torchrun ``RANK`` when ``WORLD_SIZE == nshard``);
     ``nshard=None`` takes ``WORLD_SIZE`` (else 1). Audio is read with ``workers`` threads and features are
-    computed in padded batches of about ``batch_seconds`` of audio on ``device``.
+    computed in padded batches of at most ``batch_seconds`` of audio on ``device`` (default: 10 s on CPU, 300 s
+    on GPU, see ``default_batch_seconds``).
     """
     meta = feature_meta(kind, cmvn)
     cmvn_arg: bool | str = meta["source"]["options"]["cmvn"] or False
     dd = read_data_dir(data_dir)
-    _dump(dd, Path(out_dir), batch_extractor(kind, cmvn=cmvn_arg, device=device, batch_seconds=batch_seconds), meta, nshard, rank, overwrite,
-          chunk_seconds=4 * batch_seconds, workers=workers)
+    extract = batch_extractor(kind, cmvn=cmvn_arg, device=device, batch_seconds=batch_seconds)
+    chunk_seconds = max(60.0, 4 * (batch_seconds or default_batch_seconds(device)))  # audio held in RAM at once
+    _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds, workers=workers)
 
 
 def dump_with(

@@ -109,6 +109,13 @@ def _dct_cpu(num_bins: int, num_ceps: int, lifter: float) -> Tensor:
     return d.t().contiguous()  # [num_bins, num_ceps]
 
 
+@functools.lru_cache(maxsize=32)
+def _dct_padded_cpu(num_bins: int, num_ceps: int, lifter: float, padded_bins: int) -> Tensor:
+    """DCT with zero rows for the padding mel columns of ``_log_mel``."""
+    d = _dct_cpu(num_bins, num_ceps, lifter)
+    return torch.cat([d, d.new_zeros(padded_bins - num_bins, num_ceps)])
+
+
 def dct_matrix(num_bins: int, num_ceps: int, cepstral_lifter: float = 22.0) -> Tensor:
     """Kaldi's orthonormal DCT-II (first ``num_ceps`` rows) with the lifter folded in: float64 ``[bins, ceps]``."""
     if not 0 < num_ceps <= num_bins:
@@ -148,13 +155,17 @@ def _log_mel(
     dither: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Log mel energies ``[B, T, num_mel_bins]`` of a ``[B, S]`` float32 batch (Kaldi framing, snip_edges)."""
+    """Log mel energies of a ``[B, S]`` float32 batch (Kaldi framing, snip_edges).
+
+    Returns ``[B, T, P]`` with ``P`` = ``num_mel_bins`` rounded up to a multiple of 8; columns past
+    ``num_mel_bins`` are padding (constant log(FLOAT_EPS)) for fast matmuls, to be dropped by the caller.
+    """
     length, shift = _frame_sizes(sample_rate, frame_length_ms, frame_shift_ms)
     padded = 1 << (length - 1).bit_length()  # round_to_power_of_two
     batch, samples = wav.shape
     device = wav.device
     if samples < length:
-        return wav.new_zeros(batch, 0, num_mel_bins)
+        return wav.new_zeros(batch, 0, num_mel_bins + (-num_mel_bins % _BIN_MULTIPLE))
     frames = wav.unfold(-1, length, shift)  # [B, T, L] view, no copy
     if dither != 0.0:
         frames = frames + dither * torch.randn(frames.shape, generator=generator, device=device, dtype=frames.dtype)
@@ -168,8 +179,50 @@ def _log_mel(
         sig[:, 0] = 0.0
         emph_frames = sig.unfold(-1, length, shift)
     num = frames.shape[1]
+    window = _on(_povey_window_cpu(length), ("povey", length), device)
+    mel_key = (num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq))
+    mel2 = _on(_mel2_cpu(*mel_key), ("mel2",) + mel_key, device)
+    padded_bins = mel2.shape[1]
+    if device.type != "cpu":
+        return _frames_to_log_mel(frames, emph_frames, window, mel2, padded, preemphasis, remove_dc_offset)
+    # On CPU, blocks of ~CPU_BLOCK_FRAMES frames keep the FFT buffers in cache (measured: ~1.5x faster than
+    # one pass over a 120 s batch); on GPU one pass over the whole batch is best.
+    out = wav.new_empty(batch, num, padded_bins)
+    step = max(1, CPU_BLOCK_FRAMES // batch)
+    for t0 in range(0, num, step):
+        t1 = min(num, t0 + step)
+        out[:, t0:t1] = _frames_to_log_mel(
+            frames[:, t0:t1], emph_frames[:, t0:t1], window, mel2, padded, preemphasis, remove_dc_offset
+        )
+    return out
+
+
+CPU_BLOCK_FRAMES = 256
+_BIN_MULTIPLE = 8  # matmuls with 23 output columns run at half the speed of 24 (measured, MKL sgemm)
+
+
+@functools.lru_cache(maxsize=32)
+def _mel2_cpu(num_bins: int, padded_len: int, sample_rate: int, low_freq: float, high_freq: float) -> Tensor:
+    """Mel matrix for the interleaved (re, im) squared spectrum: rows repeated twice, columns zero-padded to a
+    multiple of 8 (the padded columns come out as log(FLOAT_EPS) and are dropped or ignored by the callers)."""
+    mel = _mel_banks_cpu(num_bins, padded_len, sample_rate, low_freq, high_freq).repeat_interleave(2, dim=0)
+    extra = -num_bins % _BIN_MULTIPLE
+    return torch.cat([mel, mel.new_zeros(mel.shape[0], extra)], dim=1)
+
+
+def _frames_to_log_mel(
+    frames: Tensor,
+    emph_frames: Tensor,
+    window: Tensor,
+    mel2: Tensor,
+    padded: int,
+    preemphasis: float,
+    remove_dc_offset: bool,
+) -> Tensor:
+    """Raw frames ``[B, T, L]`` and their pre-emphasised version (column 0 unset) -> log mel ``[B, T, bins]``."""
+    batch, num, length = frames.shape
     # Frames go straight into a zero-padded FFT buffer (the pad columns stay zero).
-    buf = wav.new_empty(batch, num, padded)
+    buf = frames.new_empty(batch, num, padded)
     buf[..., length:].zero_()
     body = buf[..., :length]
     # Removing the mean m first equals subtracting (1 - p) m after the (linear) pre-emphasis.
@@ -180,16 +233,11 @@ def _log_mel(
     else:
         body.copy_(emph_frames)
         body[..., 0] = (1.0 - preemphasis) * frames[..., 0]
-    body.mul_(_on(_povey_window_cpu(length), ("povey", length), device))
+    body.mul_(window)
     spec = torch.fft.rfft(buf)  # [B, T, padded/2 + 1] complex
     # |X|^2 @ mel without strided real/imag views: square the interleaved (re, im) floats in one contiguous
     # pass and multiply by the mel matrix with each row repeated for re and im.
     sq = torch.view_as_real(spec).reshape(batch, num, 2 * (padded // 2 + 1)).square_()
-    mel2 = _on(
-        _mel_banks_cpu(num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)).repeat_interleave(2, dim=0),
-        ("mel2", num_mel_bins, padded, sample_rate, float(low_freq), float(high_freq)),
-        device,
-    )
     return torch.matmul(sq, mel2).clamp_(min=FLOAT_EPS).log_()
 
 
@@ -363,6 +411,8 @@ def fbank(
         dither=dither,
         generator=generator,
     )
+    if out.shape[-1] != num_mel_bins:
+        out = out[..., :num_mel_bins].contiguous()
     out = _finish(out, lens, length, shift, cmvn)
     return out.squeeze(0) if squeeze else out
 
@@ -423,7 +473,8 @@ def mfcc(
     )
     if not 0 < num_ceps <= num_mel_bins:
         raise ValueError(f"need 0 < num_ceps <= num_mel_bins, got num_ceps={num_ceps}, num_mel_bins={num_mel_bins}")
-    dct = _on(_dct_cpu(num_mel_bins, num_ceps, float(cepstral_lifter)), ("dct", num_mel_bins, num_ceps, float(cepstral_lifter)), x.device)
+    dct_key = (num_mel_bins, num_ceps, float(cepstral_lifter), logmel.shape[-1])
+    dct = _on(_dct_padded_cpu(*dct_key), ("dct",) + dct_key, x.device)
     out = torch.matmul(logmel, dct)
     out = _finish(out, lens, length, shift, cmvn)
     if deltas:

@@ -54,10 +54,10 @@ def make_corpus(minutes: float, seed: int = 0) -> list[np.ndarray]:
 
 
 def ours_batched(deltas: bool, device: str) -> Callable[[list[np.ndarray]], None]:
-    """The dump path: sort by length, pad into <= 120 s batches, batched MFCC with lengths, cut by num_frames."""
+    """The dump path: sort by length, pad into small batches (default_batch_seconds), MFCC with lengths, cut."""
     from speechssl.features.dump import batch_extractor
 
-    fn = batch_extractor("mfcc", device=device, batch_seconds=120.0, deltas=deltas)
+    fn = batch_extractor("mfcc", device=device, deltas=deltas)
 
     def run(wavs: list[np.ndarray]) -> None:
         with torch.inference_mode():
@@ -114,7 +114,7 @@ def lhotse_batched(wavs: list[np.ndarray]) -> None:
 
     mod = Wav2MFCC(sampling_rate=SR, snip_edges=True, high_freq=0.0, dither=0.0)
     order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
-    max_padded = 120 * SR
+    max_padded = 120 * SR  # lhotse's module is built for big padded batches
     start = 0
     with torch.inference_mode():
         while start < len(order):
