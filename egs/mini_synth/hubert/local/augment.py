@@ -69,18 +69,25 @@ def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
     return signal.oaconvolve(x, rir, mode="full")[: len(x)].astype(np.float32)
 
 
+# IIR approximation of a 1/f (pink) spectrum, within +-0.5 dB over 10 Hz-20 kHz (Kellet / Smith's classic
+# three-pole design); brown noise is white noise through a leaky integrator (1/f^2 above ~10 Hz).
+_PINK_B = np.array([0.049922035, -0.095993537, 0.050612699, -0.004408786])
+_PINK_A = np.array([1.0, -2.494956002, 2.017265875, -0.522189400])
+_BROWN_B = np.array([1.0])
+_BROWN_A = np.array([1.0, -0.996])
+
+
 def coloured_noise(rng: np.random.Generator, n: int, colour: str, sr: int = SR) -> np.ndarray:
-    """Unit-variance noise with power spectrum ~ 1/f^alpha: white (0), pink (1), brown (2)."""
-    alpha = {"white": 0.0, "pink": 1.0, "brown": 2.0}[colour]
-    white = rng.standard_normal(n).astype(np.float32)
-    if alpha == 0.0:
+    """Unit-variance noise with power spectrum ~ 1/f^alpha: white (0), pink (1), brown (2), by IIR filtering."""
+    if colour not in ("white", "pink", "brown"):
+        raise ValueError(f"coloured_noise: unknown colour {colour!r}")
+    white = rng.standard_normal(n, dtype=np.float32)
+    if colour == "white":
         return white
-    spec = np.fft.rfft(white)
-    f = np.fft.rfftfreq(n, 1.0 / sr)
-    f[0] = f[1] if n > 1 else 1.0
-    f = np.maximum(f, 20.0)  # no runaway DC for brown noise
-    spec *= f ** (-alpha / 2.0)
-    out = np.fft.irfft(spec, n).astype(np.float32)
+    b, a = (_PINK_B, _PINK_A) if colour == "pink" else (_BROWN_B, _BROWN_A)
+    warm = min(n, sr // 2)  # run the filter in on extra samples so the start is stationary too
+    pre = rng.standard_normal(warm, dtype=np.float32)
+    out = signal.lfilter(b, a, np.concatenate([pre, white]))[warm:].astype(np.float32)
     return out / (out.std() + 1e-12)
 
 

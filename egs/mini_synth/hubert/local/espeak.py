@@ -14,19 +14,30 @@ Pitfalls handled here (see /work/shared/REFERENCE.md, "Measured on these machine
 * ``espeak_Initialize`` wants the directory that *contains* ``espeak-ng-data``;
 * without ``espeakENDPAUSE`` there is almost no trailing silence (we ask for it).
 
-espeak-ng keeps global state, so there is one engine per process (`engine()`); use processes, not threads,
-for parallel synthesis.
+**Determinism.** espeak-ng keeps static state between calls (e.g. the phase of the glottal wave), so the same
+text with the same voice comes out a few samples different depending on what was spoken before, even after
+``espeak_Terminate`` + ``espeak_Initialize`` or ``espeak_ng_SetRandSeed``. `synthesize` therefore runs every
+text in a freshly loaded library: a private copy of ``libespeak-ng.so`` (so that nobody else holds it) is
+``dlopen``ed, initialised, used once and ``dlclose``d, which resets all static data (about 10 ms per call,
+mostly loading the voice). The output is then a function of (text, voice) only, whatever ran before and in
+whichever process. Some voices (the Klatt-based variants) also draw noise from the C library's ``rand()``,
+whose state lives in libc; `synthesize` seeds it (``srand``) and espeak-ng's own generator
+(``espeak_ng_SetRandSeed``) before every text. Use processes, not threads, for parallel synthesis.
 """
 
 from __future__ import annotations
 
+import _ctypes
+import atexit
 import ctypes
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EspeakError", "Voice", "Synthesis", "Espeak", "engine"]
+__all__ = ["EspeakError", "Voice", "Synthesis", "Espeak", "synthesize"]
 
 # espeak_AUDIO_OUTPUT / options / flags / events / parameters, from espeak-ng's speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -101,18 +112,40 @@ def _mnemonic(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="strict")
 
 
+_PRIVATE_LIB: str | None = None
+
+
+def _private_library() -> tuple[str, str]:
+    """(path of this process's private copy of libespeak-ng, directory containing espeak-ng-data)."""
+    global _PRIVATE_LIB
+    try:
+        import espeakng_loader
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise EspeakError("espeakng-loader is not installed: pip install espeakng-loader") from e
+    data_dir = os.path.dirname(os.path.normpath(espeakng_loader.get_data_path()))
+    if _PRIVATE_LIB is None or not os.path.exists(_PRIVATE_LIB):
+        src = str(espeakng_loader.get_library_path())
+        tmp = tempfile.mkdtemp(prefix="espeak-ng-private-")
+        atexit.register(shutil.rmtree, tmp, True)
+        _PRIVATE_LIB = os.path.join(tmp, "libespeak-ng-private.so")
+        try:
+            shutil.copyfile(src, _PRIVATE_LIB)
+        except OSError as e:
+            raise EspeakError(f"cannot copy libespeak-ng from {src}: {e}") from e
+    return _PRIVATE_LIB, data_dir
+
+
 class Espeak:
-    """The process-wide espeak-ng engine. Create it through `engine()`."""
+    """One loaded and initialised instance of libespeak-ng; ``close()`` (or leaving a ``with`` block) unloads it.
+
+    Several texts may be spoken in one instance, but then each depends on the ones before (see the module
+    docstring); `synthesize` uses one instance per text.
+    """
 
     def __init__(self) -> None:
+        lib_path, data_dir = _private_library()
         try:
-            import espeakng_loader
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise EspeakError("espeakng-loader is not installed: pip install espeakng-loader") from e
-        lib_path = espeakng_loader.get_library_path()
-        data_dir = os.path.dirname(os.path.normpath(espeakng_loader.get_data_path()))  # dir containing espeak-ng-data
-        try:
-            self._lib = ctypes.CDLL(str(lib_path))
+            self._lib = ctypes.CDLL(lib_path)
         except OSError as e:
             raise EspeakError(f"cannot load libespeak-ng from {lib_path}: {e}") from e
         lib = self._lib
@@ -127,8 +160,12 @@ class Espeak:
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                      ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_Terminate.restype = ctypes.c_int
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = None
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_dir.encode(), _INITIALIZE_PHONEME_EVENTS)
         if rate <= 0:
+            self._unload()
             raise EspeakError(f"espeak_Initialize failed (data path {data_dir!r} must contain espeak-ng-data)")
         self.sample_rate: int = rate
         self._chunks: list[np.ndarray] = []
@@ -137,9 +174,31 @@ class Espeak:
         lib.espeak_SetSynthCallback(self._callback)
         self._voice_name: str | None = None
 
+    def _unload(self) -> None:
+        if self._lib is not None:
+            _ctypes.dlclose(self._lib._handle)
+            self._lib = None
+
+    def close(self) -> None:
+        """Terminate espeak and unload the library (its static state goes with it)."""
+        if self._lib is not None:
+            self._lib.espeak_Terminate()
+            self._unload()
+
+    def seed(self, seed: int) -> None:
+        """Seed libc's ``rand()`` (used by Klatt voices for noise) and espeak-ng's own generator."""
+        _LIBC.srand(seed & 0xFFFFFFFF)
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(seed & 0x7FFFFFFF))
+
+    def __enter__(self) -> "Espeak":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _on_synth(self, wav, num_samples: int, events) -> int:
         if num_samples > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+            self._chunks.append(np.frombuffer(ctypes.string_at(wav, 2 * num_samples), dtype=np.int16))
         i = 0
         while events[i].type != _EVENT_LIST_TERMINATED:
             ev = events[i]
@@ -197,12 +256,14 @@ def _clean_events(events: list[tuple[int, str]], num_samples: int, text: str, vo
     return out
 
 
-_ENGINE: Espeak | None = None
+_LIBC = ctypes.CDLL(None)  # the process's C library (srand/rand)
+_LIBC.srand.argtypes = [ctypes.c_uint]
+_LIBC.srand.restype = None
 
 
-def engine() -> Espeak:
-    """The espeak-ng engine of this process (initialised on first use)."""
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = Espeak()
-    return _ENGINE
+def synthesize(text: str, voice: Voice, *, ssml: bool = False, seed: int = 0) -> Synthesis:
+    """Speak ``text`` with ``voice`` in a fresh library instance with seeded random generators: the result
+    depends on (text, voice, seed) only."""
+    with Espeak() as e:
+        e.seed(seed)
+        return e.synthesize(text, voice, ssml=ssml)

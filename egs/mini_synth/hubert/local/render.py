@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 import augment
-from espeak import Voice, engine
+from espeak import Voice, synthesize
 from grammar import Prompt
 from phoneset import SIL, to_phone
 
@@ -63,15 +63,15 @@ class RenderOptions:
     trail: tuple[float, float] = (0.05, 0.4)
     kw_clip: float = 1.0  # keyword clips are padded to this length (Speech Commands: 1 s)
     # reverberation
-    p_reverb: float = 0.6
-    rt60: tuple[float, float] = (0.2, 1.0)
+    p_reverb: float = 0.5
+    rt60: tuple[float, float] = (0.2, 0.8)
     drr_db: tuple[float, float] = (-4.0, 10.0)
     # band limitation
     p_telephone: float = 0.1
     p_lowpass: float = 0.15
     # additive noise
-    p_noise: float = 0.9
-    snr_db: tuple[float, float] = (0.0, 20.0)
+    p_noise: float = 0.85
+    snr_db: tuple[float, float] = (5.0, 25.0)
     noise_types: tuple[str, ...] = ("white", "pink", "brown", "babble")
     noise_probs: tuple[float, ...] = (0.15, 0.25, 0.2, 0.4)
     # level
@@ -128,7 +128,7 @@ def _speech(prompt: Prompt, speaker: Speaker, opts: RenderOptions, rng: np.rando
         factor = float(rng.uniform(*opts.speed))
     info.update(pitch=str(voice.pitch), range=str(voice.range), rate=str(voice.rate), ssml=str(int(ssml)),
                 speed=f"{factor:.4f}")
-    syn = engine().synthesize(text, voice, ssml=ssml)
+    syn = synthesize(text, voice, ssml=ssml, seed=int(rng.integers(2**31)))
     starts = [s for s, _ in syn.phones]
     phones = [to_phone(m, voice.name) for _, m in syn.phones]
     # cut espeak's own leading/trailing pauses (we add random ones later)
@@ -213,7 +213,7 @@ def make_babble_bank(speakers: list[Speaker], prompts: list[list[Prompt]], seed:
         mix = np.zeros(n, np.float32)
         for p in talks:
             spk = speakers[int(rng.integers(len(speakers)))]
-            syn = engine().synthesize(p.speak, spk.espeak_voice())
+            syn = synthesize(p.speak, spk.espeak_voice(), seed=int(rng.integers(2**31)))
             x = augment.resample_speed(syn.audio.astype(np.float32) / 32768.0, syn.sample_rate, 1.0, SR)
             x = np.resize(x, n)  # cyclic repeat/trim to the clip length
             x = np.roll(x, int(rng.integers(n)))
