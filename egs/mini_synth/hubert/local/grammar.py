@@ -98,13 +98,15 @@ magnet marble meadow mirror monkey mountain needle nephew notebook ocean orange 
 parcel pencil pepper piano pillow pocket potato puzzle rabbit rainbow ribbon river rocket saddle sailor
 sandwich scissors shadow shepherd shovel silver soldier spider sponge squirrel stomach suitcase sugar
 teacher thimble thunder ticket tiger tomato tractor treasure trumpet tunnel umbrella village violin wagon
-walnut wardrobe whistle window wizard yoghurt zebra judge voyage measure pleasure vision beige""")
+walnut wardrobe whistle window wizard yoghurt zebra judge voyage measure pleasure vision beige
+boy toy coin voice poison oil book cook cushion pudding wolf woman bull hook garage television decision""")
 
 ADJECTIVES = _W("""ancient angry bright broken careful cheerful clumsy cold crooked curious dusty eager empty
 enormous fancy fragile frozen gentle gloomy golden greedy hairy heavy hollow honest hungry jolly lazy
 little lonely loud lucky muddy narrow nervous noisy odd orange patient polite proud purple quiet rapid
 rough rusty shiny silent sleepy slippery smooth soggy sour sticky strange sturdy sweet tidy tiny tired
-ugly warm wealthy wicked wooden worried yellow young zealous thirsty thoughtful""")
+ugly warm wealthy wicked wooden worried yellow young zealous thirsty thoughtful
+royal joyful annoyed loyal good woollen usual casual""")
 
 # (base, third person, past) -- transitive verbs taking a noun object.
 VERBS = [tuple(v.split("/")) for v in _W("""bring/brings/brought buy/buys/bought carry/carries/carried
@@ -114,7 +116,9 @@ move/moves/moved open/opens/opened paint/paints/painted polish/polishes/polished
 push/pushes/pushed repair/repairs/repaired sell/sells/sold shake/shakes/shook share/shares/shared
 steal/steals/stole throw/throws/threw touch/touches/touched wash/washes/washed watch/watches/watched
 wrap/wraps/wrapped borrow/borrows/borrowed measure/measures/measured weigh/weighs/weighed
-drop/drops/dropped draw/draws/drew judge/judges/judged examine/examines/examined""")]
+drop/drops/dropped draw/draws/drew judge/judges/judged examine/examines/examined
+enjoy/enjoys/enjoyed avoid/avoids/avoided destroy/destroys/destroyed cook/cooks/cooked
+put/puts/put""")]
 
 # intransitive verbs (base, third person, past)
 INTRANSITIVE = [tuple(v.split("/")) for v in _W("""laugh/laughs/laughed sing/sings/sang sleep/sleeps/slept

@@ -301,6 +301,25 @@ def _prepare_out(out: Path, force: bool) -> None:
             shutil.rmtree(out)
 
 
+def _remove_stale_temps(final: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` siblings left by interrupted runs (their process is gone)."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_dir() and (p / _PARTIAL).exists():
+            log.info("removing %s, left by an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def make_corpus(out: str | os.PathLike, cfg: CorpusConfig, *, nj: int = 2, force: bool = False) -> dict:
     """Generate the corpus into ``out`` (see module docstring); returns the corpus.json summary."""
     from speechssl.data.lhotse_io import data_dir_to_lhotse
@@ -309,6 +328,7 @@ def make_corpus(out: str | os.PathLike, cfg: CorpusConfig, *, nj: int = 2, force
     final = Path(out).absolute()
     _prepare_out(final, force)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
