@@ -1,4 +1,5 @@
-"""`speechssl units quality`: PNMI, phone purity and cluster purity of unit labels against phone alignments."""
+"""`speechssl units quality|layers`: PNMI, phone purity and cluster purity of unit labels against phone alignments;
+the same for k-means units of every hidden layer of a checkpoint (what each layer learned)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(args: argparse.Namespace) -> int:
+    from speechssl.cli.kmeans import _passive_omp
+
+    _passive_omp()
+    from speechssl.units.layers import evaluate_layers
+
+    evaluate_layers(args.ckpt, args.data, args.alignments, k=args.k, mfcc=args.mfcc, layers=args.layers,
+                    sample_frac=args.sample_frac, max_frames=args.max_frames, max_utts=args.max_utts,
+                    subset_frac=args.subset_frac, seed=args.seed, niter=args.niter, nredo=args.nredo,
+                    init=args.init, tier=args.tier, device=args.device, out_dir=args.out)
+    return 0
+
+
 def register(subparsers, help_):
     p = subparsers.add_parser("units", help=help_, description=help_)
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
@@ -30,3 +44,29 @@ def register(subparsers, help_):
     q.add_argument("--out", default=None, help="write metrics + count table as JSON")
     q.add_argument("--plot", default=None, help="write a PNG heatmap of P(phone | unit)")
     q.set_defaults(func=_quality)
+
+    lay = verbs.add_parser(
+        "layers", help="PNMI / purities of k-means units of every hidden layer of a checkpoint (and of MFCC)",
+        description="For each hidden layer: k-means (as `kmeans fit`: uniform frame sample, k-means++ + Lloyd) on "
+                    "a sample drawn in one model pass, then a second pass assigns every frame and counts "
+                    "(phone, unit) pairs; nothing is dumped to disk. With --mfcc, MFCC units at the same k, sample "
+                    "fraction and seed on the same utterances, each scored at its own frame rate. Writes "
+                    "OUT/layers.json (best_layer = argmax PNMI) and OUT/layers.png.")
+    lay.add_argument("--ckpt", required=True, help="checkpoint dir (model.safetensors + config.json)")
+    lay.add_argument("--data", required=True, help="Kaldi data dir")
+    lay.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids")
+    lay.add_argument("--k", type=int, required=True, help="number of clusters")
+    lay.add_argument("--mfcc", default=None, help="MFCC feature store of the same data dir (baseline units)")
+    lay.add_argument("--layers", default="all", help="'all' (default) or comma-separated hidden-state indices")
+    lay.add_argument("--sample-frac", type=float, default=0.1, help="fraction of frames sampled for k-means (0.1)")
+    lay.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames per layer (bounds memory)")
+    lay.add_argument("--max-utts", type=int, default=None, help="evaluate on a random subset of N utterances")
+    lay.add_argument("--subset-frac", type=float, default=None, help="evaluate on a random fraction of utterances")
+    lay.add_argument("--seed", type=int, default=0)
+    lay.add_argument("--niter", type=int, default=20, help="Lloyd iterations (default 20)")
+    lay.add_argument("--nredo", type=int, default=1)
+    lay.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
+    lay.add_argument("--tier", default="phones", help="TextGrid tier with phones (default: phones)")
+    lay.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    lay.add_argument("--out", default=None, help="output dir for layers.json + layers.png (default: print only)")
+    lay.set_defaults(func=_layers)

@@ -1,4 +1,5 @@
-"""Units room (floor 6): k-means pseudo-labels keyed by utterance id, label/audio checks, label quality."""
+"""Units room (floor 6): k-means pseudo-labels keyed by utterance id, label/audio checks, label quality, and
+per-layer unit quality of a checkpoint (``units layers``, through ``speechssl.upstream``)."""
 
 from speechssl.units.alignments import AlignmentError, PhoneAlignment, read_alignments, read_ctm, read_textgrid
 from speechssl.units.kmeans import (
@@ -10,8 +11,11 @@ from speechssl.units.kmeans import (
     label_with,
     merge_label_shards,
     sample_frames,
+    sample_indices,
     shard_ids,
+    StreamSampler,
 )
+from speechssl.units.layers import evaluate_layers
 from speechssl.units.labels import (
     LabelError,
     LabelSet,
@@ -28,7 +32,7 @@ from speechssl.units.quality import QualityReport, evaluate_labels, label_qualit
 __all__ = [
     "AlignmentError", "PhoneAlignment", "read_alignments", "read_ctm", "read_textgrid",
     "Assigner", "KMeansModel", "fit_kmeans", "fit_store", "label_store", "label_with", "merge_label_shards",
-    "sample_frames", "shard_ids",
+    "sample_frames", "sample_indices", "shard_ids", "StreamSampler", "evaluate_layers",
     "LabelError", "LabelSet", "check_label_length", "check_labels_cover", "check_same_utterances",
     "expected_num_frames", "label_stride", "read_labels", "write_labels",
     "QualityReport", "evaluate_labels", "label_quality", "quality_from_counts",

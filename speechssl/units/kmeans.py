@@ -54,6 +54,8 @@ __all__ = [
     "sample_size",
     "memory_estimate",
     "sample_frames",
+    "sample_indices",
+    "StreamSampler",
     "fit_kmeans",
     "kmeanspp_init",
     "fit_store",
@@ -207,6 +209,65 @@ def _split_count(rng: np.random.Generator, ngood: int, nbad: int, nsample: int) 
     return int(min(max(rng.binomial(nsample, ngood / (ngood + nbad)), nsample - nbad), ngood))
 
 
+def _chunk_draw(rng: np.random.Generator, m: int, pop_left: int, need: int) -> np.ndarray:
+    """Sorted local indices of the draws that fall in the next chunk of ``m`` of the ``pop_left`` remaining
+    frames, ``need`` draws remaining: the one RNG step shared by :func:`sample_frames` and :func:`sample_indices`."""
+    take = _split_count(rng, m, pop_left - m, need)
+    if not take:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(rng.choice(m, size=take, replace=False))
+
+
+def sample_indices(shard_rows: Sequence[int], n: int, seed: int = 0, chunk: int = CHUNK_FRAMES) -> np.ndarray:
+    """The rows :func:`sample_frames` draws from shards of ``shard_rows`` frames, as sorted global indices into
+    the concatenation of the shards (int64 ``[n]``). Lets a caller that produces frames on the fly (a model
+    layer, ``units layers``) take exactly the sample ``kmeans fit`` would take from a store with that layout."""
+    total = int(sum(shard_rows))
+    if n > total:
+        raise ValueError(f"cannot sample {n} frames from {total}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    pos, base, pop_left, need = 0, 0, total, int(n)
+    for rows in shard_rows:
+        for start in range(0, int(rows), chunk):
+            m = min(chunk, int(rows) - start)
+            idx = _chunk_draw(rng, m, pop_left, need)
+            out[pos : pos + len(idx)] = base + start + idx
+            pos += len(idx)
+            pop_left -= m
+            need -= len(idx)
+        base += int(rows)
+    assert pos == n
+    return out
+
+
+class StreamSampler:
+    """Collects the rows at sorted global indices ``idx`` (from :func:`sample_indices`) out of a stream of
+    ``[T, D]`` blocks fed in order; memory is the ``[len(idx), D]`` result in ``dtype``."""
+
+    def __init__(self, idx: np.ndarray, dim: int, total: int, dtype: Any = np.float32, name: str = "") -> None:
+        self.idx = np.asarray(idx, dtype=np.int64)
+        self.out = np.empty((len(self.idx), int(dim)), dtype=dtype)
+        self.total, self.name = int(total), name
+        self.seen = 0  # frames fed so far
+        self.taken = 0  # rows of out filled
+
+    def feed(self, x: np.ndarray) -> None:
+        t = int(x.shape[0])
+        if x.ndim != 2 or x.shape[1] != self.out.shape[1]:
+            raise ValueError(f"{self.name}: block of shape {tuple(x.shape)}, sampler dim is {self.out.shape[1]}")
+        hi = int(np.searchsorted(self.idx, self.seen + t, side="left"))
+        if hi > self.taken:
+            self.out[self.taken : hi] = x[self.idx[self.taken : hi] - self.seen]
+            self.taken = hi
+        self.seen += t
+
+    def result(self) -> np.ndarray:
+        if self.seen != self.total or self.taken != len(self.idx):
+            raise ValueError(f"{self.name}: stream gave {self.seen} frames, expected {self.total}")
+        return self.out
+
+
 def sample_frames(
     shards: Iterable[tuple[Sequence[str], np.ndarray, np.ndarray]],
     total_frames: int,
@@ -235,9 +296,9 @@ def sample_frames(
             raise ValueError(f"shard dim {data.shape[1]} != {out.shape[1]}")
         for start in range(0, rows, chunk):
             m = min(chunk, rows - start)
-            take = _split_count(rng, m, pop_left - m, need)
+            idx = _chunk_draw(rng, m, pop_left, need)
+            take = len(idx)
             if take:
-                idx = np.sort(rng.choice(m, size=take, replace=False))
                 out[pos : pos + take] = data[start + idx]
                 pos += take
             pop_left -= m

@@ -1,0 +1,391 @@
+"""What each layer learned: k-means units of every hidden layer of a checkpoint, scored against phone alignments.
+
+``speechssl units layers`` (HuBERT paper §IV-F, the figure of PNMI by layer) without dumping any layer to disk:
+
+* **pass 0** reads every utterance's length (headers where possible) so the frame count of each layer is known;
+  the sample is then planned exactly as ``kmeans fit`` would draw it from a one-shard store of that layer
+  (:func:`~speechssl.units.kmeans.sample_indices`, same seed for every layer, as separate fits would use);
+* **pass 1** runs the model once per utterance (batch of one: the numbers are those of
+  ``upstream.layer_extractor`` and so of a ``features dump`` of the layer) and feeds one
+  :class:`~speechssl.units.kmeans.StreamSampler` per layer (float16, as the layer stores are). Memory is the
+  samples: ``n x dim x 2 B`` per layer, printed before starting; ``--max-frames`` caps ``n``;
+* **fit**: :func:`~speechssl.units.kmeans.fit_kmeans` per layer on its sample (the code of ``kmeans fit``);
+* **pass 2** runs the model again, assigns every frame of every layer to its nearest centroid, reads the phone
+  at each frame centre off the alignment and adds to one ``[phones, k]`` count table per layer. Labels are never
+  stored. Metrics come from :func:`~speechssl.units.quality.quality_from_counts`, as ``units quality``.
+
+The MFCC store (``--mfcc``), if given, gets the same treatment at the same ``k``, sample fraction and seed, on
+the same utterances, at its own frame rate (100 Hz; the model's is 50 Hz): each is scored against the alignment
+at its own frame centres. When the evaluated utterances are the whole store, in store order, its shard layout
+is used for the sample plan, so the MFCC numbers equal ``kmeans fit`` + ``kmeans label`` + ``units quality``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from speechssl import __version__
+from speechssl.units.alignments import frame_phones, read_alignments, SILENCE
+from speechssl.units.kmeans import (
+    Assigner,
+    StreamSampler,
+    fit_kmeans,
+    memory_estimate,
+    resolve_device,
+    sample_indices,
+    sample_size,
+)
+from speechssl.units.labels import atomic_write_text, framing_from_features, sort_ids
+from speechssl.units.quality import count_table, quality_from_counts
+
+__all__ = ["layer_feature_meta", "model_framing", "parse_layers", "select_utterances", "evaluate_layers",
+           "plot_layers"]
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE = 16000
+
+
+def model_framing(config: Any) -> dict[str, Any] | None:
+    """Label framing of a model's frames: ``conv`` (kernel, stride) for the waveform CNN; None for the fbank
+    frontend (its padded convs are within a frame of ``floor(S * rate / 16000)``, the framing-less default)."""
+    if getattr(config, "frontend", "cnn") == "cnn":
+        return {"type": "conv", "layers": [[int(k), int(s)] for _, k, s in config.conv_layers]}
+    return None
+
+
+def layer_feature_meta(upstream: Any, layer: int, ckpt_sha1: str, dtype: str = "float16") -> dict[str, Any]:
+    """Feature-store header of hidden layer ``layer`` (what ``dump_with`` of ``layer_extractor`` should record,
+    and what ``units layers`` evaluates as): kind ``hubert_l<L>``, model frame rate, framing, checkpoint SHA-1."""
+    meta: dict[str, Any] = {
+        "kind": f"hubert_l{layer}",
+        "dim": int(upstream.hidden_sizes[layer]),
+        "frame_rate": float(upstream.frame_rate),
+        "dtype": dtype,
+        "source": {"checkpoint_sha1": ckpt_sha1, "layer": int(layer)},
+    }
+    framing = model_framing(upstream.model.config)
+    if framing is not None:
+        meta["framing"] = framing
+    return meta
+
+
+def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str = "") -> list[int]:
+    """``all`` / None -> every hidden state 0..num_layers-1; ``"0,3,6"`` or a list -> those (sorted, unique)."""
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        try:
+            layers = [int(p) for p in spec.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+    else:
+        layers = [int(p) for p in spec]
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad or not layers:
+        raise ValueError(f"--layers {spec!r}: {source or 'the checkpoint'} has hidden states 0..{num_layers - 1}")
+    return sorted(set(layers))
+
+
+def select_utterances(utt_ids: Sequence[str], *, max_utts: int | None = None, subset_frac: float | None = None,
+                      seed: int = 0) -> list[str]:
+    """A seeded random subset (C-sorted) of at most ``max_utts`` / a ``subset_frac`` share of the utterances."""
+    ids = sort_ids(utt_ids)
+    m = len(ids)
+    if subset_frac is not None:
+        if not 0 < subset_frac <= 1:
+            raise ValueError(f"--subset-frac must be in (0, 1], got {subset_frac}")
+        m = max(1, int(round(subset_frac * len(ids))))
+    if max_utts is not None:
+        if max_utts < 1:
+            raise ValueError(f"--max-utts must be positive, got {max_utts}")
+        m = min(m, int(max_utts))
+    if m >= len(ids):
+        return ids
+    pick = np.random.default_rng(seed).choice(len(ids), size=m, replace=False)
+    return [ids[i] for i in np.sort(pick)]
+
+
+def _num_samples(utt: Any) -> int:
+    """Samples of an utterance at 16 kHz: from the header for a 16 kHz file without segments, else decoded."""
+    from speechssl.audio import audio_info, is_pipe
+    from speechssl.data.kaldi import load_utterance
+
+    if utt.start == 0.0 and utt.end is None and not is_pipe(utt.source):
+        info = audio_info(utt.source, utt_id=utt.utt_id)
+        if info.sample_rate == SAMPLE_RATE:
+            return int(info.num_frames)
+    return len(load_utterance(utt, SAMPLE_RATE))
+
+
+def _prefetch(fn: Callable[[str], Any], ids: Sequence[str], ahead: int = 4) -> Iterator[tuple[str, Any]]:
+    """``(id, fn(id))`` in order, ``fn`` running ``ahead`` items in advance on one thread (audio decoding)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [(u, pool.submit(fn, u)) for u in ids[:ahead]]
+        nxt = len(pending)
+        while pending:
+            u, fut = pending.pop(0)
+            if nxt < len(ids):
+                pending.append((ids[nxt], pool.submit(fn, ids[nxt])))
+                nxt += 1
+            yield u, fut.result()
+
+
+class _LayerRunner:
+    """The model's hidden states of the chosen layers for one waveform, as ``layer_extractor`` computes them."""
+
+    def __init__(self, upstream: Any, layers: list[int], dtype: np.dtype) -> None:
+        self.up, self.layers, self.dtype = upstream, layers, dtype
+        self.device = next(upstream.parameters()).device
+        self.top = max(layers)
+
+    def __call__(self, utt: str, wav: np.ndarray) -> dict[int, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0).to(self.device)
+        hidden, lens = self.up(x, torch.tensor([x.shape[1]]), num_layers=self.top)
+        t = int(lens[0])
+        return {layer: hidden[layer][0, :t].float().cpu().numpy().astype(self.dtype) for layer in self.layers}
+
+
+def evaluate_layers(
+    ckpt: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    alignments: str | os.PathLike,
+    *,
+    k: int,
+    mfcc: str | os.PathLike | None = None,
+    layers: str | Sequence[int] | None = "all",
+    sample_frac: float = 0.1,
+    max_frames: int | None = None,
+    max_utts: int | None = None,
+    subset_frac: float | None = None,
+    seed: int = 0,
+    niter: int = 20,
+    nredo: int = 1,
+    init: str = "kmeans++",
+    tier: str = "phones",
+    dtype: str = "float16",
+    device: str = "auto",
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """PNMI / phone purity / cluster purity of k-means units of every chosen layer (and of MFCC), see module doc.
+
+    Returns the ``layers.json`` dict; with ``out_dir`` writes ``layers.json`` and ``layers.png`` there.
+    """
+    from speechssl.data.kaldi import load_utterance, read_data_dir
+    from speechssl.upstream import checkpoint_sha1, load
+
+    dev = resolve_device(device)
+    up = load(ckpt, device=dev)
+    sha1 = checkpoint_sha1(ckpt)
+    chosen = parse_layers(layers, up.num_layers, str(ckpt))
+    np_dtype = np.dtype(dtype)
+    dd = read_data_dir(data_dir)
+    ids = select_utterances(dd.utt_ids(), max_utts=max_utts, subset_frac=subset_frac, seed=seed)
+    if not ids:
+        raise ValueError(f"{data_dir}: no utterances")
+    alis = read_alignments(alignments, tier=tier)
+    aligned = [u for u in ids if u in alis]
+    skipped = [u for u in ids if u not in alis]
+    if not aligned:
+        raise ValueError(f"none of the {len(ids)} utterances of {data_dir} has an alignment in {alignments} "
+                         f"(e.g. {ids[:2]} vs {sort_ids(alis)[:2]}): check the utterance ids")
+    if skipped:
+        log.warning("%d of %d utterances have no alignment in %s (used for k-means, not scored), e.g. %s",
+                    len(skipped), len(ids), alignments, skipped[:3])
+
+    # MFCC store: every selected utterance must be in it.
+    reader = None
+    if mfcc is not None:
+        from speechssl.features.store import FeatureReader
+
+        reader = FeatureReader(mfcc)
+        missing = [u for u in ids if u not in reader]
+        if missing:
+            raise ValueError(f"{mfcc}: {len(missing)} utterance(s) of {data_dir} missing from the MFCC store, "
+                             f"e.g. {missing[:3]}; dump MFCC for this data dir")
+
+    # Pass 0: frames per utterance -> sample plans.
+    utts = {u: dd.utterance(u) for u in ids}
+    samples = {}
+    for u in tqdm(ids, desc="layers: lengths", unit="utt", disable=not progress):
+        samples[u] = _num_samples(utts[u])
+    frames = {u: int(up.model.num_frames(samples[u])) for u in ids}
+    total = sum(frames.values())
+    n = sample_size(total, sample_frac, max_frames)
+    if n < k:
+        raise ValueError(f"sample of {n} of {total} frames per layer is smaller than k={k}; raise --sample-frac, "
+                         "--max-frames or the number of utterances")
+    idx = sample_indices([total], n, seed=seed)
+    dims = {layer: int(up.hidden_sizes[layer]) for layer in chosen}
+    samplers = {layer: StreamSampler(idx, dims[layer], total, np_dtype, name=f"layer {layer}") for layer in chosen}
+    mem = sum(n * d * np_dtype.itemsize for d in dims.values())
+    m_sampler = None
+    if reader is not None:
+        m_total = sum(reader.num_frames(u) for u in ids)
+        m_n = sample_size(m_total, sample_frac, max_frames)
+        if m_n < k:
+            raise ValueError(f"{mfcc}: sample of {m_n} MFCC frames is smaller than k={k}")
+        # The whole store in store order: its own shard layout, so the sample is the one `kmeans fit` draws.
+        layout = ([int(offs[-1]) for _, offs, _ in reader.shard_arrays()] if list(reader.ids) == ids
+                  else [m_total])
+        m_sampler = StreamSampler(sample_indices(layout, m_n, seed=seed), int(reader.dim or 0), m_total,
+                                  np.dtype(reader.meta.get("dtype", "float32")), name=f"MFCC {mfcc}")
+        mem += m_sampler.out.nbytes
+    work = memory_estimate(n, max(dims.values()), k)["working"]
+    report(f"units layers: {len(chosen)} layer(s) of {ckpt} ({up.frame_rate:g} Hz), k={k}, {len(ids)} utterances "
+           f"({len(aligned)} aligned), sample {n} of {total} frames per layer; memory estimate "
+           f"{(mem + work) / 2**20:.1f} MiB (samples {mem / 2**20:.1f} MiB + k-means working {work / 2**20:.1f} MiB)")
+
+    run = _LayerRunner(up, chosen, np_dtype)
+
+    def load_wav(u: str) -> np.ndarray:
+        return load_utterance(utts[u], SAMPLE_RATE)
+
+    # Pass 1: sample frames of every layer (and MFCC) in one model pass.
+    for u, wav in tqdm(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
+                       disable=not progress):
+        if len(wav) != samples[u]:
+            raise ValueError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
+        hs = run(u, wav)
+        for layer, h in hs.items():
+            if len(h) != frames[u]:
+                raise ValueError(f"utt {u}: layer {layer} gave {len(h)} frames, expected {frames[u]}")
+            samplers[layer].feed(h)
+        if m_sampler is not None:
+            m_sampler.feed(reader[u])
+
+    # Fit: the code of `kmeans fit`, one layer at a time.
+    centroids: dict[Any, np.ndarray] = {}
+    inertia: dict[Any, float] = {}
+    for layer in tqdm(chosen, desc="layers: k-means", unit="layer", disable=not progress):
+        x = samplers.pop(layer).result().astype(np.float32)
+        centroids[layer] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
+        inertia[layer] = Assigner(centroids[layer], device=dev).inertia(x) / len(x)
+        del x
+    if m_sampler is not None:
+        x = m_sampler.result().astype(np.float32)
+        m_sampler = None
+        centroids["mfcc"] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
+        inertia["mfcc"] = Assigner(centroids["mfcc"], device=dev).inertia(x) / len(x)
+        del x
+
+    # Pass 2: assign every frame, count (phone, unit) pairs per layer.
+    phones = sort_ids({p for u in aligned for p in alis[u].phones} | {SILENCE})
+    phone_id = {p: i for i, p in enumerate(phones)}
+    assigners = {key: Assigner(c, device=dev) for key, c in centroids.items()}
+    counts = {key: np.zeros((len(phones), k), dtype=np.int64) for key in centroids}
+    layer_meta = layer_feature_meta(up, chosen[0], sha1, dtype)
+    layer_framing, layer_rate = layer_meta.get("framing"), float(up.frame_rate)
+    m_framing = framing_from_features(reader.meta) if reader is not None else None
+    dropped = {key: 0 for key in centroids}
+
+    def score(key: Any, u: str, feats: np.ndarray, rate: float, framing: Any, where: str) -> None:
+        units = assigners[key](np.asarray(feats))
+        ph = frame_phones(alis[u], len(units), rate, framing, label_file=where)
+        dropped[key] += len(units) - len(ph)
+        pid = np.fromiter((phone_id[p] for p in ph), dtype=np.int64, count=len(ph))
+        counts[key] += count_table(pid, units[: len(ph)], len(phones), k)
+
+    for u, wav in tqdm(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
+                       disable=not progress):
+        for layer, h in run(u, wav).items():
+            score(layer, u, h, layer_rate, layer_framing, f"layer {layer} of {ckpt}")
+        if reader is not None:
+            score("mfcc", u, reader[u], reader.frame_rate, m_framing, str(mfcc))
+
+    def entry(key: Any) -> dict[str, Any]:
+        m = quality_from_counts(counts[key])
+        return {**m, "num_frames": int(counts[key].sum()), "units_used": int((counts[key].sum(0) > 0).sum()),
+                "inertia_per_frame": inertia[key], "dropped_edge_frames": dropped[key]}
+
+    rows = [{"layer": layer, **entry(layer), "dim": dims[layer]} for layer in chosen]
+    best = max(rows, key=lambda r: r["pnmi"])["layer"]
+    result: dict[str, Any] = {
+        "layers": rows,
+        "mfcc": None,
+        "best_layer": best,
+        "k": k,
+        "checkpoint": str(ckpt),
+        "checkpoint_sha1": sha1,
+        "data": str(data_dir),
+        "alignments": str(alignments),
+        "utterances": len(aligned),
+        "utterances_fit": len(ids),
+        "skipped_no_alignment": len(skipped),
+        "skipped_examples": skipped[:20],
+        "frame_rates": {"layers": layer_rate, "mfcc": reader.frame_rate if reader is not None else None},
+        "frame_rate_note": "each feature is scored at its own frame rate: the phone at each frame centre of the "
+                           "alignment (model frames at the model rate, MFCC frames at the MFCC rate)",
+        "layer_framing": layer_framing,
+        "sample_frac": sample_frac, "max_frames": max_frames, "sample_size": n,
+        "max_utts": max_utts, "subset_frac": subset_frac,
+        "seed": seed, "niter": niter, "nredo": nredo, "init": init, "dtype": dtype,
+        "phones": phones,
+        "created_by": f"speechssl {__version__}",
+    }
+    if reader is not None:
+        result["mfcc"] = {**entry("mfcc"), "feats": str(mfcc), "kind": reader.meta.get("kind"),
+                          "frame_rate": reader.frame_rate, "dim": reader.dim}
+    for r in rows:
+        report(f"layer {r['layer']:>2}: PNMI {r['pnmi']:.4f}  phone purity {r['phone_purity']:.4f}  "
+               f"cluster purity {r['cluster_purity']:.4f}")
+    if result["mfcc"]:
+        mm = result["mfcc"]
+        report(f"MFCC    : PNMI {mm['pnmi']:.4f}  phone purity {mm['phone_purity']:.4f}  "
+               f"cluster purity {mm['cluster_purity']:.4f}  ({mm['frame_rate']:g} Hz)")
+    report(f"best layer by PNMI: {best}")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_layers(result, out / "layers.png")
+        atomic_write_text(out / "layers.json", json.dumps(result, indent=1) + "\n")  # last: the commit marker
+        report(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
+    return result
+
+
+def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG: PNMI (and purities, lighter) by layer; MFCC units at the same k as horizontal lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = result["layers"]
+    xs = [r["layer"] for r in rows]
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(xs, [r["pnmi"] for r in rows], "o-", color="C0", label="PNMI")
+    ax.plot(xs, [r["phone_purity"] for r in rows], ".--", color="C1", alpha=0.6, label="phone purity")
+    ax.plot(xs, [r["cluster_purity"] for r in rows], ".:", color="C2", alpha=0.6, label="cluster purity")
+    m = result.get("mfcc")
+    if m:
+        ax.axhline(m["pnmi"], color="C3", linestyle="-", label=f"MFCC PNMI ({m['pnmi']:.3f}, {m['frame_rate']:g} Hz)")
+    best = result["best_layer"]
+    ax.annotate(f"best {best}", (best, max(r["pnmi"] for r in rows)), textcoords="offset points", xytext=(0, 8),
+                ha="center", fontsize=8)
+    ax.set_xlabel("hidden layer (0 = transformer input)")
+    ax.set_ylabel("score")
+    ax.set_xticks(xs)
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"k-means units by layer, k={result['k']}, {result['utterances']} utterances\n"
+                 f"{Path(result['checkpoint']).name} ({result['checkpoint_sha1'][:10]})", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
