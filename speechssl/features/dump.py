@@ -146,13 +146,16 @@ def batch_extractor(
             while end < len(order) and len(wavs[order[end]]) * (end + 1 - start) <= max_padded:
                 end += 1
             idx = order[start:end]
-            longest = len(wavs[idx[-1]])
-            batch = torch.zeros(len(idx), longest)
-            for j, i in enumerate(idx):
-                batch[j, : len(wavs[i])] = torch.from_numpy(wavs[i])
-            lengths = torch.tensor([len(wavs[i]) for i in idx])
+            if len(idx) == 1:  # no padding needed
+                batch = torch.from_numpy(np.ascontiguousarray(wavs[idx[0]], dtype=np.float32)).unsqueeze(0)
+                lengths = None
+            else:
+                batch = torch.zeros(len(idx), len(wavs[idx[-1]]))
+                for j, i in enumerate(idx):
+                    batch[j, : len(wavs[i])] = torch.from_numpy(wavs[i])
+                lengths = torch.tensor([len(wavs[i]) for i in idx], device=dev)
             with torch.inference_mode():
-                feats = extract(batch.to(dev), lengths=lengths.to(dev), cmvn=cmvn).cpu().numpy()
+                feats = extract(batch.to(dev), lengths=lengths, cmvn=cmvn).cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = feats[j, : num_frames(len(wavs[i]))]
             start = end

@@ -3,7 +3,7 @@
 
 Audio: ``--minutes`` of synthetic speech-like signal (harmonics through formant-like resonances, noise bursts)
 in utterances of 2-15 s, held in memory (this measures feature computation, not I/O). Every extractor gets a
-warm-up pass, then the best of ``--repeat`` timed passes is reported as seconds of audio per second (x real time).
+warm-up pass, then the best of ``--repeat`` interleaved timed passes is reported as seconds of audio per second (x real time).
 
 Peers: kaldi-native-fbank (OnlineMfcc, 13-d: it has no deltas), librosa (mfcc + feature.delta twice: 39-d),
 lhotse's own torch Kaldi MFCC (``lhotse.features.kaldi.extractors.Mfcc`` per utterance and ``Wav2MFCC`` on
@@ -129,13 +129,17 @@ def lhotse_batched(wavs: list[np.ndarray]) -> None:
             start = end
 
 
-def timeit(fn: Callable[[list[np.ndarray]], None], wavs: list[np.ndarray], repeat: int) -> float:
-    fn(wavs[:8])  # warm-up: caches, allocator, lazy imports
-    best = float("inf")
+def time_interleaved(fns: list[Callable[[list[np.ndarray]], None]], wavs: list[np.ndarray], repeat: int) -> list[float]:
+    """Best-of-``repeat`` wall time per extractor; repetitions are interleaved (A B C A B C ...) so that a
+    burst of load from other processes hits every extractor alike. Each gets a warm-up pass first."""
+    for fn in fns:
+        fn(wavs[:8])  # warm-up: caches, allocator, lazy imports
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(wavs)
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(wavs)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -143,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip", nargs="*", default=[], help="row names to skip")
     args = ap.parse_args()
@@ -162,16 +166,9 @@ def main() -> None:
         ("lhotse Mfcc per-utt", "13", lhotse_per_utt),
         ("lhotse Wav2MFCC batched", "13", lhotse_batched),
     ]
-    results = []
-    for name, dim, fn in rows:
-        if name in args.skip:
-            continue
-        try:
-            sec = timeit(fn, wavs, args.repeat)
-        except ImportError as e:
-            print(f"{name}: skipped ({e})")
-            continue
-        results.append((name, dim, sec))
+    rows = [r for r in rows if r[0] not in args.skip]
+    times = time_interleaved([fn for _, _, fn in rows], wavs, args.repeat)
+    results = [(name, dim, sec) for (name, dim, _), sec in zip(rows, times)]
     ours39 = next(s for n, d, s in results if n == "speechssl batched" and d == "39")
     ours13 = next((s for n, d, s in results if n == "speechssl batched" and d == "13"), ours39)
     print(f"\n{'extractor':<26}{'dims':>5}{'seconds':>10}{'x real time':>13}{'ours/peer':>11}")
