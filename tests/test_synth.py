@@ -170,6 +170,17 @@ def test_refuses_to_overwrite_finished_corpus(corpus, capsys):
     assert (corpus / "corpus.json").read_bytes() == before
 
 
+def test_bad_options_and_foreign_dirs_refused(tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert make_corpus.main(["--out", str(foreign), "--tiny"]) == 2
+    assert "not a mini_synth corpus" in capsys.readouterr().err and (foreign / "notes.txt").exists()
+    assert make_corpus.main(["--out", str(tmp_path / "x"), "--hours", "0"]) == 2
+    assert make_corpus.main(["--out", str(tmp_path / "x"), "--nj", "0"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------------------------- rendering
 
 SPEAKER = render.Speaker("spk01", "en-us+m3", "m", 45, 50, 170, 0)
