@@ -107,15 +107,25 @@ def test_sample_size_cap_and_errors():
         sample_size(1000, 0.0, None)
 
 
-def test_assigner_matches_brute_force():
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_assigner_matches_brute_force(backend, tmp_path):
     x, _ = _gmm(3000, seed=1)
     c = x[:37] + 0.1
-    labels, dist = Assigner(c, device="cpu", batch=500)(x, return_dist=True)
+    a = Assigner(c, device="cpu", batch=500, backend=backend)
+    labels, dist = a(x, return_dist=True)
     full = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(labels, full.argmin(1))
     np.testing.assert_allclose(dist, full.min(1), rtol=1e-4, atol=1e-3)
+    # float16 and read-only memmap input (feature stores) give the labels of their float32 values
+    x16 = x.astype(np.float16)
+    np.testing.assert_array_equal(a(x16), Assigner(c, device="cpu", backend="torch")(x16.astype(np.float32)))
+    mm_path = tmp_path / "x.bin"
+    x.tofile(mm_path)
+    np.testing.assert_array_equal(a(np.memmap(mm_path, dtype=np.float32, mode="r", shape=x.shape)), labels)
     with pytest.raises(ValueError, match="dim 4"):
-        Assigner(c, device="cpu")(np.zeros((3, 5), np.float32))
+        a(np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="backend"):
+        Assigner(c, device="cpu", backend="sklearn")
 
 
 def _lloyd_reference(x, c, iters=50):

@@ -16,8 +16,8 @@ fairseq's recipe loads a 10% sample of the features into RAM as one array and fi
   does) and the run with the lowest objective wins; ``init="random"`` gives faiss's behaviour. faiss would silently subsample to ``256 * k`` points; we turn that off
   (the sample is already the size asked for). On a CUDA machine without faiss-gpu the same algorithm runs in
   torch (:func:`_fit_torch`).
-* **Assignment** (:class:`Assigner`) is batched nearest-centroid search in torch:
-  ``argmin_c ||x||^2 - 2 x.c + ||c||^2`` with one matmul per batch, on GPU when present.
+* **Assignment** (:class:`Assigner`) is batched nearest-centroid search: faiss ``IndexFlatL2`` (k=1) on CPU,
+  ``argmin_c ||c||^2 - 2 x.c`` with one torch matmul per batch on GPU.
 * **Labels** are written per utterance id, per rank (``shards/R-of-N.km`` + header), and merged into one
   sorted ``text.km`` with ``meta.json`` when every rank of the run is done (:func:`merge_label_shards`).
 """
@@ -69,7 +69,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK_FRAMES = 65536  # sampling granularity: bounds the per-chunk index and gather buffers
-ASSIGN_BATCH = 8192  # frames per distance matmul in Assigner (batch x k float32 scores; cache-sized)
+ASSIGN_BATCH = 8192  # frames per distance matmul in Assigner's torch path (batch x k float32 scores)
+FAISS_BATCH = 65536  # frames per faiss search call on CPU (float32 copy of the batch; faiss blocks by 4096 inside)
 # The feature-store header keys that must agree between the features a k-means model was fitted on and the
 # features it labels (dtype and nshard are storage details).
 FEATURE_KEYS = ("kind", "dim", "frame_rate", "source")
@@ -182,7 +183,8 @@ def memory_estimate(n: int, dim: int, k: int, chunk: int = CHUNK_FRAMES, batch: 
     * sampling buffers: one chunk's index permutation (int64) and gathered rows;
     * faiss Lloyd: per-point assignment (int64), distance (float32) and norm (float32), one 4096 x 1024 float32
       BLAS block, centroid copies;
-    * final assignment of the sample (:class:`Assigner`): one ``batch x k`` float32 score block and outputs;
+    * final assignment of the sample (:class:`Assigner`): torch: one ``batch x k`` float32 score block; faiss
+      (CPU): a float32 copy of ``FAISS_BATCH`` rows, its results, one 4096 x 1024 distance block; plus outputs;
     * k-means++ seeding: a subset of ``max(20000, 20 k)`` frames and a few distance rows over it.
 
     The stages run one after another, so working memory is the largest of them.
@@ -190,7 +192,9 @@ def memory_estimate(n: int, dim: int, k: int, chunk: int = CHUNK_FRAMES, batch: 
     sample = n * dim * 4
     sampling = chunk * 8 + min(chunk, max(n, 1)) * dim * 4 * 2
     faiss_work = n * (8 + 4 + 4) + 4096 * 1024 * 4 + 4 * k * dim * 4
-    assign = min(batch, max(n, 1)) * (k * 4 * 2 + dim * 4) + n * (8 + 4)
+    m_assign = max(n, 1)
+    assign = max(min(batch, m_assign) * (k * 4 * 2 + dim * 4),  # torch path: score block, batch copy
+                 min(FAISS_BATCH, m_assign) * (dim * 4 + 12) + 4096 * min(k, 1024) * 4) + n * (8 + 4)  # faiss
     m, trials = min(n, max(20_000, 20 * k)), 2 + int(np.log(max(k, 1)))
     seeding = m * dim * 4 * 2 + m * 4 * (2 * trials + 4)  # k-means++ subset (+ its tensor copy) and distances
     working = max(sampling, faiss_work + k * dim * 4, assign, seeding)
@@ -314,21 +318,44 @@ def sample_frames(
 
 
 class Assigner:
-    """Nearest-centroid assignment in batches: ``argmin_c (||c||^2 - 2 x.c)``; squared distances on request.
+    """Nearest-centroid assignment in batches; squared distances on request.
 
-    Runs on ``device`` (GPU when present); inputs are numpy ``[N, D]`` arrays (float16 or float32).
+    * CPU (``backend="auto"`` or ``"faiss"``): a faiss ``IndexFlatL2`` searched for the 1 nearest centroid:
+      blocked sgemm plus faiss's fused top-1 scan over each distance block (its own OpenMP threads). Measured on
+      2 shared cores, 1M frames: 39-d k=100 0.47 s vs 0.62-0.65 s for torch ``addmm`` + ``min`` (CPU time
+      0.24 vs 0.31 s), 256-d k=500 (200k frames) 1.37 vs 1.56-1.60 s. Same argmin up to float rounding at
+      near-ties (1 frame in 10^6 on random data).
+    * CUDA (``"auto"``) or ``backend="torch"``: ``argmin_c (||c||^2 - 2 x.c)`` with one ``addmm`` per batch.
+
+    Inputs are numpy ``[N, D]`` arrays (float16 or float32, memmaps included); batches of ``batch`` rows are
+    converted to float32 one at a time.
     """
 
-    def __init__(self, centroids: np.ndarray, device: str | torch.device = "auto", batch: int = ASSIGN_BATCH) -> None:
+    def __init__(self, centroids: np.ndarray, device: str | torch.device = "auto", batch: int = ASSIGN_BATCH,
+                 backend: str = "auto") -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.c = torch.as_tensor(np.ascontiguousarray(centroids, dtype=np.float32), device=self.device)
-        self.c_t = self.c.t().contiguous()
-        self.c_norm = (self.c * self.c).sum(1)
-        self.batch = int(batch)
+        if backend == "auto":
+            backend = "torch" if self.device.type != "cpu" else "faiss"
+        if backend not in ("faiss", "torch") or (backend == "faiss" and self.device.type != "cpu"):
+            raise ValueError(f"Assigner backend must be 'faiss' (cpu) or 'torch', got {backend!r} on {self.device}")
+        self.backend = backend
+        c = np.ascontiguousarray(centroids, dtype=np.float32)
+        self._dim = int(c.shape[1])
+        if backend == "faiss":
+            import faiss
+
+            self.index = faiss.IndexFlatL2(self._dim)
+            self.index.add(c)
+            self.batch = max(int(batch), FAISS_BATCH)  # faiss blocks internally; bigger calls amortise its setup
+        else:
+            self.c = torch.as_tensor(c, device=self.device)
+            self.c_t = self.c.t().contiguous()
+            self.c_norm = (self.c * self.c).sum(1).unsqueeze(0)
+            self.batch = int(batch)
 
     @property
     def dim(self) -> int:
-        return int(self.c.shape[1])
+        return self._dim
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, return_dist: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -339,13 +366,20 @@ class Assigner:
         labels = np.empty(n, dtype=np.int64)
         dist = np.empty(n, dtype=np.float32) if return_dist else None
         for s in range(0, n, self.batch):
-            xb = torch.as_tensor(np.ascontiguousarray(x[s : s + self.batch], dtype=np.float32), device=self.device)
-            scores = torch.addmm(self.c_norm.unsqueeze(0), xb, self.c_t, alpha=-2.0)  # ||c||^2 - 2 x.c
+            e = min(n, s + self.batch)
+            xb_np = np.ascontiguousarray(x[s:e], dtype=np.float32)
+            if self.backend == "faiss":
+                d, i = self.index.search(xb_np, 1)
+                labels[s:e] = i[:, 0]
+                if dist is not None:
+                    dist[s:e] = np.maximum(d[:, 0], 0)
+                continue
+            xb = torch.from_numpy(np.array(xb_np, copy=not xb_np.flags.writeable)).to(self.device)
+            scores = torch.addmm(self.c_norm, xb, self.c_t, alpha=-2.0)  # ||c||^2 - 2 x.c
             best, idx = scores.min(1)
-            labels[s : s + len(xb)] = idx.cpu().numpy()
+            labels[s:e] = idx.cpu().numpy()
             if dist is not None:
-                d = (best + (xb * xb).sum(1)).clamp_min_(0)
-                dist[s : s + len(xb)] = d.cpu().numpy()
+                dist[s:e] = (best + (xb * xb).sum(1)).clamp_min_(0).cpu().numpy()
         return (labels, dist) if dist is not None else labels
 
     def inertia(self, x: np.ndarray) -> float:
