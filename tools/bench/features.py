@@ -16,6 +16,7 @@ no energy, snip_edges, dither 0 (librosa has no Kaldi framing options; its close
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 from typing import Callable
@@ -129,17 +130,21 @@ def lhotse_batched(wavs: list[np.ndarray]) -> None:
             start = end
 
 
-def time_interleaved(fns: list[Callable[[list[np.ndarray]], None]], wavs: list[np.ndarray], repeat: int) -> list[float]:
-    """Best-of-``repeat`` wall time per extractor; repetitions are interleaved (A B C A B C ...) so that a
-    burst of load from other processes hits every extractor alike. Each gets a warm-up pass first."""
+def time_interleaved(
+    fns: list[Callable[[list[np.ndarray]], None]], wavs: list[np.ndarray], repeat: int
+) -> list[tuple[float, float]]:
+    """Best-of-``repeat`` (wall, process CPU) seconds per extractor; repetitions are interleaved (A B C A B C ...)
+    so that a burst of load from other processes hits every extractor alike. Each gets a warm-up pass first.
+    CPU seconds (all threads) are reported too: on a shared, oversubscribed machine they move less than wall time."""
     for fn in fns:
         fn(wavs[:8])  # warm-up: caches, allocator, lazy imports
-    best = [float("inf")] * len(fns)
+    best = [(float("inf"), float("inf"))] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn(wavs)
-            best[i] = min(best[i], time.perf_counter() - t0)
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            best[i] = (min(best[i][0], wall), min(best[i][1], cpu))
     return best
 
 
@@ -168,13 +173,15 @@ def main() -> None:
     ]
     rows = [r for r in rows if r[0] not in args.skip]
     times = time_interleaved([fn for _, _, fn in rows], wavs, args.repeat)
-    results = [(name, dim, sec) for (name, dim, _), sec in zip(rows, times)]
-    ours39 = next(s for n, d, s in results if n == "speechssl batched" and d == "39")
-    ours13 = next((s for n, d, s in results if n == "speechssl batched" and d == "13"), ours39)
-    print(f"\n{'extractor':<26}{'dims':>5}{'seconds':>10}{'x real time':>13}{'ours/peer':>11}")
-    for name, dim, sec in results:
+    results = [(name, dim, wall, cpu) for (name, dim, _), (wall, cpu) in zip(rows, times)]
+    ours39 = next(r[2] for r in results if r[0] == "speechssl batched" and r[1] == "39")
+    ours13 = next((r[2] for r in results if r[0] == "speechssl batched" and r[1] == "13"), ours39)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at the end: {load:.2f}")
+    print(f"\n{'extractor':<26}{'dims':>5}{'wall s':>9}{'x real time':>13}{'cpu s':>8}{'ours/peer':>11}")
+    for name, dim, wall, cpu in results:
         ref = ours39 if dim == "39" else ours13  # compare like with like
-        print(f"{name:<26}{dim:>5}{sec:>10.3f}{audio_s / sec:>13.0f}{sec / ref:>10.1f}x")
+        print(f"{name:<26}{dim:>5}{wall:>9.3f}{audio_s / wall:>13.0f}{cpu:>8.3f}{wall / ref:>10.1f}x")
     print("\nours/peer = peer time / our batched time at the same dims (>1: ours faster).")
 
 
