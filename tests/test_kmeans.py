@@ -248,10 +248,11 @@ def test_cli_round_trip(tmp_path, capsys):
                  "--out", str(tmp_path / "lab"), "--device", "cpu"]) == 0
     labels, meta = read_labels(tmp_path / "lab")
     assert set(labels) == set(feats) and meta["kmeans_hash"] == km["kmeans_hash"]
-    # alignment: every frame of an utterance is "phone" p<cluster of its first frame>; CTM in 10 ms frames
+    # alignment: every frame of an utterance is "phone" p<cluster of its first frame>, lasting as long as the
+    # audio that gives len(units) snip-edges MFCC frames (25 ms windows, 10 ms shift)
     ctm = []
     for utt, units in labels.items():
-        ctm.append(f"{utt} 1 0.000 {len(units) / 100:.3f} p{units[0]}")
+        ctm.append(f"{utt} 1 0.000 {(len(units) * 160 + 240) / 16000:.4f} p{units[0]}")
     (tmp_path / "a.ctm").write_text("\n".join(ctm) + "\n")
     assert main(["units", "quality", "--labels", str(tmp_path / "lab"), "--alignments", str(tmp_path / "a.ctm"),
                  "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")]) == 0

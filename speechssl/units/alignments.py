@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from speechssl.units.labels import LabelError, frame_centres
+from speechssl.units.labels import LabelError, expected_num_frames, frame_centres
 
 __all__ = ["SILENCE", "AlignmentError", "PhoneAlignment", "read_ctm", "read_textgrid", "read_textgrid_dir",
            "read_alignments", "frame_phones"]
@@ -221,14 +221,15 @@ def frame_phones(ali: PhoneAlignment, num_labels: int, label_rate: float, framin
                  sample_rate: int = 16000, label_file: str | None = None) -> np.ndarray:
     """The phone covering the centre of each label frame (object array of str; gaps = :data:`SILENCE`).
 
-    The alignment spans the frames whose centre lies before ``ali.end``; if that count differs from
-    ``num_labels`` by more than one frame the labels and alignment describe different audio: AlignmentError.
-    Frames whose centre lies past the alignment's end (at most one) are left out, so the result may be one
-    shorter than ``num_labels``: use ``labels[:len(result)]``.
+    The alignment spans as many frames as the feature extractor (``framing``) makes from ``ali.end`` seconds of
+    audio; if that count differs from ``num_labels`` by more than one frame the labels and alignment describe
+    different audio: AlignmentError. The result has ``min(that count, num_labels)`` frames: use
+    ``labels[:len(result)]``.
     """
     centres = frame_centres(num_labels + 2, framing, label_rate, sample_rate)
-    n_ali = int(np.searchsorted(frame_centres(int(ali.end * label_rate) + 4, framing, label_rate, sample_rate),
-                                ali.end, side="left"))
+    # Frames the feature extractor makes from audio as long as the alignment (snip_edges drops the frames whose
+    # window would run past the end, so counting frame centres would overshoot by up to 2 at 100 Hz).
+    n_ali = expected_num_frames(int(round(ali.end * sample_rate)), framing, label_rate, sample_rate)
     if abs(n_ali - num_labels) > 1:
         where = f" in {label_file}" if label_file else ""
         raise AlignmentError(

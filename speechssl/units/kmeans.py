@@ -572,10 +572,19 @@ def _shard_paths(out_dir: Path, rank: int, nshard: int) -> tuple[Path, Path]:
     return base.with_suffix(".km"), base.with_suffix(".json")
 
 
+def _without_data(spec: Mapping[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
+    if isinstance(spec.get("source"), Mapping):
+        spec["source"] = {k: v for k, v in spec["source"].items() if k != "data"}
+    return spec
+
+
 def _check_features(km: KMeansModel, meta: Mapping[str, Any]) -> None:
     """The features to label must be the kind the centroids were fitted on (kind, dim, frame rate, source)."""
-    fitted = km.meta.get("features") or {}
-    here = feature_spec(meta)
+    # Which utterances the features came from (source["data"]) is not part of their kind: dev features are
+    # labelled with centroids fitted on train.
+    fitted = _without_data(km.meta.get("features") or {})
+    here = _without_data(feature_spec(meta))
     diff = {key: (fitted.get(key), here.get(key)) for key in FEATURE_KEYS if fitted.get(key) != here.get(key)}
     if diff:
         raise LabelError(
