@@ -139,6 +139,7 @@ def _fairseq_copy(model: HubertPretrainModel):
     return ref
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # s3prl uses the old weight_norm
 @pytest.mark.parametrize("make", [small_post_ln, small_pre_ln], ids=["post_ln_group", "pre_ln_layer"])
 def test_pretraining_loss_matches_fairseq(make, monkeypatch):
     fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")

@@ -133,8 +133,11 @@ class HubertPretrainModel(nn.Module):
         chunks = (proj.chunk(len(self.config.num_classes), dim=-1) if self.config.untie_final_proj
                   else [proj] * len(self.config.num_classes))
         embs = self.label_embeddings.split(self.config.num_classes, dim=0)
+        # cosine similarity as a matmul of unit vectors (fairseq broadcasts torch.cosine_similarity over
+        # [N, k, final_dim], which costs k times the memory); float32 as fairseq does
         return [
-            F.cosine_similarity(p.float().unsqueeze(1), e.float().unsqueeze(0), dim=-1) / self.config.logit_temp
+            F.normalize(p.float(), dim=-1, eps=1e-8) @ F.normalize(e.float(), dim=-1, eps=1e-8).t()
+            / self.config.logit_temp
             for p, e in zip(chunks, embs)
         ]
 
