@@ -397,3 +397,16 @@ def test_bf16_autocast_forward_backward_tiny():
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_normalize_waveform_is_per_utterance():
+    torch.manual_seed(0)
+    model = HubertModel(small_pre_ln(normalize_waveform=True)).eval()  # Large layout: layer-norm CNN, pre-LN
+    wavs, lens = padded_batch([4000, 2600])
+    with torch.no_grad():
+        hs, fl = model(wavs, lens)
+        scaled, _ = model(3.0 * wavs + 0.2, lens)  # gain and DC offset are normalised away (padding stays ignored)
+        alone, _ = model(wavs[1:, :2600], lens[1:])
+    n = int(fl[1])
+    torch.testing.assert_close(scaled[-1][:, :n], hs[-1][:, :n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hs[-1][1, :n], alone[-1][0], atol=1e-5, rtol=1e-5)
