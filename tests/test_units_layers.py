@@ -11,13 +11,14 @@ import json
 import faiss
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from speechssl import upstream
 from speechssl.audio import save_audio
 from speechssl.cli import main
 from speechssl.data.kaldi import DataDir, write_data_dir
-from speechssl.features.dump import dump_features, dump_with
+from speechssl.features.dump import dump_features
 from speechssl.features.store import FeatureReader, FeatureWriter
 from speechssl.models import HubertPretrainModel, hubert_tiny, save_model
 from speechssl.units.kmeans import StreamSampler, fit_store, label_store, sample_frames, sample_indices
@@ -84,11 +85,18 @@ def test_layers_json_and_plot(case):
 
 
 def test_layer_equals_separate_fit_label_quality(case, tmp_path):
-    """Layer 1 dumped to a store, then kmeans fit + label + units quality: the same numbers."""
+    """Layer 1 dumped to a store (the recipe's `features dump --kind hidden`), then kmeans fit + label +
+    units quality: the same numbers."""
     up = upstream.load(case["ckpt"])
     sha1 = upstream.checkpoint_sha1(case["ckpt"])
     store = tmp_path / "l1"
-    dump_with(case["data"], store, upstream.layer_extractor(up, 1), layer_feature_meta(up, 1, sha1), workers=1)
+    assert main(["features", "dump", "--data", str(case["data"]), "--kind", "hidden", "--ckpt", str(case["ckpt"]),
+                 "--layer", "1", "--out", str(store)]) == 0
+    source = FeatureReader(store).meta["source"]
+    assert {k: source[k] for k in ("checkpoint_sha1", "layer")} == layer_feature_meta(up, 1, sha1)["source"]
+    reference = upstream.layer_extractor(up, 1)
+    wav, _ = sf.read(str(case["root"] / "wav" / "spk0-utt00.wav"), dtype="float32")
+    np.testing.assert_array_equal(FeatureReader(store)["spk0-utt00"], reference(wav))
     fit_store(store, tmp_path / "km", k=K, sample_frac=0.5, niter=10, seed=0, device="cpu")
     label_store(store, tmp_path / "km", tmp_path / "lab", device="cpu")
     q = label_quality(tmp_path / "lab", case["ctm"])

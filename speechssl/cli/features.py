@@ -12,6 +12,17 @@ import json
 def _dump(args: argparse.Namespace) -> int:
     from speechssl.features.dump import dump_features
 
+    if args.kind == "hidden":
+        if args.ckpt is None or args.layer is None:
+            raise ValueError("--kind hidden needs --ckpt CKPT and --layer L")
+        from speechssl.units.layers import dump_hidden
+
+        dump_hidden(args.data, args.out, args.ckpt, args.layer, nshard=args.nshard, rank=args.rank,
+                    device=args.device, overwrite=args.overwrite)
+        return 0
+    if args.ckpt is not None or args.layer is not None:
+        raise ValueError("--ckpt/--layer go with --kind hidden")
+
     dump_features(
         args.data,
         args.out,
@@ -45,14 +56,18 @@ def register(subparsers, help_: str) -> None:
 
     v = verbs.add_parser(
         "dump",
-        help="compute MFCC (39-d, HuBERT iteration 1) or 80-d fbank for a data dir into a sharded store",
+        help="compute MFCC (39-d, HuBERT iteration 1), 80-d fbank or a checkpoint layer for a data dir into a sharded store",
         description="Shards are contiguous ranges of the sorted utterance list. Without --rank, every missing "
         "shard is dumped in turn (or the torchrun RANK when WORLD_SIZE equals --nshard); finished shards with "
         "the same header are skipped, unfinished ones redone.",
     )
     v.add_argument("--data", required=True, metavar="DIR", help="Kaldi data dir")
     v.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
-    v.add_argument("--kind", choices=("mfcc", "fbank"), default="mfcc")
+    v.add_argument("--kind", choices=("mfcc", "fbank", "hidden"), default="mfcc",
+                   help="hidden: hidden states of --layer of checkpoint --ckpt (iteration >= 2 targets)")
+    v.add_argument("--ckpt", default=None, metavar="DIR", help="checkpoint directory (--kind hidden)")
+    v.add_argument("--layer", type=int, default=None,
+                   help="hidden state index, 0 = encoder input .. num_layers = output (--kind hidden)")
     v.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     v.add_argument("--rank", type=int, default=None, help="shard to dump (default: $RANK, else all missing)")
     v.add_argument("--cmvn", nargs="?", const="mean", choices=("mean", "meanvar"), default=None,

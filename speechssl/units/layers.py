@@ -389,3 +389,19 @@ def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def dump_hidden(data_dir, out_dir, ckpt, layer: int, *, nshard: int | None = 1, rank: int | None = None,
+                device: str = "cpu", overwrite: bool = False, dtype: str = "float16") -> None:
+    """Hidden states of ``layer`` of checkpoint ``ckpt`` for every utterance of ``data_dir`` into a feature store.
+
+    The header is :func:`layer_feature_meta`, the same one ``units layers`` evaluates, so k-means fitted on this
+    store and labels assigned from it describe exactly the features ``units layers`` reported on.
+    """
+    from speechssl import upstream as upstream_lib
+    from speechssl.features.dump import dump_with
+
+    up = upstream_lib.load(ckpt, device=device)
+    meta = layer_feature_meta(up, layer, upstream_lib.checkpoint_sha1(ckpt), dtype=dtype)
+    fn = upstream_lib.layer_extractor(up, layer, dtype=np.dtype(dtype))
+    dump_with(data_dir, out_dir, fn, meta, nshard=nshard, rank=rank, overwrite=overwrite)
