@@ -27,6 +27,11 @@ echo "[install] $TORCH_SPEC"
 "${pip[@]}" "$TORCH_SPEC"
 echo "[install] speechssl[$EXTRAS] (constraints: tools/constraints.txt)"
 "${pip[@]}" -c tools/constraints.txt -e ".[$EXTRAS]"
+# s3prl is the reference for interoperability tests; it requires torchaudio, which does not import beside this
+# torch, so it is installed without its dependencies (its vendored fairseq HuBERT needs only torch and numpy).
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  "${pip[@]}" --no-deps -c tools/constraints.txt s3prl
+fi
 # transformers imports torchaudio when present; a torchaudio that does not match torch breaks it.
 if "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchaudio') else 1)"; then
   if ! "$VENV/bin/python" -c "import torchaudio" >/dev/null 2>&1; then
