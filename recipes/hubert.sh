@@ -24,11 +24,13 @@ iter1_opts=""            # extra key=value overrides for iteration 1 (e.g. "opti
 iter2_opts=""
 layer=auto               # hidden layer for iteration-2 labels; auto = best PNMI from `units layers` (needs alignments)
 alignments=              # phone CTM of the train set for label-quality reports (optional)
+layers_opts="--max-utts 500"  # `units layers` options: which utterances to score (two model passes over them)
 help_message="Usage: $0 [options]
   --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC, 3 k-means iter1, 4 labels iter1, 5 unit quality,
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
-  --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'"
+  --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
+  --layers-opts '--max-utts N'  options of the per-layer report (stages 7, 10)"
 
 . "$(dirname "$0")/../tools/parse_options.sh"
 
@@ -102,7 +104,7 @@ if in_stage 7 && [ -n "$alignments" ]; then
   if done_or_run "$out"; then
     log "stage 7: what each layer of iteration 1 learned (PNMI by layer, k=$k2)"
     speechssl units layers --ckpt "$exp/hubert_iter1/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --mfcc "$dump/mfcc/$train_set" --out "$out"
+      --k "$k2" --mfcc "$dump/mfcc/$train_set" $layers_opts --out "$out"
     touch "$out/.done"
   fi
 fi
@@ -149,7 +151,7 @@ if in_stage 10 && [ -n "$alignments" ]; then
   if done_or_run "$out"; then
     log "stage 10: what each layer of iteration 2 learned"
     speechssl units layers --ckpt "$exp/hubert_iter2/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --mfcc "$dump/mfcc/$train_set" --out "$out"
+      --k "$k2" --mfcc "$dump/mfcc/$train_set" $layers_opts --out "$out"
     touch "$out/.done"
   fi
 fi
