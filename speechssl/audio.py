@@ -15,13 +15,14 @@ import io
 import logging
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+from speechssl.fileio import atomic_open
 
 __all__ = [
     "SAMPLE_RATE",
@@ -229,18 +230,5 @@ def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMP
             log.warning("path %s: clipping %d samples outside [-1, 1]", path, n_clip)
         # Scale by 2^15 so that reading back (int / 32768, as soundfile does) returns the same values.
         data = np.clip(np.round(arr * 32768.0), -32768, 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sf.write(fh, data, sample_rate, subtype="PCM_16", format="WAV")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; audio files are ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as fh:
+        sf.write(fh, data, sample_rate, subtype="PCM_16", format="WAV")

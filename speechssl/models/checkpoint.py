@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speechssl.fileio import fsync_dir
+
 from .config import HubertConfig
 from .hubert import HubertModel, HubertPretrainModel
 
@@ -37,19 +39,6 @@ CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names the directory and the problem."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
@@ -67,7 +56,7 @@ def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
                 path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
@@ -75,7 +64,7 @@ def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +31,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
+
+from speechssl.fileio import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -52,44 +52,6 @@ __all__ = [
     "prune_checkpoints",
     "step_dir_name",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- encoding

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from speechssl.fileio import atomic_write_text, fsync_dir
 from speechssl.config import to_dict, to_yaml
 from speechssl.models.config import HubertConfig
 from speechssl.train import state as st
@@ -319,7 +320,7 @@ class Trainer:
                 find_unused_parameters=find_unused,
             )
         if d.is_main:
-            st.atomic_write_text(self.exp / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.exp / "config.yaml", to_yaml(cfg))
             eff = d.world * cfg.data.max_duration * o.accum_grad
             nparams = sum(p.numel() for p in self.model.parameters())
             log.info(
@@ -703,7 +704,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            st._fsync_dir(self.ckpt_root)
+            fsync_dir(self.ckpt_root)
             st.prune_checkpoints(self.ckpt_root, self.cfg.ckpt.keep_last)
             if improved:
                 self._update_best(final, valid)

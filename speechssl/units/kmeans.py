@@ -37,11 +37,11 @@ import torch
 from tqdm import tqdm
 
 from speechssl import __version__
+from speechssl.fileio import atomic_path, atomic_write_text
 from speechssl.units.labels import (
     LabelError,
     META_NAME,
     TEXT_NAME,
-    atomic_write_text,
     format_label_line,
     framing_from_features,
     sort_ids,
@@ -127,16 +127,10 @@ class KMeansModel:
         c = np.ascontiguousarray(self.centroids, dtype=np.float32)
         meta = dict(self.meta, k=self.k, dim=self.dim, kmeans_hash=centroid_hash(c))
         (out / "kmeans.json").unlink(missing_ok=True)
-        pid = os.getpid()
-        st_tmp, npy_tmp = out / f".centroids.tmp{pid}.safetensors", out / f".centroids.tmp{pid}.npy"
-        try:
-            save_file({"centroids": c}, str(st_tmp), metadata={"kmeans_hash": meta["kmeans_hash"]})
-            np.save(npy_tmp, c)
-            os.replace(st_tmp, out / "centroids.safetensors")
-            os.replace(npy_tmp, out / "centroids.npy")
-        finally:
-            st_tmp.unlink(missing_ok=True)
-            npy_tmp.unlink(missing_ok=True)
+        with atomic_path(out / "centroids.safetensors") as tmp:
+            save_file({"centroids": c}, str(tmp), metadata={"kmeans_hash": meta["kmeans_hash"]})
+        with atomic_path(out / "centroids.npy") as tmp:
+            np.save(tmp, c)
         atomic_write_text(out / "kmeans.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.meta = meta
 

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from speechssl.fileio import atomic_write_text
+
 __all__ = [
     "LabelError",
     "LabelSet",
@@ -62,20 +64,6 @@ class LabelError(ValueError):
 def sort_ids(ids: Iterable[str]) -> list[str]:
     """Utterance ids sorted in C byte order (``LC_ALL=C sort``), the order of every Kaldi-style file."""
     return sorted(ids, key=lambda u: u.encode("utf-8"))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same dir, fsync, then rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _unit_dtype(k: int) -> np.dtype:

@@ -44,7 +44,8 @@ from speechssl.units.kmeans import (
     sample_indices,
     sample_size,
 )
-from speechssl.units.labels import atomic_write_text, framing_from_features, sort_ids
+from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.units.labels import framing_from_features, sort_ids
 from speechssl.units.quality import count_table, quality_from_counts
 
 __all__ = ["layer_feature_meta", "model_framing", "parse_layers", "select_utterances", "evaluate_layers",
@@ -381,14 +382,8 @@ def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
                  f"{Path(result['checkpoint']).name} ({result['checkpoint_sha1'][:10]})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def dump_hidden(data_dir, out_dir, ckpt, layer: int, *, nshard: int | None = 1, rank: int | None = None,

@@ -22,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from speechssl.units.alignments import PhoneAlignment, frame_phones, read_alignments
-from speechssl.units.labels import atomic_write_text, read_labels, sort_ids
+from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.units.labels import read_labels, sort_ids
 
 __all__ = ["QualityReport", "quality_from_counts", "count_table", "evaluate_labels", "label_quality",
            "plot_phone_given_unit"]
@@ -193,11 +194,5 @@ def plot_phone_given_unit(report: QualityReport, path: str | os.PathLike, title:
                  f"cluster purity {m['cluster_purity']:.3f}")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
