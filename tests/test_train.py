@@ -321,7 +321,7 @@ def test_max_minutes_stops_before_max_steps(tmp_path, corpus):
                    "ckpt.every_steps=500", dev=True)
     summary = pretrain(cfg)
     assert summary["stop_reason"] == "max_minutes"
-    assert 1 <= summary["step"] < 1000
+    assert 0 < summary["step"] < 1000  # stopped by the budget after at least one update
     # the stop saves a checkpoint and the validated best model
     latest = st.find_latest_checkpoint(tmp_path / "t" / "checkpoints")
     assert latest is not None and latest.name == st.step_dir_name(summary["step"])
