@@ -22,6 +22,7 @@ iter1_conf=conf/pretrain_iter1.yaml
 iter2_conf=conf/pretrain_iter2.yaml
 iter1_opts=""            # extra key=value overrides for iteration 1 (e.g. "optim.max_minutes=20")
 iter2_opts=""
+iter2_init=false         # true: iteration 2 starts from iteration 1's encoder (ckpt.init_from), false: from scratch (paper)
 layer=auto               # hidden layer for iteration-2 labels; auto = best PNMI from `units layers` (needs alignments)
 alignments=              # phone CTM of the train set for label-quality reports (optional)
 layers_opts="--max-utts 500"  # `units layers` options: which utterances to score (two model passes over them)
@@ -30,6 +31,7 @@ help_message="Usage: $0 [options]
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
   --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
+  --iter2-init true|false      iteration 2 from iteration 1's encoder instead of from scratch (head always fresh)
   --layers-opts '--max-utts N'  options of the per-layer report (stages 7, 10)"
 
 . "$(dirname "$0")/../tools/parse_options.sh"
@@ -137,11 +139,13 @@ if in_stage 9; then
   out=$exp/hubert_iter2
   if done_or_run "$out"; then
     log "stage 9: HuBERT iteration 2 -> $out"
+    init=""
+    $iter2_init && init="ckpt.init_from=$exp/hubert_iter1/best"
     # shellcheck disable=SC2086
     speechssl pretrain --config "$iter2_conf" --resume auto exp_dir="$out" \
       data.train="$train" data.dev="$dev" \
       data.train_labels="[$dump/labels_iter2/$train_set]" data.dev_labels="[$dump/labels_iter2/$dev_set]" \
-      $iter2_opts
+      $init $iter2_opts
     touch "$out/.done"
   fi
 fi

@@ -351,13 +351,14 @@ def test_validation_best_and_tensorboard(tmp_path, corpus):
     assert (tmp_path / "v" / "config.yaml").is_file() and "update 6" in (tmp_path / "v" / "train.log").read_text()
 
 
-def test_init_from_skips_a_head_of_another_k(tmp_path, corpus):
+@pytest.mark.parametrize("prev_k", [K, K + 5])
+def test_init_from_copies_the_encoder_not_the_head(tmp_path, corpus, prev_k):
     data, labdir = corpus
-    src = HubertPretrainModel(tiny_cfg(tmp_path / "x", data, labdir).model)
     from speechssl.models.checkpoint import save_model
 
     cfg_k = tiny_cfg(tmp_path / "x", data, labdir).model
-    other = HubertPretrainModel(type(cfg_k).from_dict({**cfg_k.to_dict(), "num_classes": [K + 5]}))
+    torch.manual_seed(123)
+    other = HubertPretrainModel(type(cfg_k).from_dict({**cfg_k.to_dict(), "num_classes": [prev_k]}))
     save_model(other, other.config, tmp_path / "prev")
     cfg = tiny_cfg(tmp_path / "i", data, labdir, f"ckpt.init_from={tmp_path / 'prev'}")
     trainer = Trainer(cfg)
@@ -365,9 +366,16 @@ def test_init_from_skips_a_head_of_another_k(tmp_path, corpus):
     for k, v in other.state_dict().items():
         if k.startswith("hubert."):
             assert torch.equal(sd[k], v), k
+        elif sd[k].shape == v.shape:  # the head is the new run's own initialisation, not the previous iteration's
+            assert not torch.equal(sd[k], v), k
     assert sd["label_embeddings"].shape[0] == K
     trainer.close()
-    del src
+
+    bad = tmp_path / "bad"
+    small = HubertPretrainModel(type(cfg_k).from_dict({**cfg_k.to_dict(), "num_hidden_layers": 1}))
+    save_model(small, small.config, bad)
+    with pytest.raises(ValueError, match="encoder parameters missing"):
+        Trainer(tiny_cfg(tmp_path / "j", data, labdir, f"ckpt.init_from={bad}"))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

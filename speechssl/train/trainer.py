@@ -120,7 +120,7 @@ class CheckpointConfig:
     every_steps: int = 5000
     keep_last: int = 3  # step checkpoints kept (the best model is kept separately in EXP/best)
     best_by: Literal["acc", "loss"] = "acc"  # valid masked accuracy (mean over label sets) or valid loss
-    init_from: str | None = None  # checkpoint dir whose model.safetensors initialises a new run (head skipped if k differs)
+    init_from: str | None = None  # checkpoint dir whose encoder (hubert.*) initialises a new run; the head starts fresh
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
@@ -809,8 +809,12 @@ class Trainer:
                      self.sampler.epoch, self.sampler.batches_done)
 
     def _init_from(self, path: str) -> None:
-        """Weights of an earlier checkpoint for a new run: the encoder must match exactly; the head
-        (``final_proj``, label embeddings) is loaded only where shapes match (k may differ between iterations)."""
+        """Encoder weights (``hubert.*``) of an earlier checkpoint for a new run; they must match exactly.
+
+        The head (``final_proj``, label embeddings) is never copied: the next iteration's labels are a new unit
+        inventory (unit 7 of the MFCC k-means has nothing to do with unit 7 of a hidden-layer k-means), so the
+        old embeddings would only be a misleading start. Continuing with the same labels is ``--resume``.
+        """
         from safetensors.torch import load_file
 
         f = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
@@ -818,26 +822,22 @@ class Trainer:
             raise FileNotFoundError(f"ckpt.init_from: {f} not found")
         weights = load_file(str(f), device="cpu")
         own = self.model.state_dict()
-        load, skipped = {}, []
+        load = {}
         for name, t in weights.items():
-            is_encoder = name.startswith("hubert.")
+            if not name.startswith("hubert."):
+                continue
             if name not in own:
-                if is_encoder:
-                    raise ValueError(f"ckpt.init_from {f}: parameter {name} does not exist in this model")
-                skipped.append(name)
-            elif own[name].shape != t.shape:
-                if is_encoder:
-                    raise ValueError(f"ckpt.init_from {f}: {name} has shape {tuple(t.shape)}, the model "
-                                     f"{tuple(own[name].shape)}; model.* must match the encoder you start from")
-                skipped.append(name)
-            else:
-                load[name] = t
+                raise ValueError(f"ckpt.init_from {f}: parameter {name} does not exist in this model")
+            if own[name].shape != t.shape:
+                raise ValueError(f"ckpt.init_from {f}: {name} has shape {tuple(t.shape)}, the model "
+                                 f"{tuple(own[name].shape)}; model.* must match the encoder you start from")
+            load[name] = t
         missing_enc = [n for n in own if n.startswith("hubert.") and n not in load]
         if missing_enc:
             raise ValueError(f"ckpt.init_from {f}: encoder parameters missing: {missing_enc[:5]}")
         self.model.load_state_dict(load, strict=False)
         if self.dist.is_main:
-            log.info("initialised from %s (%d tensors; head tensors skipped: %s)", f, len(load), skipped or "none")
+            log.info("initialised the encoder from %s (%d tensors; the head starts fresh)", f, len(load))
 
     # ------------------------------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:

@@ -14,7 +14,8 @@ seed=0
 nj=2
 iter1_opts=""
 iter2_opts=""
-help_message="Usage: $0 [--stage N] [--stop-stage N] [--clean true] [--tiny true] [--seed N] [--nj N]
+iter2_init=true   # iteration 2 continues from iteration 1's encoder (20 CPU minutes each; the paper restarts)
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--clean true] [--tiny true] [--seed N] [--nj N] [--iter2-init true|false]
   stage 0 generates the corpus into data/; stages 1.. are recipes/hubert.sh (see its --help)."
 . ../../../tools/parse_options.sh
 
@@ -34,4 +35,4 @@ suffix=${data#data}
 ../../../recipes/hubert.sh --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
   --data "$data" --train-set train --dev-set dev --dump "dump$suffix" --exp "exp$suffix" --nj "$nj" \
   --alignments "$data/train/phones.ctm" \
-  --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts"
+  --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts" --iter2-init "$iter2_init"
