@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # faiss logs every CPU-variant probe at INFO ("Could not load library with AVX2 ...")
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         code = args.func(args)
     except (CLIError, ValueError, FileNotFoundError, OSError) as e:
