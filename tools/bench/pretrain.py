@@ -327,6 +327,19 @@ def build(kind: str, cfg, seed: int = 0) -> nn.Module:
     raise ValueError(f"unknown model {kind!r} (ours, hf, fairseq)")
 
 
+def compile_parts(model: nn.Module) -> None:
+    """``--compile``: ``torch.compile`` the same three parts of every model (waveform CNN, feature projection,
+    transformer encoder), each in place; masking and the loss stay eager (numpy masks in all three)."""
+    if isinstance(model, Ours):
+        parent, names = model.model.hubert, ("feature_extractor", "feature_projection", "encoder")
+    elif isinstance(model, HFPeer):
+        parent, names = model.hubert, ("feature_extractor", "feature_projection", "encoder")
+    else:
+        parent, names = model.model, ("feature_extractor", "post_extract_proj", "encoder")
+    for name in names:
+        setattr(parent, name, torch.compile(getattr(parent, name)))
+
+
 # -------------------------------------------------------------------------------------------------- one case
 def run_case(spec: dict) -> dict:
     """Runs in a fresh subprocess: build, warm up, time, count FLOPs, report peak memory."""
@@ -369,6 +382,8 @@ def run_case(spec: dict) -> dict:
                 loss, mf = step(i)
             flops = fc.get_total_flops()
         else:
+            if i == 1 and spec.get("compile"):  # after the FLOP count: its module hooks keep dynamo out
+                compile_parts(model)
             loss, mf = step(i)
         sync(device)
         dt = time.perf_counter() - t0
@@ -417,6 +432,8 @@ def run_interleaved(spec: dict) -> dict:
     runners = {}
     for m in spec["models"]:
         model = build(m, cfg).to(device).train()
+        if spec.get("compile"):
+            compile_parts(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, device)
         runners[m] = (model, params, opt)
@@ -492,6 +509,8 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="MODEL:DTYPE[,MODEL:DTYPE]: print a torch.profiler table")
     p.add_argument("--interleave", action="store_true",
                    help="also time all models in one process, steps alternated (load-robust ratio)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the CNN, feature projection and encoder of every model (warm-up compiles)")
     p.add_argument("--case-timeout", type=float, default=600.0)
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
@@ -531,7 +550,7 @@ def main() -> None:
 
     base_args = {"layers": args.layers, "batch": args.batch, "seconds": args.seconds, "num_classes": args.num_classes}
     common = {"device": args.device, "threads": threads, "warmup": args.warmup, "steps": args.steps,
-              "batches": args.batches}
+              "batches": args.batches, "compile": args.compile}
     runs: dict[tuple[str, str], list[dict]] = {}
     if not args.tiny_only:
         # one discarded case first: the first subprocess of a run measured ~25% slow (ours 321 ms when it ran
@@ -601,7 +620,7 @@ def main() -> None:
               f"batch {r0['batch']} x {r0['seconds']:g} s ({r0['frames']} frames each); "
               f"{args.warmup} warm-up + median of {args.steps} steps"
               + (f", median over {args.repeat} round-robin repeats" if args.repeat > 1 else "")
-              + "; fused AdamW + clip 10")
+              + "; fused AdamW + clip 10" + ("; torch.compile (CNN, projection, encoder)" if args.compile else ""))
         print(f"{'model':9s} {'dtype':5s} {'ms/step':>9s} {'min-max':>13s} {'peer/ours':>9s} {'peak MiB':>9s} "
               f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'%fp32pk':>8s} {'%bf16pk':>8s} {'mask':>5s} {'loss0':>7s}")
         ours = {r["dtype"]: r for r in ok if r["model"] == "ours"}
