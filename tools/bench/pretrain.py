@@ -527,6 +527,8 @@ def main() -> None:
     args.batch = args.batch or (8 if cuda else (1 if args.quick else 2))
     args.seconds = args.seconds or (10.0 if cuda else (1.0 if args.quick else 1.5))
     args.steps = args.steps or (3 if args.quick else 5)
+    if args.compile:  # step 0 counts FLOPs, step 1 compiles: neither may be timed
+        args.warmup = max(args.warmup, 3)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
