@@ -1,7 +1,8 @@
 """`units layers`: per-layer k-means units scored against alignments, in two model passes without dumping.
 
 The strongest check: for one layer (and for MFCC), the numbers equal `features dump` of that layer +
-`kmeans fit` + `kmeans label` + `units quality` run separately with the same seed.
+`kmeans fit` + `kmeans label` + `units quality` run separately with the same seed. The random-init baseline equals
+`units layers --no-baseline` of a checkpoint holding the random-init weights.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from speechssl.features.dump import dump_features
 from speechssl.features.store import FeatureReader, FeatureWriter
 from speechssl.models import HubertPretrainModel, hubert_tiny, save_model
 from speechssl.units.kmeans import StreamSampler, fit_store, label_store, sample_frames, sample_indices
-from speechssl.units.layers import layer_feature_meta, parse_layers, select_utterances
+from speechssl.units.layers import evaluate_layers, layer_feature_meta, parse_layers, select_utterances
 from speechssl.units.quality import label_quality
 
 faiss.omp_set_num_threads(1)
@@ -54,7 +55,7 @@ def case(tmp_path_factory):
     data = root / "data"
     write_data_dir(DataDir(wav_scp=wav_scp, utt2spk=utt2spk), data)
     (root / "phones.ctm").write_text("\n".join(ctm) + "\n")
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # not the baseline's seed 0: "trained" and random-init weights differ
     cfg = hubert_tiny(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                       conv_layers=[(64, 3, 2)])
     ckpt = root / "ckpt"
@@ -116,13 +117,69 @@ def test_mfcc_equals_separate_fit_label_quality(case, tmp_path):
         assert m[key] == pytest.approx(q.metrics[key], abs=1e-9), key
 
 
-def test_subset_and_layer_selection(case, tmp_path):
+def test_random_init_baseline(case):
+    """On by default: a random-init row per chosen layer, ratios = trained PNMI / random PNMI at that layer;
+    best_layer is still the trained model's argmax."""
+    r = case["result"]
+    rnd = r["random_init"]
+    assert [row["layer"] for row in rnd["layers"]] == [row["layer"] for row in r["layers"]] == [0, 1, 2]
+    assert rnd["seed"] == 0 and rnd["source"] == f"random:{case['ckpt']}"
+    for row, rrow in zip(r["layers"], rnd["layers"]):
+        for key in ("pnmi", "phone_purity", "cluster_purity"):
+            assert 0.0 <= rrow[key] <= 1.0 + 1e-9
+        assert rrow["num_frames"] == row["num_frames"]  # same utterances, same frames scored
+        assert 1 <= rrow["units_used"] <= K and rrow["inertia_per_frame"] >= 0
+        assert row["ratio_to_random"] == pytest.approx(row["pnmi"] / rrow["pnmi"], rel=1e-12)
+    assert [row["pnmi"] for row in r["layers"]] != [row["pnmi"] for row in rnd["layers"]]  # two different models
+    best_random = max(rnd["layers"], key=lambda row: row["pnmi"])
+    assert rnd["best_layer"] == best_random["layer"] and rnd["best_pnmi"] == best_random["pnmi"]
+    best = max(r["layers"], key=lambda row: row["pnmi"])
+    assert r["best_layer"] == best["layer"]
+    assert r["best_ratio_to_random_best"] == pytest.approx(best["pnmi"] / best_random["pnmi"], rel=1e-12)
+
+
+def test_random_init_equals_its_weights_evaluated(case, tmp_path):
+    """Independent check: the random-init model written as a checkpoint and evaluated without baseline (same
+    sample, k and seed) gives the baseline's numbers exactly."""
+    rnd = upstream.random_init(case["ckpt"], seed=0)
+    save_model(rnd.model, rnd.model.config, tmp_path / "random_ckpt")
+    assert not torch.equal(rnd.model.encoder.layers[0].attention.q_proj.weight,
+                           upstream.load(case["ckpt"]).model.encoder.layers[0].attention.q_proj.weight)
+    r = evaluate_layers(tmp_path / "random_ckpt", case["data"], case["ctm"], k=K, sample_frac=0.5, niter=10,
+                        seed=0, device="cpu", baseline=False, progress=False, report=lambda line: None)
+    assert r["random_init"] is None
+    baseline = case["result"]["random_init"]["layers"]
+    assert [row["layer"] for row in r["layers"]] == [row["layer"] for row in baseline]
+    for row, brow in zip(r["layers"], baseline):
+        for key in ("pnmi", "phone_purity", "cluster_purity", "inertia_per_frame"):
+            assert row[key] == pytest.approx(brow[key], abs=1e-9), (row["layer"], key)
+        assert (row["num_frames"], row["units_used"]) == (brow["num_frames"], brow["units_used"])
+    assert r["sample_size"] == case["result"]["sample_size"]
+
+
+def test_no_baseline(case, tmp_path, capsys):
+    rc = main(["units", "layers", "--ckpt", str(case["ckpt"]), "--data", str(case["data"]), "--alignments",
+               str(case["ctm"]), "--k", "2", "--layers", "1", "--max-utts", "2", "--sample-frac", "1",
+               "--niter", "3", "--device", "cpu", "--no-baseline", "--out", str(tmp_path)])
+    assert rc == 0
+    r = json.loads((tmp_path / "layers.json").read_text())
+    assert r["random_init"] is None and "best_ratio_to_random_best" not in r
+    assert all("ratio_to_random" not in row for row in r["layers"])
+    out = capsys.readouterr().out
+    assert "random PNMI" not in out and "random-init" not in out and "best layer by PNMI: 1" in out
+
+
+def test_subset_and_layer_selection(case, tmp_path, capsys):
     rc = main(["units", "layers", "--ckpt", str(case["ckpt"]), "--data", str(case["data"]), "--alignments",
                str(case["ctm"]), "--k", "2", "--layers", "0,2", "--max-utts", "3", "--sample-frac", "1",
                "--niter", "5", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
     r = json.loads((tmp_path / "layers.json").read_text())
     assert [row["layer"] for row in r["layers"]] == [0, 2] and r["utterances_fit"] == 3 and r["mfcc"] is None
+    assert [row["layer"] for row in r["random_init"]["layers"]] == [0, 2]
+    out = capsys.readouterr().out
+    assert out.count("random PNMI") == 2 and f"best layer {r['best_layer']}: PNMI" in out
+    assert "vs random-init best" in out
     assert main(["units", "layers", "--ckpt", str(case["ckpt"]), "--data", str(case["data"]), "--alignments",
                  str(case["ctm"]), "--k", "2", "--layers", "3"]) == 1  # out of range: one-line error
 

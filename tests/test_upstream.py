@@ -6,9 +6,12 @@ from speechssl import upstream
 from speechssl.models import HubertPretrainModel, hubert_tiny, save_model
 
 
+SEED = 1234  # not 0: random_init's default seed would rebuild exactly these (untrained) weights
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     cfg = hubert_tiny(num_hidden_layers=2)
     model = HubertPretrainModel(cfg)
     out = tmp_path_factory.mktemp("ckpt")
@@ -48,3 +51,40 @@ def test_layer_extractor_and_range(ckpt):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         upstream.load(tmp_path)
+
+
+def _weights(up: upstream.Upstream) -> dict[str, torch.Tensor]:
+    return up.model.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_init_seeded_untrained_and_rng_neutral(ckpt, tmp_path):
+    path, model = ckpt
+    trained = upstream.load(path)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    a = upstream.random_init(path)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG is untouched
+    b = upstream.random_init(path, seed=0)
+    assert _same(_weights(a), _weights(b))
+    assert not _same(_weights(a), _weights(trained))
+    assert not _same(_weights(a), _weights(upstream.random_init(path, seed=1)))
+    # the same config, built the same way: with the seed the checkpoint was made under, its (untrained) weights
+    assert _same(_weights(upstream.random_init(path, seed=SEED)), _weights(trained))
+    assert a.model.config == trained.model.config and a.num_layers == trained.num_layers == 3
+    assert a.source == f"random:{path}" and not a.model.training
+    assert all(not p.requires_grad for p in a.parameters())
+    # `random:CKPT` spelling of load == random_init(CKPT) (seed 0)
+    c = upstream.load(f"random:{path}")
+    assert _same(_weights(c), _weights(a)) and c.source == a.source
+    # only config.json is read
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    assert _same(_weights(upstream.random_init(tmp_path)), _weights(a))
+    wav = torch.randn(8000)
+    hs, _ = a([wav])
+    hs_b, _ = b([wav])
+    for h, h_b in zip(hs, hs_b):
+        torch.testing.assert_close(h, h_b, atol=0, rtol=0)

@@ -1,5 +1,6 @@
 """`speechssl units quality|layers`: PNMI, phone purity and cluster purity of unit labels against phone alignments;
-the same for k-means units of every hidden layer of a checkpoint (what each layer learned)."""
+the same for k-means units of every hidden layer of a checkpoint (what each layer learned), beside those of an
+untrained model of the same config and of MFCC."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _layers(args: argparse.Namespace) -> int:
     evaluate_layers(args.ckpt, args.data, args.alignments, k=args.k, mfcc=args.mfcc, layers=args.layers,
                     sample_frac=args.sample_frac, max_frames=args.max_frames, max_utts=args.max_utts,
                     subset_frac=args.subset_frac, seed=args.seed, niter=args.niter, nredo=args.nredo,
-                    init=args.init, tier=args.tier, device=args.device, out_dir=args.out)
+                    init=args.init, tier=args.tier, device=args.device, baseline=not args.no_baseline,
+                    out_dir=args.out)
     return 0
 
 
@@ -50,8 +52,11 @@ def register(subparsers, help_):
         description="For each hidden layer: k-means (as `kmeans fit`: uniform frame sample, k-means++ + Lloyd) on "
                     "a sample drawn in one model pass, then a second pass assigns every frame and counts "
                     "(phone, unit) pairs; nothing is dumped to disk. With --mfcc, MFCC units at the same k, sample "
-                    "fraction and seed on the same utterances, each scored at its own frame rate. Writes "
-                    "OUT/layers.json (best_layer = argmax PNMI) and OUT/layers.png.")
+                    "fraction and seed on the same utterances, each scored at its own frame rate. Unless "
+                    "--no-baseline, an untrained model of the checkpoint's config (seeded with --seed) goes through "
+                    "the same passes (same utterances, sample and k): its PNMI/purities per layer and each layer's "
+                    "PNMI ratio to it. Writes OUT/layers.json (best_layer = argmax PNMI of the trained model) and "
+                    "OUT/layers.png (random init as a second line beside MFCC).")
     lay.add_argument("--ckpt", required=True, help="checkpoint dir (model.safetensors + config.json)")
     lay.add_argument("--data", required=True, help="Kaldi data dir")
     lay.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids")
@@ -68,5 +73,7 @@ def register(subparsers, help_):
     lay.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
     lay.add_argument("--tier", default="phones", help="TextGrid tier with phones (default: phones)")
     lay.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    lay.add_argument("--no-baseline", action="store_true",
+                     help="skip the random-init baseline (an untrained model of the same config; on by default)")
     lay.add_argument("--out", default=None, help="output dir for layers.json + layers.png (default: print only)")
     lay.set_defaults(func=_layers)

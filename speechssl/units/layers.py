@@ -14,6 +14,13 @@
   at each frame centre off the alignment and adds to one ``[phones, k]`` count table per layer. Labels are never
   stored. Metrics come from :func:`~speechssl.units.quality.quality_from_counts`, as ``units quality``.
 
+**Random-init baseline** (on unless ``baseline=False`` / ``--no-baseline``): an untrained model of the
+checkpoint's config (:func:`speechssl.upstream.random_init`, seeded with ``seed``) goes through the same two
+passes beside the trained one: same utterances, same sampled frame indices (the configs are equal, so are the
+frame counts), same ``k`` and k-means seed, its own samplers, centroids and count tables. ``layers.json`` gets its
+rows under ``random_init`` and each trained row its ``ratio_to_random`` (PNMI over the random model's PNMI at
+that layer); ``best_layer`` is still the argmax of the trained model's PNMI.
+
 The MFCC store (``--mfcc``), if given, gets the same treatment at the same ``k``, sample fraction and seed, on
 the same utterances, at its own frame rate (100 Hz; the model's is 50 Hz): each is scored against the alignment
 at its own frame centres. When the evaluated utterances are the whole store, in store order, its shard layout
@@ -140,6 +147,18 @@ def _prefetch(fn: Callable[[str], Any], ids: Sequence[str], ahead: int = 4) -> I
             yield u, fut.result()
 
 
+TRAINED, RANDOM = "trained", "random"  # model names: keys ``(name, layer)`` of samplers, centroids, counts
+
+
+def _ratio(pnmi: float, random_pnmi: float) -> float | None:
+    """``pnmi / random_pnmi``; None when the random model's PNMI is 0 (no finite ratio, and JSON has no inf)."""
+    return pnmi / random_pnmi if random_pnmi > 0 else None
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
+
+
 class _LayerRunner:
     """The model's hidden states of the chosen layers for one waveform, as ``layer_extractor`` computes them."""
 
@@ -174,19 +193,25 @@ def evaluate_layers(
     tier: str = "phones",
     dtype: str = "float16",
     device: str = "auto",
+    baseline: bool = True,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     report: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """PNMI / phone purity / cluster purity of k-means units of every chosen layer (and of MFCC), see module doc.
 
+    ``baseline``: also score the random-init model of the checkpoint's config (seeded with ``seed``).
     Returns the ``layers.json`` dict; with ``out_dir`` writes ``layers.json`` and ``layers.png`` there.
     """
     from speechssl.data.kaldi import load_utterance, read_data_dir
-    from speechssl.upstream import checkpoint_sha1, load
+    from speechssl.upstream import checkpoint_sha1, load, random_init
 
     dev = resolve_device(device)
     up = load(ckpt, device=dev)
+    # Every model goes through the same passes; the random-init one shares the trained one's config (and frames).
+    models: list[tuple[str, Any]] = [(TRAINED, up)]
+    if baseline:
+        models.append((RANDOM, random_init(ckpt, seed=seed, device=dev)))
     sha1 = checkpoint_sha1(ckpt)
     chosen = parse_layers(layers, up.num_layers, str(ckpt))
     np_dtype = np.dtype(dtype)
@@ -228,8 +253,10 @@ def evaluate_layers(
                          "--max-frames or the number of utterances")
     idx = sample_indices([total], n, seed=seed)
     dims = {layer: int(up.hidden_sizes[layer]) for layer in chosen}
-    samplers = {layer: StreamSampler(idx, dims[layer], total, np_dtype, name=f"layer {layer}") for layer in chosen}
-    mem = sum(n * d * np_dtype.itemsize for d in dims.values())
+    keys = [(name, layer) for name, _ in models for layer in chosen]
+    samplers = {(name, layer): StreamSampler(idx, dims[layer], total, np_dtype, name=f"{name} layer {layer}")
+                for name, layer in keys}
+    mem = sum(n * dims[layer] * np_dtype.itemsize for _, layer in keys)
     m_sampler = None
     if reader is not None:
         m_total = sum(reader.num_frames(u) for u in ids)
@@ -243,35 +270,37 @@ def evaluate_layers(
                                   np.dtype(reader.meta.get("dtype", "float32")), name=f"MFCC {mfcc}")
         mem += m_sampler.out.nbytes
     work = memory_estimate(n, max(dims.values()), k)["working"]
-    report(f"units layers: {len(chosen)} layer(s) of {ckpt} ({up.frame_rate:g} Hz), k={k}, {len(ids)} utterances "
+    report(f"units layers: {len(chosen)} layer(s) of {ckpt} ({up.frame_rate:g} Hz)"
+           f"{f' and of its random init (seed {seed})' if baseline else ''}, k={k}, {len(ids)} utterances "
            f"({len(aligned)} aligned), sample {n} of {total} frames per layer; memory estimate "
            f"{(mem + work) / 2**20:.1f} MiB (samples {mem / 2**20:.1f} MiB + k-means working {work / 2**20:.1f} MiB)")
 
-    run = _LayerRunner(up, chosen, np_dtype)
+    runners = {name: _LayerRunner(m, chosen, np_dtype) for name, m in models}
 
     def load_wav(u: str) -> np.ndarray:
         return load_utterance(utts[u], SAMPLE_RATE)
 
-    # Pass 1: sample frames of every layer (and MFCC) in one model pass.
+    # Pass 1: sample frames of every layer of every model (and MFCC) in one forward per model.
     for u, wav in tqdm(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
                        disable=not progress):
         if len(wav) != samples[u]:
             raise ValueError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
-        hs = run(u, wav)
-        for layer, h in hs.items():
-            if len(h) != frames[u]:
-                raise ValueError(f"utt {u}: layer {layer} gave {len(h)} frames, expected {frames[u]}")
-            samplers[layer].feed(h)
+        for name, run in runners.items():
+            for layer, h in run(u, wav).items():
+                if len(h) != frames[u]:
+                    raise ValueError(f"utt {u}: layer {layer} of the {name} model gave {len(h)} frames, "
+                                     f"expected {frames[u]}")
+                samplers[name, layer].feed(h)
         if m_sampler is not None:
             m_sampler.feed(reader[u])
 
-    # Fit: the code of `kmeans fit`, one layer at a time.
+    # Fit: the code of `kmeans fit`, one (model, layer) at a time.
     centroids: dict[Any, np.ndarray] = {}
     inertia: dict[Any, float] = {}
-    for layer in tqdm(chosen, desc="layers: k-means", unit="layer", disable=not progress):
-        x = samplers.pop(layer).result().astype(np.float32)
-        centroids[layer] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
-        inertia[layer] = Assigner(centroids[layer], device=dev).inertia(x) / len(x)
+    for key in tqdm(keys, desc="layers: k-means", unit="layer", disable=not progress):
+        x = samplers.pop(key).result().astype(np.float32)
+        centroids[key] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
+        inertia[key] = Assigner(centroids[key], device=dev).inertia(x) / len(x)
         del x
     if m_sampler is not None:
         x = m_sampler.result().astype(np.float32)
@@ -297,10 +326,12 @@ def evaluate_layers(
         pid = np.fromiter((phone_id[p] for p in ph), dtype=np.int64, count=len(ph))
         counts[key] += count_table(pid, units[: len(ph)], len(phones), k)
 
+    sources = {name: m.source for name, m in models}
     for u, wav in tqdm(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
                        disable=not progress):
-        for layer, h in run(u, wav).items():
-            score(layer, u, h, layer_rate, layer_framing, f"layer {layer} of {ckpt}")
+        for name, run in runners.items():
+            for layer, h in run(u, wav).items():
+                score((name, layer), u, h, layer_rate, layer_framing, f"layer {layer} of {sources[name]}")
         if reader is not None:
             score("mfcc", u, reader[u], reader.frame_rate, m_framing, str(mfcc))
 
@@ -309,11 +340,24 @@ def evaluate_layers(
         return {**m, "num_frames": int(counts[key].sum()), "units_used": int((counts[key].sum(0) > 0).sum()),
                 "inertia_per_frame": inertia[key], "dropped_edge_frames": dropped[key]}
 
-    rows = [{"layer": layer, **entry(layer), "dim": dims[layer]} for layer in chosen]
-    best = max(rows, key=lambda r: r["pnmi"])["layer"]
+    def layer_rows(name: str) -> list[dict[str, Any]]:
+        return [{"layer": layer, **entry((name, layer)), "dim": dims[layer]} for layer in chosen]
+
+    rows = layer_rows(TRAINED)
+    best_row = max(rows, key=lambda r: r["pnmi"])
+    best = best_row["layer"]
+    random_result: dict[str, Any] | None = None
+    if baseline:
+        random_rows = layer_rows(RANDOM)
+        random_best = max(random_rows, key=lambda r: r["pnmi"])
+        for r, rr in zip(rows, random_rows):
+            r["ratio_to_random"] = _ratio(r["pnmi"], rr["pnmi"])
+        random_result = {"layers": random_rows, "best_layer": random_best["layer"], "best_pnmi": random_best["pnmi"],
+                         "seed": seed, "source": sources[RANDOM]}
     result: dict[str, Any] = {
         "layers": rows,
         "mfcc": None,
+        "random_init": random_result,
         "best_layer": best,
         "k": k,
         "checkpoint": str(ckpt),
@@ -334,17 +378,26 @@ def evaluate_layers(
         "phones": phones,
         "created_by": f"speechssl {__version__}",
     }
+    if random_result is not None:
+        result["best_ratio_to_random_best"] = _ratio(best_row["pnmi"], random_result["best_pnmi"])
     if reader is not None:
         result["mfcc"] = {**entry("mfcc"), "feats": str(mfcc), "kind": reader.meta.get("kind"),
                           "frame_rate": reader.frame_rate, "dim": reader.dim}
-    for r in rows:
-        report(f"layer {r['layer']:>2}: PNMI {r['pnmi']:.4f}  phone purity {r['phone_purity']:.4f}  "
-               f"cluster purity {r['cluster_purity']:.4f}")
+    for i, r in enumerate(rows):
+        line = (f"layer {r['layer']:>2}: PNMI {r['pnmi']:.4f}  phone purity {r['phone_purity']:.4f}  "
+                f"cluster purity {r['cluster_purity']:.4f}")
+        if random_result is not None:
+            line += f"  random PNMI {random_result['layers'][i]['pnmi']:.4f} (ratio {_fmt_ratio(r['ratio_to_random'])})"
+        report(line)
     if result["mfcc"]:
         mm = result["mfcc"]
         report(f"MFCC    : PNMI {mm['pnmi']:.4f}  phone purity {mm['phone_purity']:.4f}  "
                f"cluster purity {mm['cluster_purity']:.4f}  ({mm['frame_rate']:g} Hz)")
-    report(f"best layer by PNMI: {best}")
+    if random_result is not None:
+        report(f"best layer {best}: PNMI {best_row['pnmi']:.4f} vs random-init best {random_result['best_pnmi']:.4f} "
+               f"({_fmt_ratio(result['best_ratio_to_random_best'])} x)")
+    else:
+        report(f"best layer by PNMI: {best}")
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -355,7 +408,8 @@ def evaluate_layers(
 
 
 def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """PNG: PNMI (and purities, lighter) by layer; MFCC units at the same k as horizontal lines."""
+    """PNG: PNMI (and purities, lighter) by layer; the random-init model's PNMI by layer as a second line (grey,
+    dashed) and MFCC units at the same k as a horizontal line: the baselines the trained curve is read against."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -367,6 +421,10 @@ def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
     ax.plot(xs, [r["pnmi"] for r in rows], "o-", color="C0", label="PNMI")
     ax.plot(xs, [r["phone_purity"] for r in rows], ".--", color="C1", alpha=0.6, label="phone purity")
     ax.plot(xs, [r["cluster_purity"] for r in rows], ".:", color="C2", alpha=0.6, label="cluster purity")
+    rnd = result.get("random_init")
+    if rnd:
+        ax.plot([r["layer"] for r in rnd["layers"]], [r["pnmi"] for r in rnd["layers"]], "s--", color="0.45",
+                markersize=4, label="random init PNMI (same config, untrained)")
     m = result.get("mfcc")
     if m:
         ax.axhline(m["pnmi"], color="C3", linestyle="-", label=f"MFCC PNMI ({m['pnmi']:.3f}, {m['frame_rate']:g} Hz)")

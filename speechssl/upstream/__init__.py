@@ -6,6 +6,10 @@ encoder output, s3prl's convention: 13 for Base) and the valid frames per row. D
 
 Today this loads speechssl checkpoints (``model.safetensors`` + ``config.json``); local transformers
 HuBERT / wav2vec 2.0 directories are the upstream-API milestone.
+
+``random_init(path, seed=0)`` (or ``load("random:PATH")``) is the untrained baseline every quality table carries:
+a :class:`~speechssl.models.hubert.HubertModel` of the checkpoint's config, freshly initialised under
+``torch.manual_seed(seed)`` (the global RNG is left as it was), no weights loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from torch import Tensor, nn
 from speechssl.models.checkpoint import load_model, read_config
 from speechssl.models.hubert import HubertModel
 
-__all__ = ["Upstream", "load", "checkpoint_sha1", "layer_extractor"]
+__all__ = ["Upstream", "load", "random_init", "checkpoint_sha1", "layer_extractor", "RANDOM_PREFIX"]
+
+RANDOM_PREFIX = "random:"  # load("random:CKPT") == random_init("CKPT")
 
 
 def checkpoint_sha1(path: str | Path) -> str:
@@ -83,13 +89,32 @@ class Upstream(nn.Module):
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Upstream:
-    """Load a speechssl checkpoint directory (with or without its pretraining head) as an :class:`Upstream`."""
+    """Load a speechssl checkpoint directory (with or without its pretraining head) as an :class:`Upstream`.
+
+    ``"random:CKPT"`` is :func:`random_init` of ``CKPT`` with seed 0: the untrained model of that config.
+    """
+    if str(path).startswith(RANDOM_PREFIX):
+        return random_init(str(path)[len(RANDOM_PREFIX):], device=device)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory)")
     read_config(path)  # clear error for a directory that is not ours
     model = load_model(path, pretrain_head=False)
     return Upstream(model, source=str(path)).to(device)
+
+
+def random_init(path: str | Path, *, seed: int = 0, device: str | torch.device = "cpu") -> Upstream:
+    """An untrained :class:`Upstream` of checkpoint ``path``'s config: the random-init baseline.
+
+    Only ``config.json`` is read (``model.safetensors`` need not exist). The model is built on the CPU under
+    ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``, so the same ``seed`` gives the same weights on
+    every call and device, and the caller's global RNG state is untouched. ``source`` is ``"random:<path>"``.
+    """
+    config, _ = read_config(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HubertModel(config)
+    return Upstream(model, source=f"{RANDOM_PREFIX}{path}").to(device)
 
 
 def layer_extractor(upstream: Upstream, layer: int, *, dtype=np.float16,
