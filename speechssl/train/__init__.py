@@ -5,6 +5,7 @@
     pretrain(load_config(PretrainConfig, "conf/pretrain_iter1.yaml", ["optim.max_steps=1000"]), resume="auto")
 """
 
+from speechssl.train.collapse import CollapseWatch, mean_std, rankme
 from speechssl.train.trainer import (
     CheckpointConfig,
     DataConfig,
@@ -18,11 +19,14 @@ from speechssl.train.trainer import (
 
 __all__ = [
     "CheckpointConfig",
+    "CollapseWatch",
     "DataConfig",
     "OptimConfig",
     "PretrainConfig",
     "Trainer",
     "TrainingAborted",
     "bf16_supported",
+    "mean_std",
     "pretrain",
+    "rankme",
 ]

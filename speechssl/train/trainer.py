@@ -44,6 +44,7 @@ from speechssl.fileio import atomic_write_text, fsync_dir
 from speechssl.config import to_dict, to_yaml
 from speechssl.models.config import HubertConfig
 from speechssl.train import state as st
+from speechssl.train.collapse import CollapseWatch
 from speechssl.train.data import (
     PretrainDataset,
     ResumableBatchSampler,
@@ -135,6 +136,7 @@ class PretrainConfig:
     log_every: int = 100
     valid_every: int = 5000
     progress: bool = True  # tqdm bar on rank 0
+    collapse_watch_frames: int = 4096  # dev frames for the per-layer effective rank at every validation; 0: off
     model: HubertConfig = field(default_factory=HubertConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -143,6 +145,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.valid_every < 1:
             raise ValueError("need log_every >= 1 and valid_every >= 1")
+        if self.collapse_watch_frames < 0:
+            raise ValueError(f"collapse_watch_frames must be >= 0 (0: off), got {self.collapse_watch_frames}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -310,6 +314,15 @@ class Trainer:
             self._load_checkpoint(resume_dir)
         elif cfg.ckpt.init_from:
             self._init_from(cfg.ckpt.init_from)
+
+        # ---- collapse watch (rank 0 only, no collective): update-0 reference, see train/collapse.py
+        self.collapse_watch: CollapseWatch | None = None
+        if d.is_main and cfg.collapse_watch_frames > 0 and self.dev_loader is not None:
+            self.collapse_watch = CollapseWatch.from_batches(
+                self.dev_loader, self.encoder.num_frames, max_frames=cfg.collapse_watch_frames,
+                source=str(cfg.data.dev),
+            )
+            self.collapse_watch.start(self.encoder, self.exp, resumed_from=resume_dir)
 
         self.ddp_model: nn.Module = self.model
         if d.enabled:
@@ -636,7 +649,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self, writer=None) -> dict[str, float]:
-        """Loss and accuracies on the dev set, weighted by utterances; same masks every time (fixed seed)."""
+        """Loss and accuracies on the dev set, weighted by utterances; same masks every time (fixed seed).
+        On rank 0, also the collapse watch (``rank_L{i}``, ``std_L{i}``; see ``train/collapse.py``)."""
         self._last_valid_step = self.step
         self.model.eval()
         sums: dict[str, float] = {}
@@ -669,6 +683,8 @@ class Trainer:
                     writer.add_scalar(f"valid/{k}", v, self.step)
             log.info("valid at update %d (%d utts): %s", self.step, int(n),
                      " ".join(f"{k}={_fmt(v)}" for k, v in stats.items()))
+            if self.collapse_watch is not None:  # rank 0 only: rank_L{i}, std_L{i} join rank 0's stats
+                stats.update(self.collapse_watch.check(self.encoder, self.step, writer))
         return stats
 
     def _metric(self, valid: dict[str, float]) -> tuple[float, bool]:
@@ -703,6 +719,8 @@ class Trainer:
             save_model(self.model, self.cfg.model, tmp, extra=extra)
             st.save_bundle(tmp, "train_state", self._train_state())
             st.save_bundle(tmp, "rng", {"ranks": rng})
+            if self.collapse_watch is not None:
+                self.collapse_watch.save(tmp)  # the update-0 reference travels with the checkpoint
             st.mark_complete(tmp, {"step": self.step, "world_size": d.world, "time": time.time()})
             if final.exists():
                 shutil.rmtree(final)
