@@ -216,8 +216,30 @@ def test_pretrain_logs_masks_and_padding():
     labels2 = [labels[0].clone()]
     labels2[0][mask] = -100
     out2 = model(wavs, lens, labels2, mask=mask)
-    assert out2["logs"]["count_m_0"] == 0 and out2["logs"]["loss"] == pytest.approx(
-        10 * out2["logs"]["feature_pen"], rel=1e-5)
+    # the fbank frontend has no feature penalty, so nothing is left of the loss
+    assert out2["logs"]["count_m_0"] == 0 and out2["logs"]["loss"] == 0.0 and out2["logs"]["feature_pen"] > 0
+
+
+def test_feature_penalty_is_the_waveform_cnns_and_refused_on_fbank():
+    # waveform CNN (fairseq): loss = CE / sample_size + weight * mean(features^2) over valid frames
+    torch.manual_seed(0)
+    cfg = hubert_tiny(frontend="cnn", conv_layers=[(32, 10, 5), (32, 8, 4), (32, 4, 4), (32, 2, 2)],
+                      feat_extract_norm="group", conv_bias=False, num_hidden_layers=1, num_classes=[20],
+                      feature_penalty_weight=10.0)
+    model = HubertPretrainModel(cfg).eval()
+    wavs, lens = padded_batch([16000, 9000])
+    T = int(model.hubert.num_frames(lens).max())
+    labels = [torch.full((2, T), -100, dtype=torch.long)]
+    out = model(wavs, lens, labels)
+    with torch.no_grad():
+        feats, flens = model.hubert.extract_features(wavs, lens)
+    valid = torch.arange(feats.shape[1])[None] < flens[:, None]
+    expected = 10.0 * float(feats[valid].pow(2).mean())
+    assert out["logs"]["loss"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    # fbank frontend: the penalty collapses it (see HubertConfig), so a config asking for it is refused
+    assert hubert_tiny().feature_penalty_weight == 0.0
+    with pytest.raises(ValueError, match="feature_penalty_weight=10 with the fbank frontend"):
+        hubert_tiny(feature_penalty_weight=10.0)
 
 
 def test_label_length_mismatch():
