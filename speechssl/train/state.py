@@ -11,6 +11,8 @@ Checkpoint layout (one directory per saved step)::
         model.safetensors, config.json      speechssl.models.checkpoint.save_model
         train_state.safetensors/.json       optimizer, step, epoch, sampler position, best metric, counters
         rng.safetensors/.json               RNG states of every rank (gathered to rank 0)
+        collapse_watch.json                 update-0 effective ranks of the collapse watch (train/collapse.py;
+                                            absent when the watch is off)
         COMPLETE                            written last; a directory without it is ignored
 
 The directory is assembled as ``.tmp-step-...`` and renamed when complete, so a crash mid-save leaves
