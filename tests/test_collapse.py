@@ -11,6 +11,7 @@ import torch
 
 from speechssl.config import ConfigError
 from speechssl.train import CollapseWatch, Trainer, mean_std, pretrain, rankme
+from speechssl.train.collapse import RANK_FLOOR
 from speechssl.train import collapse as collapse_mod
 from speechssl.train import state as st
 from test_train import make_corpus, params_of, tiny_cfg
@@ -153,12 +154,15 @@ def test_healthy_run_stays_quiet_and_records_update_0(tmp_path, corpus, caplog):
     assert all(torch.equal(on[k], off[k]) for k in on)
 
 
-def _collapse_projection(trainer: Trainer) -> None:
-    """Drive the model to collapse on purpose: every frame of a batch gets the same projected feature vector
-    (the batch mean), so the encoder's layers see one input (up to the positional conv's edges)."""
-    trainer.model.hubert.feature_projection.register_forward_hook(
-        lambda mod, args, out: out.mean(dim=(0, 1), keepdim=True).expand_as(out)
-    )
+def _collapse_layers(trainer: Trainer) -> None:
+    """Drive the model to collapse on purpose: every transformer layer maps all frames to one vector, as the
+    collapsed runs of issue 16 did (effective rank ~1-2); the encoder input (L0) is left alone."""
+    for layer in trainer.model.hubert.encoder.layers:
+        layer.register_forward_hook(_constant)
+
+
+def _constant(mod, args, out):
+    return torch.ones_like(out)
 
 
 def test_collapsed_run_fires_a_warning_naming_the_layer(tmp_path, corpus, caplog):
@@ -168,35 +172,34 @@ def test_collapsed_run_fires_a_warning_naming_the_layer(tmp_path, corpus, caplog
         trainer = Trainer(cfg)  # update-0 reference measured here, on the healthy model
         healthy = trainer.validate()
         assert not _collapse_warnings(caplog)
-        _collapse_projection(trainer)
+        _collapse_layers(trainer)
         trainer.train()
         trainer.close()
     ref = {e["layer"]: e["rank"] for e in json.loads((tmp_path / "c" / "collapse_watch.json").read_text())["layers"]}
     assert healthy["rank_L0"] == pytest.approx(ref[0])
     warnings = _collapse_warnings(caplog)
-    # at updates 3 and 6, every layer: "collapse watch: layer 1 effective rank 1.2 fell below half of ..."
-    assert len(warnings) == 2 * len(ref)
-    named = {(r.args[0], r.args[3]) for r in warnings}
-    assert named == {(i, step) for i in ref for step in (3, 6)}
+    # at updates 3 and 6, every layer after L0: "collapse watch: layer 1 effective rank 1.0 fell below 0.1 of ..."
+    collapsed = [i for i in ref if i > 0]
+    assert len(warnings) == 2 * len(collapsed)
+    named = {(r.args[0], r.args[4]) for r in warnings}
+    assert named == {(i, step) for i in collapsed for step in (3, 6)}
     for r in warnings:
-        layer, rank, rank0 = r.args[:3]
-        assert rank < 0.5 * rank0 and rank0 == ref[layer]
+        layer, rank, floor, rank0 = r.args[:4]
+        assert floor == RANK_FLOOR and rank < RANK_FLOOR * rank0 and rank0 == ref[layer]
         assert r.getMessage().startswith(f"collapse watch: layer {layer} effective rank ")
-        assert "fell below half of its update-0 value" in r.getMessage()
+        assert f"fell below {RANK_FLOOR:g} of its update-0 value" in r.getMessage()
     assert "WARNING" in (tmp_path / "c" / "train.log").read_text()
 
     # only the last layer collapses: the warning names that layer and no other
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer = Trainer(tiny_cfg(tmp_path / "c2", data, labdir, dev=True))
-        trainer.model.hubert.encoder.layers[-1].register_forward_hook(
-            lambda mod, args, out: out.mean(dim=(0, 1), keepdim=True).expand_as(out)
-        )
+        trainer.model.hubert.encoder.layers[-1].register_forward_hook(_constant)
         stats = trainer.validate()
         trainer.close()
     last = cfg.model.num_hidden_layers
     assert [r.args[0] for r in _collapse_warnings(caplog)] == [last]
-    assert stats[f"rank_L{last}"] < 0.5 * stats["rank_L0"]
+    assert stats[f"rank_L{last}"] < RANK_FLOOR * stats["rank_L0"]
 
 
 def test_resume_reads_the_update_0_values_instead_of_measuring(tmp_path, corpus, caplog, monkeypatch):
@@ -240,7 +243,7 @@ def test_resume_reads_the_update_0_values_instead_of_measuring(tmp_path, corpus,
     with caplog.at_level(logging.INFO):
         trainer = Trainer(cfg, resume="auto")
         assert trainer.collapse_watch.reference is None
-        _collapse_projection(trainer)
+        _collapse_layers(trainer)
         stats = trainer.validate()
         trainer.close()
     assert "rank_L0" in stats and not _collapse_warnings(caplog)
