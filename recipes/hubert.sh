@@ -14,7 +14,9 @@ dev_set=dev
 dump=dump                # features and labels
 exp=exp                  # k-means models, checkpoints, reports
 nj=2                     # shards for feature dumping / labelling
-k1=100                   # iteration 1: k-means on MFCC
+feats1=mfcc              # iteration-1 target features: mfcc (39-d, the paper's) or fbank (80-d)
+cmvn1=none               # their per-utterance CMVN: none, mean or meanvar
+k1=100                   # iteration 1: k-means on those features
 k2=100                   # iteration 2: k-means on a hidden layer of the iteration-1 model
 sample_frac=0.1
 max_frames=2000000
@@ -27,9 +29,10 @@ layer=auto               # hidden layer for iteration-2 labels; auto = best PNMI
 alignments=              # phone CTM of the train set for label-quality reports (optional)
 layers_opts="--max-utts 500"  # `units layers` options: which utterances to score (two model passes over them)
 help_message="Usage: $0 [options]
-  --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC, 3 k-means iter1, 4 labels iter1, 5 unit quality,
+  --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC/fbank, 3 k-means iter1, 4 labels iter1, 5 unit quality,
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
+  --feats1 mfcc|fbank --cmvn1 none|mean|meanvar   iteration-1 target features (default: MFCC, as the paper)
   --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
   --iter2-init true|false      iteration 2 from iteration 1's encoder instead of from scratch (head always fresh)
   --layers-opts '--max-utts N'  options of the per-layer report (stages 7, 10)"
@@ -44,6 +47,11 @@ in_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 
 train=$data/$train_set
 dev=$data/$dev_set
+case "$feats1" in mfcc|fbank) ;; *) echo "$0: --feats1 must be mfcc or fbank, got '$feats1'" >&2; exit 1;; esac
+case "$cmvn1" in none|mean|meanvar) ;; *) echo "$0: --cmvn1 must be none, mean or meanvar, got '$cmvn1'" >&2; exit 1;; esac
+f1=$feats1                           # name of the iteration-1 feature store and k-means dir: mfcc, fbank_cmvn-meanvar
+cmvn_opt=()
+[ "$cmvn1" != none ] && f1=${feats1}_cmvn-$cmvn1 && cmvn_opt=(--cmvn "$cmvn1")
 
 if in_stage 1; then
   log "stage 1: validate data dirs"
@@ -52,20 +60,20 @@ fi
 
 if in_stage 2; then
   for s in $train_set $dev_set; do
-    out=$dump/mfcc/$s
+    out=$dump/$f1/$s
     if done_or_run "$out"; then
-      log "stage 2: MFCC (39-d, 100 Hz) for $s -> $out"
-      speechssl features dump --data "$data/$s" --kind mfcc --nshard "$nj" --out "$out"
+      log "stage 2: $feats1 (CMVN: $cmvn1, 100 Hz) for $s -> $out"
+      speechssl features dump --data "$data/$s" --kind "$feats1" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
       touch "$out/.done"
     fi
   done
 fi
 
 if in_stage 3; then
-  out=$exp/kmeans_mfcc_k$k1
+  out=$exp/kmeans_${f1}_k$k1
   if done_or_run "$out"; then
-    log "stage 3: k-means k=$k1 on MFCC of $train_set -> $out"
-    speechssl kmeans fit --feats "$dump/mfcc/$train_set" --k "$k1" --sample-frac "$sample_frac" \
+    log "stage 3: k-means k=$k1 on $f1 of $train_set -> $out"
+    speechssl kmeans fit --feats "$dump/$f1/$train_set" --k "$k1" --sample-frac "$sample_frac" \
       --max-frames "$max_frames" --out "$out"
     touch "$out/.done"
   fi
@@ -76,16 +84,16 @@ if in_stage 4; then
     out=$dump/labels_iter1/$s
     if done_or_run "$out"; then
       log "stage 4: iteration-1 labels for $s -> $out"
-      speechssl kmeans label --feats "$dump/mfcc/$s" --km "$exp/kmeans_mfcc_k$k1" --out "$out"
+      speechssl kmeans label --feats "$dump/$f1/$s" --km "$exp/kmeans_${f1}_k$k1" --out "$out"
       touch "$out/.done"
     fi
   done
 fi
 
 if in_stage 5 && [ -n "$alignments" ]; then
-  log "stage 5: quality of the MFCC units against $alignments"
+  log "stage 5: quality of the $f1 units against $alignments"
   speechssl units quality --labels "$dump/labels_iter1/$train_set" --alignments "$alignments" \
-    --out "$exp/kmeans_mfcc_k$k1/quality.json" --plot "$exp/kmeans_mfcc_k$k1/quality.png"
+    --out "$exp/kmeans_${f1}_k$k1/quality.json" --plot "$exp/kmeans_${f1}_k$k1/quality.png"
 fi
 
 if in_stage 6; then
@@ -104,9 +112,9 @@ fi
 if in_stage 7 && [ -n "$alignments" ]; then
   out=$exp/hubert_iter1/layers
   if done_or_run "$out"; then
-    log "stage 7: what each layer of iteration 1 learned (PNMI by layer, k=$k2)"
+    log "stage 7: what each layer of iteration 1 learned (PNMI by layer, k=$k2, beside an untrained model and $f1 units)"
     speechssl units layers --ckpt "$exp/hubert_iter1/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --mfcc "$dump/mfcc/$train_set" $layers_opts --out "$out"
+      --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
     touch "$out/.done"
   fi
 fi
@@ -155,7 +163,7 @@ if in_stage 10 && [ -n "$alignments" ]; then
   if done_or_run "$out"; then
     log "stage 10: what each layer of iteration 2 learned"
     speechssl units layers --ckpt "$exp/hubert_iter2/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --mfcc "$dump/mfcc/$train_set" $layers_opts --out "$out"
+      --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
     touch "$out/.done"
   fi
 fi

@@ -1,4 +1,4 @@
-"""One tiny end-to-end run of the mini_synth HuBERT recipe: corpus -> MFCC -> k-means -> labels -> quality ->
+"""One tiny end-to-end run of the mini_synth HuBERT recipe: corpus -> fbank (CMVN) -> k-means -> labels -> quality ->
 iteration 1 -> per-layer units -> iteration-2 labels from the best layer -> iteration 2 -> per-layer units.
 
 Runs in a copy of the recipe so the repository stays clean; two training updates per iteration.
@@ -39,11 +39,11 @@ def recipe_run(tmp_path_factory):
 
 def test_every_stage_left_its_output(recipe_run):
     job, _ = recipe_run
-    for d in ["dump_tiny/mfcc/train", "dump_tiny/mfcc/dev", "exp_tiny/kmeans_mfcc_k100",
+    for d in ["dump_tiny/fbank_cmvn-meanvar/train", "dump_tiny/fbank_cmvn-meanvar/dev", "exp_tiny/kmeans_fbank_cmvn-meanvar_k100",
               "dump_tiny/labels_iter1/train", "exp_tiny/hubert_iter1", "exp_tiny/hubert_iter1/layers",
               "dump_tiny/labels_iter2/train", "exp_tiny/hubert_iter2", "exp_tiny/hubert_iter2/layers"]:
         assert (job / d / ".done").is_file(), d
-    quality = json.loads((job / "exp_tiny/kmeans_mfcc_k100/quality.json").read_text())
+    quality = json.loads((job / "exp_tiny/kmeans_fbank_cmvn-meanvar_k100/quality.json").read_text())
     assert 0.0 < quality["pnmi"] < 1.0
     layers = json.loads((job / "exp_tiny/hubert_iter1/layers/layers.json").read_text())
     assert layers["best_layer"] == max(layers["layers"], key=lambda r: r["pnmi"])["layer"]
@@ -61,4 +61,4 @@ def test_rerun_skips_finished_stages(recipe_run):
     proc = subprocess.run(["bash", "run.sh", "--tiny", "true", "--stage", "2", "--stop-stage", "6"], cwd=job,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "stage 2: MFCC" not in proc.stdout and "stage 6: HuBERT" not in proc.stdout
+    assert "stage 2: fbank" not in proc.stdout and "stage 6: HuBERT" not in proc.stdout

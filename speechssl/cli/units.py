@@ -51,7 +51,7 @@ def register(subparsers, help_):
         "layers", help="PNMI / purities of k-means units of every hidden layer of a checkpoint (and of MFCC)",
         description="For each hidden layer: k-means (as `kmeans fit`: uniform frame sample, k-means++ + Lloyd) on "
                     "a sample drawn in one model pass, then a second pass assigns every frame and counts "
-                    "(phone, unit) pairs; nothing is dumped to disk. With --mfcc, MFCC units at the same k, sample "
+                    "(phone, unit) pairs; nothing is dumped to disk. With --spectral, units of MFCC or fbank at the same k, sample "
                     "fraction and seed on the same utterances, each scored at its own frame rate. Unless "
                     "--no-baseline, an untrained model of the checkpoint's config (seeded with --seed) goes through "
                     "the same passes (same utterances, sample and k): its PNMI/purities per layer and each layer's "
@@ -61,7 +61,9 @@ def register(subparsers, help_):
     lay.add_argument("--data", required=True, help="Kaldi data dir")
     lay.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids")
     lay.add_argument("--k", type=int, required=True, help="number of clusters")
-    lay.add_argument("--mfcc", default=None, help="MFCC feature store of the same data dir (baseline units)")
+    lay.add_argument("--spectral", "--mfcc", dest="mfcc", default=None, metavar="STORE",
+                     help="spectral feature store of the same data dir (MFCC, or fbank as the mini_synth iteration-1 "
+                          "targets): baseline units at the same k")
     lay.add_argument("--layers", default="all", help="'all' (default) or comma-separated hidden-state indices")
     lay.add_argument("--sample-frac", type=float, default=0.1, help="fraction of frames sampled for k-means (0.1)")
     lay.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames per layer (bounds memory)")

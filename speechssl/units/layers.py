@@ -381,7 +381,7 @@ def evaluate_layers(
     if random_result is not None:
         result["best_ratio_to_random_best"] = _ratio(best_row["pnmi"], random_result["best_pnmi"])
     if reader is not None:
-        result["mfcc"] = {**entry("mfcc"), "feats": str(mfcc), "kind": reader.meta.get("kind"),
+        result["mfcc"] = {**entry("mfcc"), "feats": str(mfcc), "kind": _spectral_name(reader.meta),
                           "frame_rate": reader.frame_rate, "dim": reader.dim}
     for i, r in enumerate(rows):
         line = (f"layer {r['layer']:>2}: PNMI {r['pnmi']:.4f}  phone purity {r['phone_purity']:.4f}  "
@@ -391,7 +391,7 @@ def evaluate_layers(
         report(line)
     if result["mfcc"]:
         mm = result["mfcc"]
-        report(f"MFCC    : PNMI {mm['pnmi']:.4f}  phone purity {mm['phone_purity']:.4f}  "
+        report(f"{mm['kind']} units: PNMI {mm['pnmi']:.4f}  phone purity {mm['phone_purity']:.4f}  "
                f"cluster purity {mm['cluster_purity']:.4f}  ({mm['frame_rate']:g} Hz)")
     if random_result is not None:
         report(f"best layer {best}: PNMI {best_row['pnmi']:.4f} vs random-init best {random_result['best_pnmi']:.4f} "
@@ -405,6 +405,13 @@ def evaluate_layers(
         atomic_write_text(out / "layers.json", json.dumps(result, indent=1) + "\n")  # last: the commit marker
         report(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
     return result
+
+
+def _spectral_name(meta: dict[str, Any]) -> str:
+    """``"mfcc"``, ``"fbank+cmvn(meanvar)"``: the kind of a spectral feature store and its per-utterance CMVN."""
+    kind = str(meta.get("kind") or "features")
+    cmvn = ((meta.get("source") or {}).get("options") or {}).get("cmvn")
+    return f"{kind}+cmvn({cmvn})" if cmvn else kind
 
 
 def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
@@ -427,7 +434,7 @@ def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
                 markersize=4, label="random init PNMI (same config, untrained)")
     m = result.get("mfcc")
     if m:
-        ax.axhline(m["pnmi"], color="C3", linestyle="-", label=f"MFCC PNMI ({m['pnmi']:.3f}, {m['frame_rate']:g} Hz)")
+        ax.axhline(m["pnmi"], color="C3", linestyle="-", label=f"{m.get('kind') or 'MFCC'} units PNMI ({m['pnmi']:.3f}, {m['frame_rate']:g} Hz)")
     best = result["best_layer"]
     ax.annotate(f"best {best}", (best, max(r["pnmi"] for r in rows)), textcoords="offset points", xytext=(0, 8),
                 ha="center", fontsize=8)
