@@ -1,17 +1,23 @@
 """speechssl.data: Kaldi data dirs (read/validate/write/fix), durations, lhotse bridge, and the `data` CLI.
 
 Kaldi's own ``utils/validate_data_dir.sh`` is the reference for what a valid data dir is. Its scripts are not
-vendored into this repository; point ``KALDI_UTILS`` at a directory that contains ``utils/validate_data_dir.sh``,
-``utils/validate_text.pl`` and ``utils/spk2utt_to_utt2spk.pl`` (e.g. ``$KALDI_ROOT/egs/wsj/s5``), or put them
-under ``tests/kaldi_utils/utils/``, to run the comparison tests; without them those tests are skipped.
+vendored into this repository: the comparison tests take them from ``$KALDI_UTILS``, ``tests/kaldi_utils/`` or the
+repository's sibling ``../shared/kaldi_utils/`` (the first that holds ``utils/validate_data_dir.sh``,
+``utils/validate_text.pl`` and ``utils/spk2utt_to_utt2spk.pl``); only if none does are they skipped. They run
+from an executable copy in a temporary folder (the tree may be read-only, without exec bits) and need ``bash``,
+``perl`` with Encode (Debian: ``perl``), ``awk``, ``grep``, ``sort``, ``cmp``, ``diff`` and ``locale``.
 """
 
 from __future__ import annotations
 
+import atexit
 import filecmp
+import functools
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,25 +43,78 @@ from speechssl.data.lhotse_io import data_dir_to_lhotse, lhotse_to_data_dir
 SR = 16000
 
 
+_KALDI_SCRIPTS = ("validate_data_dir.sh", "validate_text.pl", "spk2utt_to_utt2spk.pl")
+_KALDI_CANDIDATES = (
+    ("$KALDI_UTILS", os.environ.get("KALDI_UTILS")),
+    ("tests/kaldi_utils", Path(__file__).resolve().parent / "kaldi_utils"),
+    ("../shared/kaldi_utils", Path(__file__).resolve().parents[2] / "shared" / "kaldi_utils"),
+)
+
+
 def _kaldi_utils() -> Path | None:
-    for cand in (os.environ.get("KALDI_UTILS"), Path(__file__).parent / "kaldi_utils"):
-        if cand and (Path(cand) / "utils" / "validate_data_dir.sh").is_file():
+    for _, cand in _KALDI_CANDIDATES:
+        if cand and all((Path(cand) / "utils" / f).is_file() for f in _KALDI_SCRIPTS):
             return Path(cand)
     return None
 
 
 KALDI = _kaldi_utils()
-needs_kaldi = pytest.mark.skipif(KALDI is None, reason="Kaldi utils not found (set KALDI_UTILS)")
+needs_kaldi = pytest.mark.skipif(
+    KALDI is None,
+    reason="Kaldi utils/{" + ",".join(_KALDI_SCRIPTS) + "} not found in any of: "
+    + "; ".join(f"{what} ({where or 'unset'})" for what, where in _KALDI_CANDIDATES),
+)
+
+# Kaldi's validate_data_dir.sh:128-136 rejects text lines with characters that are neither [:print:] nor [:space:]
+# in a UTF-8 locale, so that non-ASCII letters pass. It picks that locale with `locale -a | grep "C.UTF-8"`
+# (line 129), else en_US.UTF-8. glibc lists the C.UTF-8 locale as "C.utf8" (kaldi-asr/kaldi#4934, still open),
+# so where en_US.UTF-8 is not installed (Debian/Ubuntu images) grep runs in the C locale and every non-ASCII
+# byte counts as non-printable. There we hand the script a `locale` whose `-a` also lists "C.UTF-8", the
+# locale its rule was written for; the rule itself (and the script) stay as they are.
+_LOCALE_SHIM = """#!/bin/sh
+if [ "$1" = "-a" ]; then {real} -a; echo C.UTF-8; exit 0; fi
+exec {real} "$@"
+"""
+
+
+def _locale_usable(name: str) -> bool:
+    out = subprocess.run(["locale", "charmap"], capture_output=True, text=True, env={**os.environ, "LC_ALL": name})
+    return out.returncode == 0 and out.stdout.strip() == "UTF-8" and not out.stderr
+
+
+@functools.cache
+def _kaldi_runner() -> tuple[Path, dict[str, str]]:
+    """(cwd, env) to run the Kaldi scripts from: an executable copy of utils/, plus the locale shim if needed."""
+    missing = [t for t in ("bash", "perl", "awk", "grep", "sort", "cmp", "diff", "locale") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"Kaldi utils found at {KALDI}, but {', '.join(missing)} not on PATH")
+    if subprocess.run(["perl", "-MEncode", "-e", "1"], capture_output=True).returncode != 0:
+        pytest.fail("Kaldi's validate_text.pl needs perl's Encode module (Debian: apt-get install perl)")
+    root = Path(tempfile.mkdtemp(prefix="kaldi_utils."))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    (root / "utils").mkdir()
+    for f in _KALDI_SCRIPTS:  # the script runs utils/*.pl directly (lines 116, 138): they must be executable
+        shutil.copyfile(KALDI / "utils" / f, root / "utils" / f)
+        os.chmod(root / "utils" / f, 0o755)
+    env = {**os.environ, "LC_ALL": "C"}
+    listed = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout
+    if not re.search(r"C.UTF-8", listed) and not _locale_usable("en_US.UTF-8") and _locale_usable("C.UTF-8"):
+        (root / "bin").mkdir()
+        (root / "bin" / "locale").write_text(_LOCALE_SHIM.format(real=shutil.which("locale")))
+        os.chmod(root / "bin" / "locale", 0o755)
+        env["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    return root, env
 
 
 def kaldi_validate(data: Path) -> tuple[bool, str]:
     """Run Kaldi's validate_data_dir.sh --no-feats. Accepted iff it says so (it exits 0 on some errors)."""
+    cwd, env = _kaldi_runner()
     out = subprocess.run(
         ["bash", "utils/validate_data_dir.sh", "--no-feats", str(data.resolve())],
-        cwd=KALDI,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "LC_ALL": "C"},
+        env=env,
     )
     ok = out.returncode == 0 and "Successfully validated" in out.stdout
     return ok, out.stdout + out.stderr
@@ -196,6 +255,17 @@ def _drop(i):
     return _lines(lambda lines: lines[:i] + lines[i + 1:])
 
 
+def _add(name: str, value: bytes):
+    """Add file ``name`` giving every utterance of utt2spk ``value``."""
+    def apply(d: Path) -> None:
+        (d / name).write_bytes(b"".join(u + b" " + value + b"\n" for u in _first_fields_b(d / "utt2spk")))
+    return apply
+
+
+def _first_fields_b(path: Path) -> list[bytes]:
+    return [line.split()[0] for line in path.read_bytes().splitlines()]
+
+
 def _rename_speaker(d: Path) -> None:
     """Speaker 'zz' for SpkB-01: utt2spk stays sorted by utt but not by speaker; spk2utt rebuilt to match."""
     dd = read_data_dir(d, validate=False)
@@ -221,10 +291,17 @@ CORRUPTIONS = [
     ("text-nbsp", "corpus", _edit("text", _set(0, "SpkB-00 a\u00a0b".encode())), "text:1: disallowed whitespace character U+00A0", True),
     ("text-illegal-symbol", "corpus", _edit("text", _set(3, b"spk_a-00 hello </s>")), "text:4: text contains the reserved symbol '</s>'", True),
     ("text-empty-line", "corpus", _edit("text", lambda b: b.replace(b"\n", b"\n\n", 1)), "text:2: empty line", True),
+    ("text-control-char", "corpus", _edit("text", _set(2, b"SpkB-02 bell\x07here")), "text:3: non-printable character U+0007 (control) in the transcript", True),
+    ("text-c1-control-in-id", "corpus", _edit("text", _set(0, "SpkB-00\u0080 x".encode())), "text:1: non-printable character U+0080 (control) in the utterance id", True),
+    ("text-noncharacter", "corpus", _edit("text", _set(2, "SpkB-02 a\ufffeb".encode())), "text:3: non-printable character U+FFFE (unassigned) in the transcript", True),
     ("text-not-utf8", "corpus", _edit("text", _set(4, b"spk_a-01 caf\xe9")), "text:5: not valid UTF-8 (byte 0xe9 at column 13)", False),
     ("wav-scp-missing-utt", "corpus", _edit("wav.scp", _drop(3)), "wav.scp: utterance 'spk_a-00' is missing", True),
     ("wav-scp-tilde", "corpus", _edit("wav.scp", _set(0, b"SpkB-00 ~/a.wav")), "wav.scp:1: path starts with '~'", True),
     ("extra-missing-utt", "corpus", _edit("utt2kw", _drop(0)), "utt2kw: utterance 'SpkB-00' is missing", False),
+    ("utt2uniq-missing-utt", "corpus", lambda d: (_add("utt2uniq", b"u")(d), _edit("utt2uniq", _drop(0))(d)), "utt2uniq: utterance 'SpkB-00' is missing", True),
+    ("utt2num-frames-fraction", "corpus", _add("utt2num_frames", b"12.5"), "utt2num_frames:1: frame count 12.5 is not a positive integer", True),
+    ("utt2num-frames-3-fields", "corpus", _add("utt2num_frames", b"12 13"), "utt2num_frames:1: expected 2 fields", True),
+    ("utt2warp-out-of-range", "corpus", _add("utt2warp", b"1.5"), "utt2warp:1: warp factor 1.5 is not in (0.5, 1.5)", True),
     ("segments-end-before-start", "seg_corpus", _edit("segments", _set(1, b"SpkB-rec0-1 rec0 1.25 0.25")), "segments:2: segment end 0.25 is not after start 1.25", True),
     ("segments-3-fields", "seg_corpus", _edit("segments", _set(0, b"SpkB-rec0-0 rec0 0.0")), "segments:1: expected 4 fields", True),
     ("segments-not-a-number", "seg_corpus", _edit("segments", _set(0, b"SpkB-rec0-0 rec0 0.0 abc")), "segments:1: segment end 'abc' is not a number", None),
@@ -251,6 +328,20 @@ def test_corruption_is_rejected(name, fixture, corrupt, message, kaldi_catches, 
     if KALDI is not None and kaldi_catches is not None:
         ok, log = kaldi_validate(d)
         assert ok is not kaldi_catches, log
+
+
+def test_kaldi_accepts_what_we_accept(corpus, tmp_path):
+    """Printable non-ASCII (CJK, Cf format and Co private-use characters) and well-formed utt2num_frames/utt2warp."""
+    d = tmp_path / "d"
+    text = {**corpus.text, "SpkB-01": "日本語 zero\u200bwidth soft\u00adhyphen \ue000 ünï"}
+    write_data_dir(replace(corpus, text=text), d)
+    _add("utt2num_frames", b"12")(d)
+    _add("utt2warp", b"1.05")(d)
+    validate_data_dir(d)
+    assert read_data_dir(d).text["SpkB-01"] == text["SpkB-01"]
+    if KALDI is not None:
+        ok, log = kaldi_validate(d)
+        assert ok, log
 
 
 def test_missing_required_files(corpus, tmp_path):

@@ -20,8 +20,10 @@ this module must never be laxer than: every file ends in a newline, is sorted by
 no duplicates; utt2spk is also sorted by speaker (speaker ids must be prefixes of utterance ids), spk2utt
 expands to exactly utt2spk; text, segments (or wav.scp), utt2dur and every utt2* file list exactly the
 utterances of utt2spk; segments have 4 fields with end > start, every wav.scp recording is used by some
-segment; text holds no ``<s>``, ``</s>``, ``#0``, CR or non-ASCII whitespace; wav.scp paths do not start with
-``~``; durations are > 0. On top of that, lines must be UTF-8, non-empty, without leading whitespace or CR,
+segment; text holds no ``<s>``, ``</s>``, ``#0``, CR, non-ASCII whitespace or non-printable characters (control
+characters, unassigned code points: what ``grep '[^[:print:][:space:]]'`` finds in a UTF-8 locale); wav.scp
+paths do not start with ``~``; durations are > 0; utt2num_frames holds positive integers and utt2warp factors in
+(0.5, 1.5). On top of that, lines must be UTF-8, non-empty, without leading whitespace or CR,
 and times must be finite numbers. Every problem raises one `DataDirError` naming ``file:line``.
 """
 
@@ -32,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +68,21 @@ _ILLEGAL_TEXT_SYMBOLS = re.compile(r"(?<![A-Za-z0-9_])(<s>|</s>|#0)(?![A-Za-z0-9
 _LINE = re.compile(r"([^ \t]+)(?:[ \t]+(.*?))?[ \t]*\Z", re.DOTALL)
 _FIELD_SEP = re.compile(r"[ \t]+")
 _BAD_WHITESPACE = re.compile(r"[^\S \t]")  # any whitespace other than space and tab
+_SPACE_CC = frozenset("\t\n\v\f\r")  # control characters that are [:space:], not non-printable
+
+
+def _non_printable(s: str) -> str | None:
+    """The first character of ``s`` that is neither [:print:] nor [:space:] in glibc's C.UTF-8 locale, if any.
+
+    That is Unicode category Cc (controls) except TAB, LF, VT, FF, CR, and Cn (unassigned code points and
+    noncharacters, as of Python's Unicode database); format characters (Cf) and private use (Co) are printable.
+    """
+    if s.isprintable():  # fast path: no Cc, Cn (nor Z*, Cf, Co, Cs)
+        return None
+    for ch in s:
+        if unicodedata.category(ch) in ("Cc", "Cn") and ch not in _SPACE_CC:
+            return ch
+    return None
 
 
 class DataDirError(ValueError):
@@ -318,6 +336,23 @@ def _parse_tables(tables: dict[str, _Table]) -> None:
                 m = _ILLEGAL_TEXT_SYMBOLS.search(f"{key} {e.raw}")
                 if m:
                     raise DataDirError(f"{t.loc(key)}: text contains the reserved symbol {m.group()!r}")
+                for part, where in ((key, "utterance id"), (e.raw, "transcript")):
+                    ch = _non_printable(part)
+                    if ch is not None:
+                        what = unicodedata.name(ch, "unassigned" if unicodedata.category(ch) == "Cn" else "control")
+                        raise DataDirError(
+                            f"{t.loc(key)}: non-printable character U+{ord(ch):04X} ({what}) in the {where}; "
+                            "Kaldi rejects text with characters that are neither printable nor whitespace"
+                        )
+            elif name == "utt2num_frames":
+                (n,) = _expect_fields(t, key, 1, "2 fields '<utt> <frames>'")
+                x = _num(t, key, n, "frame count")
+                if not (x > 0 and x.is_integer()):
+                    raise DataDirError(f"{t.loc(key)}: frame count {n} is not a positive integer")
+            elif name == "utt2warp":
+                (w,) = _expect_fields(t, key, 1, "2 fields '<utt> <warp factor>'")
+                if not 0.5 < _num(t, key, w, "warp factor") < 1.5:
+                    raise DataDirError(f"{t.loc(key)}: warp factor {w} is not in (0.5, 1.5)")
             else:  # utt2* extra
                 _expect_fields(t, key, None, "'<utt> <value>'", at_least=1)
 
