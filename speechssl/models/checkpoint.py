@@ -5,10 +5,15 @@
     {"format": "speechssl-hubert", "version": 1, "model_class": "HubertPretrainModel" | "HubertModel",
      "model": {...HubertConfig.to_dict()...}, "extra": {...caller metadata: step, label sets, ...}}
 
+One writer, one reader: :func:`save_model` is the only function that writes a checkpoint directory (the trainer
+adds its own files to the same atomic write through ``add_files``, and makes ``EXP/best`` with ``weights_from``),
+:func:`load_weights` the only one that reads ``model.safetensors`` (into a given model, keys checked strictly; the
+encoder alone with ``encoder_only``); :func:`load_model` is ``read_config`` + build + ``load_weights``.
+
 ``export_hf`` writes a directory ``transformers.HubertModel.from_pretrained`` loads (waveform-CNN frontend only):
 the encoder state dict unchanged (our names are transformers' names), transformers ``HubertConfig`` fields in
 ``config.json`` and a ``preprocessor_config.json`` for ``Wav2Vec2FeatureExtractor``.
-Training state (optimizer, scheduler, RNG) is the trainer's business and lives in a separate file.
+Training state (optimizer, scheduler, RNG) is the trainer's business and lives in separate files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +34,7 @@ from speechssl.fileio import fsync_dir
 from .config import HubertConfig
 from .hubert import HubertModel, HubertPretrainModel
 
-__all__ = ["save_model", "load_model", "read_config", "export_hf", "CheckpointError"]
+__all__ = ["save_model", "load_model", "load_weights", "read_config", "export_hf", "CheckpointError"]
 
 FORMAT = "speechssl-hubert"
 VERSION = 1
@@ -41,21 +46,26 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names the directory and the problem."""
 
 
-def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
-    """Write ``files`` (name -> dict of tensors for .safetensors, or JSON-able object) into a temp directory beside
-    ``out_dir``, fsync, then rename it into place (an existing ``out_dir`` is replaced)."""
+def _write_dir_atomic(out_dir: Path, files: dict[str, Any], add_files: Callable[[Path], None] | None = None) -> None:
+    """Write ``files`` (name -> dict of tensors for .safetensors, a file to hard-link or copy, or a JSON-able object)
+    into a temp directory beside ``out_dir``, let ``add_files(temp_dir)`` add more, fsync, then rename it into place
+    (an existing ``out_dir`` is replaced)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         for name, content in files.items():
             path = tmp / name
-            if name.endswith(".safetensors"):
+            if isinstance(content, Path):
+                _link_or_copy(content, path)
+            elif name.endswith(".safetensors"):
                 save_file(content, str(path), metadata={"format": "pt"})
             else:
                 path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        if add_files is not None:
+            add_files(tmp)
         fsync_dir(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -70,16 +80,36 @@ def _write_dir_atomic(out_dir: Path, files: dict[str, Any]) -> None:
         raise
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no second copy of the bytes), or a copy where the filesystem has no links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # contiguous CPU copies; safetensors refuses shared storage, which no parameter here has
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(model: nn.Module, config: HubertConfig, out_dir, extra: dict | None = None) -> None:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically.
+def save_model(
+    model: nn.Module,
+    config: HubertConfig,
+    out_dir,
+    extra: dict | None = None,
+    *,
+    weights_from=None,
+    add_files: Callable[[Path], None] | None = None,
+) -> None:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically: the one checkpoint writer.
 
     ``model`` is a :class:`HubertPretrainModel` or :class:`HubertModel` (a DDP/compiled wrapper is unwrapped);
     ``extra`` is JSON-able metadata stored under ``"extra"`` (step, label sets, k-means hash, ...).
+    ``weights_from``: a checkpoint directory already holding exactly these weights (same model class and
+    config): its ``model.safetensors`` is hard-linked (copied where links fail) instead of serialised again.
+    ``add_files(temp_dir)``: writes further files into the directory before it is renamed into place, so they
+    appear together with the model or not at all (the trainer's training state and completion marker).
     """
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
@@ -93,7 +123,16 @@ def save_model(model: nn.Module, config: HubertConfig, out_dir, extra: dict | No
         "extra": extra or {},
     }
     json.dumps(meta)  # fail before writing anything if extra is not plain JSON
-    _write_dir_atomic(Path(out_dir), {WEIGHTS: _state_dict(model), CONFIG: meta})
+    weights: Any
+    if weights_from is None:
+        weights = _state_dict(model)
+    else:
+        _, src = read_config(weights_from)
+        if (src.get("model_class"), _plain(src["model"])) != (meta["model_class"], _plain(meta["model"])):
+            raise CheckpointError(f"{weights_from}: holds another model ({src.get('model_class')}, other config) "
+                                  f"than the one to save; weights_from must hold these very weights")
+        weights = Path(weights_from) / WEIGHTS
+    _write_dir_atomic(Path(out_dir), {WEIGHTS: weights, CONFIG: meta}, add_files)
 
 
 def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
@@ -114,40 +153,62 @@ def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
     ``pretrain_head=True`` returns a :class:`HubertPretrainModel` (the checkpoint must contain the head);
     ``False`` returns the bare :class:`HubertModel` (from either kind of checkpoint). Returned in eval mode.
     """
+    config, _ = read_config(ckpt_dir)
+    model: nn.Module = HubertPretrainModel(config) if pretrain_head else HubertModel(config)
+    load_weights(model, ckpt_dir, encoder_only=not pretrain_head)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, config: HubertConfig | None = None) -> dict:
+    """Load a checkpoint's ``model.safetensors`` into ``model`` with strict key and shape checking: the one reader.
+
+    ``encoder_only=False``: every tensor of ``model`` comes from the file and the file has no other.
+    ``encoder_only=True``: only the encoder (``model.hubert`` of a :class:`HubertPretrainModel`, or a bare
+    :class:`HubertModel`) is loaded, from the encoder of either kind of checkpoint; a head is left as it is.
+    ``config``: when given, ``config.json``'s model settings must equal it (the trainer's resume).
+    Returns the ``config.json`` dict; the train/eval mode of ``model`` is unchanged.
+    """
     ckpt_dir = Path(ckpt_dir)
-    config, meta = read_config(ckpt_dir)
+    saved_config, meta = read_config(ckpt_dir)
+    if config is not None:
+        mine, saved = _plain(config.to_dict()), _plain(saved_config.to_dict())
+        diff = sorted(k for k in mine if mine[k] != saved.get(k))
+        if diff:
+            raise CheckpointError(f"{ckpt_dir}: model config differs from the checkpoint's in {diff}")
     weights = ckpt_dir / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}")
     state = load_file(str(weights))
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
     saved_head = meta.get("model_class") == "HubertPretrainModel"
-    if pretrain_head:
-        if not saved_head:
-            raise CheckpointError(f"{ckpt_dir}: holds a bare HubertModel; load it with pretrain_head=False")
-        model: nn.Module = HubertPretrainModel(config)
-    else:
-        model = HubertModel(config)
+    if encoder_only:
+        model = model.hubert if isinstance(model, HubertPretrainModel) else model
         if saved_head:
             state = {k[len("hubert."):]: v for k, v in state.items() if k.startswith("hubert.")}
-    _load_strict(model, state, weights)
-    return model.eval()
+    elif isinstance(model, HubertPretrainModel) and not saved_head:
+        raise CheckpointError(f"{ckpt_dir}: holds a bare HubertModel; load it with pretrain_head=False "
+                              "(load_weights: encoder_only=True)")
+    _load_strict(model, state, weights, encoder_only)
+    return meta
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+def _plain(obj: Any) -> Any:
+    """JSON types only (tuples become lists), so that configs compare by value."""
+    return json.loads(json.dumps(obj))
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encoder_only: bool) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes}")
-        raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(parts))
+        what = (("encoder parameters missing", "unexpected encoder parameters", "encoder shape mismatches")
+                if encoder_only else ("missing keys", "unexpected keys", "shape mismatches"))
+        parts = [f"{label} {found}" for label, found in zip(what, (missing, unexpected, shapes)) if found]
+        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

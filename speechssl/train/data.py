@@ -9,6 +9,7 @@
   of the current epoch it has *consumed* (lhotse's own ``state_dict`` counts batches *yielded*, which runs ahead
   of training when a DataLoader prefetches). Resuming re-iterates the epoch's manifest and skips them; no audio
   is read while skipping.
+* ``build_pretrain_data``: the trainer's train (and dev) loaders from a ``PretrainConfig``, checked up front.
 * ``PretrainDataset``: reads audio through ``speechssl.audio.load_audio``, crops each batch to a common length
   (fairseq HuBERT: the shortest utterance, at most ``crop_max``; or pads when ``pad_audio``), with crop
   offsets on the model's frame grid (multiples of ``downsample_rate`` samples) so the labels are cut at
@@ -22,14 +23,18 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from lhotse.dataset.sampling.base import TimeConstraint
 
 from speechssl.audio import SAMPLE_RATE, load_audio
+from speechssl.train.distributed import Dist, barrier
 from speechssl.units.labels import LabelError, LabelSet
+
+if TYPE_CHECKING:
+    from speechssl.train.config import PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ __all__ = [
     "CroppedTimeConstraint",
     "ResumableBatchSampler",
     "PretrainDataset",
+    "PretrainData",
+    "build_pretrain_data",
     "cut_num_samples",
     "crop_offset",
 ]
@@ -349,3 +356,102 @@ class PretrainDataset(torch.utils.data.Dataset):
 def collate_identity(batch):
     """DataLoader(batch_size=None) passes the dataset's batch through unchanged."""
     return batch
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's loaders
+@dataclass
+class PretrainData:
+    train_labels: list[LabelSet]
+    sampler: ResumableBatchSampler  # the train sampler: its position is part of the training state
+    train_loader: torch.utils.data.DataLoader
+    dev_loader: torch.utils.data.DataLoader | None  # None without data.dev
+    empty_epoch_error: str = "an epoch produced no full batch"  # names the data dir and the settings to change
+
+    def train_batches(self) -> Iterator[dict]:
+        """Batches forever, epoch after epoch, starting at the sampler's saved position."""
+        while True:
+            start_skip = self.sampler.batches_done
+            got = False
+            for batch in self.train_loader:
+                got = True
+                yield batch
+            if not got and start_skip == 0:
+                raise RuntimeError(self.empty_epoch_error)
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+
+def build_pretrain_data(cfg: "PretrainConfig", d: Dist, encoder, exp_dir: Path, device: torch.device) -> PretrainData:
+    """Train (and dev) cuts, labels and loaders of a run, every utterance's labels checked before training starts.
+
+    ``encoder`` gives ``frame_rate``, ``downsample_rate`` and ``num_frames``; Kaldi-only data dirs are converted
+    into ``exp_dir/data/{train,dev}`` once, by rank 0.
+    """
+    dc = cfg.data
+    if not dc.train:
+        raise ValueError("data.train is not set (a data dir with cuts.jsonl.gz or Kaldi files)")
+    if not dc.train_labels:
+        raise ValueError("data.train_labels is empty (one label dir per label set)")
+    if dc.dev and len(dc.dev_labels) != len(dc.train_labels):
+        raise ValueError(
+            f"data.dev_labels lists {len(dc.dev_labels)} label dir(s), data.train_labels "
+            f"{len(dc.train_labels)}: give one dev label dir per label set"
+        )
+    frame_rate = float(encoder.frame_rate)
+
+    def split(data_dir: str, label_dirs: list[str], name: str, *, train: bool):
+        if d.is_main:
+            load_cuts(data_dir, exp_dir / "data" / name)  # builds manifests once (rank 0)
+        barrier(d)
+        cuts = load_cuts(data_dir, exp_dir / "data" / name)
+        labels = load_label_sets(label_dirs)
+        keep, hours = check_cuts_and_labels(cuts, labels, min_duration=dc.crop_min, where=data_dir)
+        sampler = ResumableBatchSampler(
+            cuts, max_duration=dc.max_duration if train else dc.valid_max_duration or dc.max_duration,
+            crop_max=dc.crop_max, num_buckets=dc.num_buckets if train else min(dc.num_buckets, 10), seed=cfg.seed,
+            shuffle=train, drop_last=train, world_size=d.world, rank=d.rank, keep_ids=set(keep),
+        )
+        dataset = PretrainDataset(
+            labels, frame_rate=frame_rate, downsample_rate=int(encoder.downsample_rate),
+            num_frames=_NumFrames(encoder), crop_max=dc.crop_max, seed=cfg.seed, pad_audio=dc.pad_audio,
+            random_crop=True,
+        )
+        nw = dc.num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=sampler, batch_size=None, collate_fn=collate_identity, num_workers=nw,
+            worker_init_fn=_worker_init if nw > 0 else None, prefetch_factor=2 if nw > 0 else None,
+            pin_memory=device.type == "cuda",
+        )
+        log.info("%s: %s, %d utterances, %.2f h", name, data_dir, len(keep), hours)
+        return labels, sampler, loader
+
+    train_labels, sampler, train_loader = split(dc.train, dc.train_labels, "train", train=True)
+    dev_loader = None
+    if dc.dev:
+        dev_labels, _, dev_loader = split(dc.dev, dc.dev_labels, "dev", train=False)
+        for tr, dv in zip(train_labels, dev_labels):
+            if tr.k != dv.k or tr.label_rate != dv.label_rate:
+                raise ValueError(
+                    f"dev labels {dv.label_dir} (k={dv.k}, {dv.label_rate} Hz) do not match train labels "
+                    f"{tr.label_dir} (k={tr.k}, {tr.label_rate} Hz)"
+                )
+    for ls in train_labels:
+        log.info("labels %s: k=%d at %g Hz (model %g Hz)", ls.label_dir, ls.k, ls.label_rate, frame_rate)
+    empty = (f"{dc.train}: an epoch produced no full batch. Batches are dropped when a duration bucket runs out "
+             f"before reaching data.max_duration={dc.max_duration} s (lhotse drop_last), so a small corpus needs fewer "
+             f"buckets: lower data.num_buckets (now {dc.num_buckets}) or data.max_duration; {d.world} process(es)")
+    return PretrainData(train_labels, sampler, train_loader, dev_loader, empty)
+
+
+class _NumFrames:
+    """``num_samples -> frames`` of the encoder (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, n: int) -> int:
+        with torch.no_grad():
+            return int(self.encoder.num_frames(torch.tensor([int(n)]))[0])
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)

@@ -15,12 +15,14 @@ Checkpoint layout (one directory per saved step)::
                                             absent when the watch is off)
         COMPLETE                            written last; a directory without it is ignored
 
-The directory is assembled as ``.tmp-step-...`` and renamed when complete, so a crash mid-save leaves
+The whole directory is one call of ``save_model`` (train/checkpoints.py adds the other files through its
+``add_files``): assembled in a temp directory beside it and renamed when complete, so a crash mid-save leaves
 either the old set of checkpoints or the new one, never a half-written "latest".
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -47,6 +49,8 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "preserved_rng",
+    "seed_all",
+    "derived_seed",
     "checkpoint_dirs",
     "find_latest_checkpoint",
     "mark_complete",
@@ -164,6 +168,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu())
 
 
+def seed_all(seed: int) -> None:
+    """Seed the python, numpy and torch RNGs from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a hash of ``parts`` (e.g. seed, update, attempt, micro-batch index)."""
+    h = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
 @contextmanager
 def preserved_rng(seed: int) -> Iterator[None]:
     """Run a block with every RNG seeded from ``seed`` and restore the previous states afterwards.
@@ -172,9 +189,7 @@ def preserved_rng(seed: int) -> Iterator[None]:
     does not move the training RNG (resume stays exact whatever the validation schedule).
     """
     saved = get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    seed_all(seed)
     try:
         yield
     finally:
@@ -214,14 +229,16 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete step checkpoints, and stale temp dirs."""
+    """Delete all but the newest ``keep_last`` complete step checkpoints, and stale temp dirs (of a save that
+    crashed: ``save_model``'s ``.step-N.tmp-*`` / ``.step-N.old-*``, or ``.tmp-step-N`` of older versions)."""
     root = Path(root)
     removed = []
     if keep_last > 0:
         for _, p in checkpoint_dirs(root)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-    for p in root.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+    for pattern in (".step-*.tmp-*", ".step-*.old-*", ".tmp-step-*"):
+        for p in root.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
