@@ -25,26 +25,61 @@ iter2_conf=conf/pretrain_iter2.yaml
 iter1_opts=""            # extra key=value overrides for iteration 1 (e.g. "optim.max_minutes=20")
 iter2_opts=""
 iter2_init=false         # true: iteration 2 starts from iteration 1's encoder (ckpt.init_from), false: from scratch (paper)
-layer=auto               # hidden layer for iteration-2 labels; auto = best PNMI from `units layers` (needs alignments)
-alignments=              # phone CTM of the train set for label-quality reports (optional)
+layer=auto               # hidden layer for iteration-2 labels; auto = `speechssl units best-layer`: best PNMI of stage 7,
+                         # or without alignments the middle transformer layer (HuBERT Base: 6 of 12)
+alignments=              # phone CTM of the train set for label-quality reports (optional; empty or none: stages 5, 7, 10 skipped)
 layers_opts="--max-utts 500"  # `units layers` options: which utterances to score (two model passes over them)
 help_message="Usage: $0 [options]
   --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC/fbank, 3 k-means iter1, 4 labels iter1, 5 unit quality,
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
   --feats1 mfcc|fbank --cmvn1 none|mean|meanvar   iteration-1 target features (default: MFCC, as the paper)
-  --k1 K --k2 K --layer L|auto --alignments CTM --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
+  --k1 K --k2 K --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
+  --alignments CTM|''|none     phone CTM of the train set; without it stages 5, 7 and 10 are skipped
+  --layer L|auto               hidden layer for iteration-2 labels; auto: best PNMI of stage 7 (needs alignments),
+                               otherwise ceil(layers/2) of the iteration-1 model (speechssl units best-layer)
   --iter2-init true|false      iteration 2 from iteration 1's encoder instead of from scratch (head always fresh)
   --layers-opts '--max-utts N'  options of the per-layer report (stages 7, 10)"
 
 . "$(dirname "$0")/../tools/parse_options.sh"
 
 log() { echo "$(date '+%F %T') [hubert.sh] $*"; }
-done_or_run() {  # done_or_run MARKER_DIR : returns 0 if the stage must run
+stage_pending() {  # stage_pending OUT_DIR : succeeds (the stage must run) while OUT_DIR/.done is missing
   [ ! -f "$1/.done" ]
 }
 in_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 
+pretrain_iteration() {  # pretrain_iteration STAGE N CONF OPTS LABEL_DIR [INIT_CKPT] : HuBERT iteration N -> exp/hubert_iterN
+  local stage_no=$1 it=$2 conf=$3 opts=$4 labels=$5 init=${6:-}
+  local out=$exp/hubert_iter$it
+  stage_pending "$out" || return 0
+  log "stage $stage_no: HuBERT iteration $it -> $out"
+  local init_opt=()
+  [ -n "$init" ] && init_opt=("ckpt.init_from=$init")
+  # shellcheck disable=SC2086
+  speechssl pretrain --config "$conf" --resume auto exp_dir="$out" \
+    data.train="$train" data.dev="$dev" \
+    data.train_labels="[$labels/$train_set]" data.dev_labels="[$labels/$dev_set]" \
+    "${init_opt[@]}" $opts
+  touch "$out/.done"
+}
+
+layer_report() {  # layer_report STAGE N : PNMI by layer of iteration N's best checkpoint (skipped without alignments)
+  local stage_no=$1 it=$2
+  local out=$exp/hubert_iter$it/layers
+  if [ -z "$alignments" ]; then
+    log "stage $stage_no: no alignments, no per-layer report of iteration $it"
+    return 0
+  fi
+  stage_pending "$out" || return 0
+  log "stage $stage_no: what each layer of iteration $it learned (PNMI by layer, k=$k2, beside an untrained model and $f1 units)"
+  # shellcheck disable=SC2086
+  speechssl units layers --ckpt "$exp/hubert_iter$it/best" --data "$train" --alignments "$alignments" \
+    --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
+  touch "$out/.done"
+}
+
+[ "$alignments" = none ] && alignments=
 train=$data/$train_set
 dev=$data/$dev_set
 case "$feats1" in mfcc|fbank) ;; *) echo "$0: --feats1 must be mfcc or fbank, got '$feats1'" >&2; exit 1;; esac
@@ -61,7 +96,7 @@ fi
 if in_stage 2; then
   for s in $train_set $dev_set; do
     out=$dump/$f1/$s
-    if done_or_run "$out"; then
+    if stage_pending "$out"; then
       log "stage 2: $feats1 (CMVN: $cmvn1, 100 Hz) for $s -> $out"
       speechssl features dump --data "$data/$s" --kind "$feats1" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
       touch "$out/.done"
@@ -71,7 +106,7 @@ fi
 
 if in_stage 3; then
   out=$exp/kmeans_${f1}_k$k1
-  if done_or_run "$out"; then
+  if stage_pending "$out"; then
     log "stage 3: k-means k=$k1 on $f1 of $train_set -> $out"
     speechssl kmeans fit --feats "$dump/$f1/$train_set" --k "$k1" --sample-frac "$sample_frac" \
       --max-frames "$max_frames" --out "$out"
@@ -82,7 +117,7 @@ fi
 if in_stage 4; then
   for s in $train_set $dev_set; do
     out=$dump/labels_iter1/$s
-    if done_or_run "$out"; then
+    if stage_pending "$out"; then
       log "stage 4: iteration-1 labels for $s -> $out"
       speechssl kmeans label --feats "$dump/$f1/$s" --km "$exp/kmeans_${f1}_k$k1" --out "$out"
       touch "$out/.done"
@@ -90,81 +125,56 @@ if in_stage 4; then
   done
 fi
 
-if in_stage 5 && [ -n "$alignments" ]; then
-  log "stage 5: quality of the $f1 units against $alignments"
-  speechssl units quality --labels "$dump/labels_iter1/$train_set" --alignments "$alignments" \
-    --out "$exp/kmeans_${f1}_k$k1/quality.json" --plot "$exp/kmeans_${f1}_k$k1/quality.png"
-fi
-
-if in_stage 6; then
-  out=$exp/hubert_iter1
-  if done_or_run "$out"; then
-    log "stage 6: HuBERT iteration 1 -> $out"
-    # shellcheck disable=SC2086
-    speechssl pretrain --config "$iter1_conf" --resume auto exp_dir="$out" \
-      data.train="$train" data.dev="$dev" \
-      data.train_labels="[$dump/labels_iter1/$train_set]" data.dev_labels="[$dump/labels_iter1/$dev_set]" \
-      $iter1_opts
-    touch "$out/.done"
+if in_stage 5; then
+  if [ -z "$alignments" ]; then
+    log "stage 5: no alignments, no quality report of the $f1 units"
+  else
+    log "stage 5: quality of the $f1 units against $alignments"
+    speechssl units quality --labels "$dump/labels_iter1/$train_set" --alignments "$alignments" \
+      --out "$exp/kmeans_${f1}_k$k1/quality.json" --plot "$exp/kmeans_${f1}_k$k1/quality.png"
   fi
 fi
 
-if in_stage 7 && [ -n "$alignments" ]; then
-  out=$exp/hubert_iter1/layers
-  if done_or_run "$out"; then
-    log "stage 7: what each layer of iteration 1 learned (PNMI by layer, k=$k2, beside an untrained model and $f1 units)"
-    speechssl units layers --ckpt "$exp/hubert_iter1/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
-    touch "$out/.done"
-  fi
-fi
+in_stage 6 && pretrain_iteration 6 1 "$iter1_conf" "$iter1_opts" "$dump/labels_iter1"
+in_stage 7 && layer_report 7 1
 
 if in_stage 8; then
-  if [ "$layer" = auto ]; then
-    layer=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['best_layer'])" "$exp/hubert_iter1/layers/layers.json")
+  ckpt1=$exp/hubert_iter1/best
+  if [ "$layer" = auto ]; then  # best PNMI of stage 7's report; without alignments the middle layer (see --help)
+    best_opts=(--ckpt "$ckpt1")
+    [ -n "$alignments" ] && best_opts+=(--layers-json "$exp/hubert_iter1/layers/layers.json")
+    layer=$(speechssl units best-layer "${best_opts[@]}")
   fi
+  hidden=$dump/hidden_iter1_L$layer
+  for s in $train_set $dev_set; do  # each set dumped once: train feeds the k-means fit and its labels
+    if stage_pending "$hidden/$s"; then
+      log "stage 8: layer $layer of iteration 1 for $s -> $hidden/$s"
+      speechssl features dump --data "$data/$s" --kind hidden --ckpt "$ckpt1" --layer "$layer" \
+        --nshard "$nj" --out "$hidden/$s"
+      touch "$hidden/$s/.done"
+    fi
+  done
   km=$exp/kmeans_iter1_L${layer}_k$k2
-  if done_or_run "$km"; then
+  if stage_pending "$km"; then
     log "stage 8: k-means k=$k2 on layer $layer of iteration 1"
-    speechssl features dump --data "$train" --kind hidden --ckpt "$exp/hubert_iter1/best" --layer "$layer" \
-      --nshard "$nj" --out "$dump/hidden_iter1_L$layer/$train_set"
-    speechssl kmeans fit --feats "$dump/hidden_iter1_L$layer/$train_set" --k "$k2" --sample-frac "$sample_frac" \
+    speechssl kmeans fit --feats "$hidden/$train_set" --k "$k2" --sample-frac "$sample_frac" \
       --max-frames "$max_frames" --out "$km"
     touch "$km/.done"
   fi
   for s in $train_set $dev_set; do
     out=$dump/labels_iter2/$s
-    if done_or_run "$out"; then
-      speechssl features dump --data "$data/$s" --kind hidden --ckpt "$exp/hubert_iter1/best" --layer "$layer" \
-        --nshard "$nj" --out "$dump/hidden_iter1_L$layer/$s"
-      speechssl kmeans label --feats "$dump/hidden_iter1_L$layer/$s" --km "$km" --out "$out"
+    if stage_pending "$out"; then
+      log "stage 8: iteration-2 labels for $s -> $out"
+      speechssl kmeans label --feats "$hidden/$s" --km "$km" --out "$out"
       touch "$out/.done"
     fi
   done
 fi
 
 if in_stage 9; then
-  out=$exp/hubert_iter2
-  if done_or_run "$out"; then
-    log "stage 9: HuBERT iteration 2 -> $out"
-    init=""
-    $iter2_init && init="ckpt.init_from=$exp/hubert_iter1/best"
-    # shellcheck disable=SC2086
-    speechssl pretrain --config "$iter2_conf" --resume auto exp_dir="$out" \
-      data.train="$train" data.dev="$dev" \
-      data.train_labels="[$dump/labels_iter2/$train_set]" data.dev_labels="[$dump/labels_iter2/$dev_set]" \
-      $init $iter2_opts
-    touch "$out/.done"
-  fi
+  init=""
+  $iter2_init && init=$exp/hubert_iter1/best
+  pretrain_iteration 9 2 "$iter2_conf" "$iter2_opts" "$dump/labels_iter2" "$init"
 fi
-
-if in_stage 10 && [ -n "$alignments" ]; then
-  out=$exp/hubert_iter2/layers
-  if done_or_run "$out"; then
-    log "stage 10: what each layer of iteration 2 learned"
-    speechssl units layers --ckpt "$exp/hubert_iter2/best" --data "$train" --alignments "$alignments" \
-      --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
-    touch "$out/.done"
-  fi
-fi
+in_stage 10 && layer_report 10 2
 log "done (stages $stage..$stop_stage)"

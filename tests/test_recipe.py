@@ -1,7 +1,8 @@
 """One tiny end-to-end run of the mini_synth HuBERT recipe: corpus -> fbank (CMVN) -> k-means -> labels -> quality ->
-iteration 1 -> per-layer units -> iteration-2 labels from the best layer -> iteration 2 -> per-layer units.
+iteration 1 -> per-layer units -> iteration-2 labels from the best layer -> iteration 2 -> per-layer units;
+then the same corpus without alignments (stages 5, 7, 10 skipped, iteration-2 units from the middle layer).
 
-Runs in a copy of the recipe so the repository stays clean; two training updates per iteration.
+Runs in copies of the recipe so the repository stays clean; two training updates per iteration.
 """
 
 from __future__ import annotations
@@ -18,23 +19,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory):
-    top = tmp_path_factory.mktemp("recipe")
+TRAIN_OPTS = "optim.max_steps=2 data.num_buckets=2 valid_every=2 log_every=1 progress=false"
+
+
+def _job_copy(top: Path) -> Path:
     shutil.copytree(ROOT / "recipes", top / "recipes")
     shutil.copytree(ROOT / "tools", top / "tools", ignore=shutil.ignore_patterns("bench"))
     job = top / "egs" / "mini_synth" / "hubert"
     shutil.copytree(ROOT / "egs" / "mini_synth" / "hubert", job,
                     ignore=shutil.ignore_patterns("data*", "dump*", "exp*", "__pycache__"))
+    return job
+
+
+def _run_recipe(job: Path, *opts: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                OMP_NUM_THREADS="1")
-    train_opts = "optim.max_steps=2 data.num_buckets=2 valid_every=2 log_every=1 progress=false"
     proc = subprocess.run(
-        ["bash", "run.sh", "--tiny", "true", "--iter1-opts", train_opts, "--iter2-opts", train_opts],
+        ["bash", "run.sh", "--tiny", "true", "--iter1-opts", TRAIN_OPTS, "--iter2-opts", TRAIN_OPTS, *opts],
         cwd=job, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return job, proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    job = _job_copy(tmp_path_factory.mktemp("recipe"))
+    return job, _run_recipe(job)
+
+
+@pytest.fixture(scope="module")
+def recipe_run_no_alignments(tmp_path_factory, recipe_run):
+    """Stages 1-10 on a copy of the same generated corpus with the alignments switched off."""
+    job = _job_copy(tmp_path_factory.mktemp("recipe_noali"))
+    shutil.copytree(recipe_run[0] / "data_tiny", job / "data_tiny")
+    return job, _run_recipe(job, "--alignments", "none")
 
 
 def test_every_stage_left_its_output(recipe_run):
@@ -53,6 +72,36 @@ def test_every_stage_left_its_output(recipe_run):
     assert meta["features"]["kind"] == f"hubert_l{layers['best_layer']}"
     cfg = json.loads((job / "exp_tiny/hubert_iter2/best/config.json").read_text())
     assert cfg["model"]["num_classes"] == [100]
+
+
+def test_each_set_dumped_once_per_layer(recipe_run):
+    job, proc = recipe_run
+    for s in ("train", "dev"):
+        assert proc.stdout.count(f"of iteration 1 for {s} -> dump_tiny/hidden_iter1_L") == 1, proc.stdout
+    assert "units best-layer: layer" in proc.stderr and "best PNMI" in proc.stderr
+
+
+def test_recipe_runs_without_alignments(recipe_run_no_alignments):
+    job, proc = recipe_run_no_alignments
+    assert "stage 0" not in proc.stdout  # the corpus was reused
+    for d in ["dump_tiny/fbank_cmvn-meanvar/train", "exp_tiny/kmeans_fbank_cmvn-meanvar_k100", "dump_tiny/labels_iter1/dev",
+              "exp_tiny/hubert_iter1", "dump_tiny/labels_iter2/train", "dump_tiny/labels_iter2/dev",
+              "exp_tiny/hubert_iter2"]:
+        assert (job / d / ".done").is_file(), d
+    # no label-quality reports without alignments: stages 5, 7 and 10 skipped, saying so
+    assert not (job / "exp_tiny/kmeans_fbank_cmvn-meanvar_k100/quality.json").exists()
+    assert not (job / "exp_tiny/hubert_iter1/layers").exists() and not (job / "exp_tiny/hubert_iter2/layers").exists()
+    for st in (5, 7, 10):
+        assert f"stage {st}: no alignments" in proc.stdout
+    # iteration-2 units from the fallback: the middle transformer layer of the iteration-1 model
+    depth = json.loads((job / "exp_tiny/hubert_iter1/best/config.json").read_text())["model"]["num_hidden_layers"]
+    layer = (depth + 1) // 2
+    assert "paper-depth rule" in proc.stderr and "Traceback" not in proc.stderr
+    for s in ("train", "dev"):
+        meta = json.loads((job / f"dump_tiny/labels_iter2/{s}/meta.json").read_text())
+        assert meta["features"]["kind"] == f"hubert_l{layer}" and meta["label_rate"] == 50.0
+    assert (job / f"exp_tiny/kmeans_iter1_L{layer}_k100/.done").is_file()
+    assert (job / "exp_tiny/hubert_iter2/best/config.json").is_file()
 
 
 def test_rerun_skips_finished_stages(recipe_run):

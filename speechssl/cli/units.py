@@ -1,10 +1,11 @@
-"""`speechssl units quality|layers`: PNMI, phone purity and cluster purity of unit labels against phone alignments;
-the same for k-means units of every hidden layer of a checkpoint (what each layer learned), beside those of an
-untrained model of the same config and of MFCC."""
+"""`speechssl units quality|layers|best-layer`: PNMI, phone purity and cluster purity of unit labels against phone
+alignments; the same for k-means units of every hidden layer of a checkpoint (what each layer learned), beside those
+of an untrained model of the same config and of MFCC; the layer the next iteration's units come from."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _quality(args: argparse.Namespace) -> int:
@@ -30,6 +31,15 @@ def _layers(args: argparse.Namespace) -> int:
                     subset_frac=args.subset_frac, seed=args.seed, niter=args.niter, nredo=args.nredo,
                     init=args.init, tier=args.tier, device=args.device, baseline=not args.no_baseline,
                     out_dir=args.out)
+    return 0
+
+
+def _best_layer(args: argparse.Namespace) -> int:
+    from speechssl.units.best_layer import choose_layer
+
+    choice = choose_layer(ckpt=args.ckpt, layers_json=args.layers_json, exp_dir=args.exp)
+    print(f"speechssl units best-layer: {choice.reason}", file=sys.stderr)
+    print(choice.layer)
     return 0
 
 
@@ -79,3 +89,17 @@ def register(subparsers, help_):
                      help="skip the random-init baseline (an untrained model of the same config; on by default)")
     lay.add_argument("--out", default=None, help="output dir for layers.json + layers.png (default: print only)")
     lay.set_defaults(func=_layers)
+
+    best = verbs.add_parser(
+        "best-layer", help="the hidden layer for the next iteration's units: best PNMI, or the middle layer",
+        description="Prints the hidden-state index (0 = encoder input, i = output of transformer layer i) alone on "
+                    "stdout and the rule used on stderr. With a per-layer report (`units layers`: layers.json): "
+                    "its best_layer, the argmax of PNMI. Without one (no phone alignments): the HuBERT paper's "
+                    "choice scaled to depth, ceil(num_hidden_layers / 2) of the checkpoint (Base: layer 6 of 12).")
+    best.add_argument("--exp", default=None, metavar="DIR",
+                      help="an iteration's exp dir: --ckpt DIR/best, and --layers-json DIR/layers/layers.json if "
+                           "that file exists")
+    best.add_argument("--ckpt", default=None, help="checkpoint dir (its config.json gives the depth)")
+    best.add_argument("--layers-json", default=None, metavar="FILE",
+                      help="a `units layers` report; must exist when given (checked against --ckpt's weights)")
+    best.set_defaults(func=_best_layer)

@@ -1,7 +1,9 @@
 """Units room (floor 6): k-means pseudo-labels keyed by utterance id, label/audio checks, label quality, and
-per-layer unit quality of a checkpoint (``units layers``, through ``speechssl.upstream``)."""
+per-layer unit quality of a checkpoint (``units layers``, through ``speechssl.upstream``) and the layer the next
+iteration's units come from (``units best-layer``)."""
 
 from speechssl.units.alignments import AlignmentError, PhoneAlignment, read_alignments, read_ctm, read_textgrid
+from speechssl.units.best_layer import LayerChoice, choose_layer, paper_layer
 from speechssl.units.kmeans import (
     Assigner,
     KMeansModel,
@@ -31,6 +33,7 @@ from speechssl.units.quality import QualityReport, evaluate_labels, label_qualit
 
 __all__ = [
     "AlignmentError", "PhoneAlignment", "read_alignments", "read_ctm", "read_textgrid",
+    "LayerChoice", "choose_layer", "paper_layer",
     "Assigner", "KMeansModel", "fit_kmeans", "fit_store", "label_store", "label_with", "merge_label_shards",
     "sample_frames", "sample_indices", "shard_ids", "StreamSampler", "evaluate_layers",
     "LabelError", "LabelSet", "check_label_length", "check_labels_cover", "check_same_utterances",
