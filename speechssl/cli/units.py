@@ -49,7 +49,12 @@ def register(subparsers, help_):
     verbs.required = True
     q = verbs.add_parser("quality", help="phone purity, cluster purity, PNMI (HuBERT paper IV-F)",
                          description="Frame-level phone (the phone covering each frame centre) vs unit statistics. "
-                                     "Labelled utterances without alignment are skipped and counted.")
+                                     "Labelled utterances without alignment are skipped and counted. An alignment "
+                                     "may end before its audio (those frames are unscored) or run past it (the "
+                                     "overhang is clipped), as forced aligners' output does; both are counted and "
+                                     "reported (utterances, frames, largest gap). A gap of more than max(0.5 s, 10% "
+                                     "of the utterance) means the alignment belongs to other audio: an error naming "
+                                     "the utterance.")
     q.add_argument("--labels", required=True, help="label dir (text.km + meta.json)")
     q.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids (MFA)")
     q.add_argument("--tier", default="phones", help="TextGrid tier with phones (default: phones)")

@@ -3,6 +3,23 @@
 Both readers return ``{utt_id: PhoneAlignment}``; :func:`frame_phones` turns one alignment into one phone per
 label frame (the phone covering the frame centre). Gaps in a CTM and empty TextGrid intervals are silence
 (:data:`SILENCE`), so the two formats give the same frames for the same alignment.
+
+**Alignment vs audio length** (one rule, :func:`frame_coverage`, used by ``units quality`` and ``units layers``).
+An alignment spans ``[0, end]`` seconds (a CTM's last segment end, a TextGrid's xmax); at the labels' framing that
+is ``n_ali`` frames, the labels have ``n`` (the audio's frames). Real aligners rarely agree to the frame: a Kaldi
+CTM ends a frame or two before the audio (frame subsampling), a trailing pause of MFA / pocketsphinx / flite
+durations runs past it. So:
+
+* label frames past the alignment's end are **unscored** (not counted in any metric);
+* alignment past the last label frame (**overhang**) is **clipped**;
+* both are counted (:class:`CoverageStats`: utterances affected, frames, largest gap and its utterance) and
+  reported in the JSON and summary of both verbs;
+* a gap of more than ``max(0.5 s, 10 % of the utterance)`` (the utterance = ``n / label_rate`` seconds) is not
+  aligner slack but a wrong pairing (the alignment of another utterance, another corpus, another sample rate):
+  :class:`AlignmentError` naming the utterance and the label file. The absolute 0.5 s floor lets short
+  utterances keep the slack of real aligners (a 120 ms trailing pause on a 1 s utterance is 12 %); the 10 % lets
+  long ones keep a proportionate one. Alignments of another utterance are typically seconds off; the largest
+  accepted gap is in the report, so a suspicious one can still be seen.
 """
 
 from __future__ import annotations
@@ -18,11 +35,15 @@ import numpy as np
 from speechssl.units.labels import LabelError, expected_num_frames, frame_centres
 
 __all__ = ["SILENCE", "AlignmentError", "PhoneAlignment", "read_ctm", "read_textgrid", "read_textgrid_dir",
-           "read_alignments", "frame_phones"]
+           "read_alignments", "FrameCoverage", "CoverageStats", "frame_coverage", "frame_phones",
+           "MAX_GAP_S", "MAX_GAP_FRAC"]
 
 SILENCE = "sil"
 # Neighbouring CTM segments may overlap by this much (rounding of start + duration at low time precision).
 _OVERLAP_TOL = 5e-4
+# An alignment may end this far from its audio (the larger of the two) before it counts as a wrong pairing.
+MAX_GAP_S = 0.5
+MAX_GAP_FRAC = 0.1
 
 
 class AlignmentError(LabelError):
@@ -217,27 +238,139 @@ def read_alignments(path: str | os.PathLike, tier: str = "phones") -> dict[str, 
 # ---------------------------------------------------------------------------------------- frames <-> phones
 
 
-def frame_phones(ali: PhoneAlignment, num_labels: int, label_rate: float, framing: Mapping[str, Any] | None = None,
-                 sample_rate: int = 16000, label_file: str | None = None) -> np.ndarray:
-    """The phone covering the centre of each label frame (object array of str; gaps = :data:`SILENCE`).
+@dataclass(frozen=True)
+class FrameCoverage:
+    """How one utterance's alignment covers its label frames: ``num_aligned`` frames vs ``num_labels``."""
 
-    The alignment spans as many frames as the feature extractor (``framing``) makes from ``ali.end`` seconds of
-    audio; if that count differs from ``num_labels`` by more than one frame the labels and alignment describe
-    different audio: AlignmentError. The result has ``min(that count, num_labels)`` frames: use
-    ``labels[:len(result)]``.
-    """
-    centres = frame_centres(num_labels + 2, framing, label_rate, sample_rate)
+    utt_id: str
+    num_labels: int
+    num_aligned: int  # frames the feature extractor makes from ``ali.end`` seconds of audio
+    label_rate: float
+
+    @property
+    def scored(self) -> int:
+        """Label frames with a phone: the first ``min(num_aligned, num_labels)``."""
+        return min(self.num_aligned, self.num_labels)
+
+    @property
+    def unscored(self) -> int:
+        """Label frames past the alignment's end (alignment ends early)."""
+        return max(0, self.num_labels - self.num_aligned)
+
+    @property
+    def clipped(self) -> int:
+        """Alignment frames past the last label frame (alignment overhangs the audio)."""
+        return max(0, self.num_aligned - self.num_labels)
+
+    @property
+    def gap_s(self) -> float:
+        """Length mismatch in seconds (frames / label rate)."""
+        return abs(self.num_aligned - self.num_labels) / self.label_rate
+
+
+@dataclass
+class CoverageStats:
+    """Unscored and clipped frames summed over utterances, and the largest gap (see the module docstring)."""
+
+    num_utts: int = 0
+    utts_unscored: int = 0  # utterances whose alignment ends before the audio
+    unscored_frames: int = 0
+    unscored_seconds: float = 0.0
+    utts_clipped: int = 0  # utterances whose alignment runs past the audio
+    clipped_frames: int = 0
+    clipped_seconds: float = 0.0
+    largest_gap_s: float = 0.0
+    largest_gap_frames: int = 0
+    largest_gap_utt: str | None = None
+    largest_gap_kind: str | None = None  # "unscored" (alignment short) or "clipped" (alignment long)
+
+    def add(self, cov: FrameCoverage) -> None:
+        self.num_utts += 1
+        if cov.unscored:
+            self.utts_unscored += 1
+            self.unscored_frames += cov.unscored
+            self.unscored_seconds += cov.unscored / cov.label_rate
+        if cov.clipped:
+            self.utts_clipped += 1
+            self.clipped_frames += cov.clipped
+            self.clipped_seconds += cov.clipped / cov.label_rate
+        if (cov.unscored or cov.clipped) and cov.gap_s > self.largest_gap_s:
+            self.largest_gap_s = cov.gap_s
+            self.largest_gap_frames = cov.unscored or cov.clipped
+            self.largest_gap_utt = cov.utt_id
+            self.largest_gap_kind = "unscored" if cov.unscored else "clipped"
+
+    @property
+    def utts_affected(self) -> int:
+        return self.utts_unscored + self.utts_clipped
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "utts_checked": self.num_utts,
+            "utts_affected": self.utts_affected,
+            "utts_unscored": self.utts_unscored,
+            "unscored_frames": self.unscored_frames,
+            "unscored_seconds": round(self.unscored_seconds, 6),
+            "utts_clipped": self.utts_clipped,
+            "clipped_frames": self.clipped_frames,
+            "clipped_seconds": round(self.clipped_seconds, 6),
+            "largest_gap_s": round(self.largest_gap_s, 6),
+            "largest_gap_frames": self.largest_gap_frames,
+            "largest_gap_utt": self.largest_gap_utt,
+            "largest_gap_kind": self.largest_gap_kind,
+            "rule": f"unscored: label frames past the alignment's end; clipped: alignment past the audio; "
+                    f"error beyond max({MAX_GAP_S:g} s, {MAX_GAP_FRAC:.0%} of the utterance)",
+        }
+
+    def summary(self) -> str | None:
+        """One line for the terminal, or None when every alignment matched its labels to the frame."""
+        if not self.utts_affected:
+            return None
+        kind = "alignment ends early" if self.largest_gap_kind == "unscored" else "alignment overhangs"
+        return (f"alignment/audio length: {self.utts_affected} of {self.num_utts} utterance(s) differ; "
+                f"{self.unscored_frames} frame(s) ({self.unscored_seconds:.2f} s) past the alignment's end unscored "
+                f"({self.utts_unscored} utt), {self.clipped_frames} frame(s) ({self.clipped_seconds:.2f} s) of "
+                f"alignment past the audio clipped ({self.utts_clipped} utt); largest gap {self.largest_gap_s:.3f} s "
+                f"({self.largest_gap_frames} frames, {kind}) in utt {self.largest_gap_utt}")
+
+
+def frame_coverage(ali: PhoneAlignment, num_labels: int, label_rate: float,
+                   framing: Mapping[str, Any] | None = None, sample_rate: int = 16000,
+                   label_file: str | None = None) -> FrameCoverage:
+    """Frames of ``ali`` vs ``num_labels`` at this rate/framing; AlignmentError (naming the utterance and
+    ``label_file``) when they differ by more than ``max(MAX_GAP_S, MAX_GAP_FRAC x the utterance)``."""
     # Frames the feature extractor makes from audio as long as the alignment (snip_edges drops the frames whose
     # window would run past the end, so counting frame centres would overshoot by up to 2 at 100 Hz).
     n_ali = expected_num_frames(int(round(ali.end * sample_rate)), framing, label_rate, sample_rate)
-    if abs(n_ali - num_labels) > 1:
+    cov = FrameCoverage(ali.utt_id, int(num_labels), int(n_ali), float(label_rate))
+    dur = num_labels / float(label_rate)
+    tol = max(MAX_GAP_S, MAX_GAP_FRAC * dur)
+    if cov.gap_s > tol + 1e-9:
         where = f" in {label_file}" if label_file else ""
+        side = "ends" if cov.unscored else "runs"
+        rel = "before" if cov.unscored else "past"
         raise AlignmentError(
-            f"utt {ali.utt_id}: {num_labels} labels{where} but the alignment ({ali.source}) lasts {ali.end:g} s = "
-            f"{n_ali} frames at {label_rate:g} Hz (tolerance 1 frame)"
+            f"utt {ali.utt_id}: {num_labels} labels{where} ({dur:.2f} s at {label_rate:g} Hz) but the alignment "
+            f"({ali.source}) lasts {ali.end:g} s = {n_ali} frames: it {side} {cov.gap_s:.2f} s {rel} the audio, "
+            f"more than max({MAX_GAP_S:g} s, {MAX_GAP_FRAC:.0%} of the utterance) = {tol:.2f} s; is this the "
+            f"alignment of another utterance (check the utterance ids and the sample rate)?"
         )
-    n = min(n_ali, num_labels)
-    c = centres[:n]
+    return cov
+
+
+def frame_phones(ali: PhoneAlignment, num_labels: int, label_rate: float, framing: Mapping[str, Any] | None = None,
+                 sample_rate: int = 16000, label_file: str | None = None,
+                 coverage: CoverageStats | None = None) -> np.ndarray:
+    """The phone covering the centre of each scored label frame (object array of str; gaps = :data:`SILENCE`).
+
+    The length rule is :func:`frame_coverage` (module docstring): the result has ``min(alignment frames,
+    num_labels)`` frames, so use ``labels[:len(result)]``; label frames past it are unscored, alignment past the
+    last label frame is clipped. ``coverage``, if given, counts both.
+    """
+    cov = frame_coverage(ali, num_labels, label_rate, framing, sample_rate, label_file)
+    if coverage is not None:
+        coverage.add(cov)
+    c = frame_centres(cov.scored, framing, label_rate, sample_rate)
     idx = np.searchsorted(ali.starts, c, side="right") - 1
     covered = idx >= 0
     covered[covered] &= c[covered] < ali.ends[idx[covered]]

@@ -12,7 +12,10 @@
 * **fit**: :func:`~speechssl.units.kmeans.fit_kmeans` per layer on its sample (the code of ``kmeans fit``);
 * **pass 2** runs the model again, assigns every frame of every layer to its nearest centroid, reads the phone
   at each frame centre off the alignment and adds to one ``[phones, k]`` count table per layer. Labels are never
-  stored. Metrics come from :func:`~speechssl.units.quality.quality_from_counts`, as ``units quality``.
+  stored. Metrics come from :func:`~speechssl.units.quality.quality_from_counts`, as ``units quality``; so does
+  the alignment/audio length rule (:func:`~speechssl.units.alignments.frame_coverage`: frames past the
+  alignment's end unscored, overhang clipped, both counted under ``alignment_coverage`` in ``layers.json``; a gap
+  beyond ``max(0.5 s, 10 %)`` of the utterance is an error).
 
 **Random-init baseline** (on unless ``baseline=False`` / ``--no-baseline``): an untrained model of the
 checkpoint's config (:func:`speechssl.upstream.random_init`, seeded with ``seed``) goes through the same two
@@ -41,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from speechssl import __version__
-from speechssl.units.alignments import frame_phones, read_alignments, SILENCE
+from speechssl.units.alignments import CoverageStats, frame_phones, read_alignments, SILENCE
 from speechssl.units.kmeans import (
     Assigner,
     StreamSampler,
@@ -317,12 +320,13 @@ def evaluate_layers(
     layer_meta = layer_feature_meta(up, chosen[0], sha1, dtype)
     layer_framing, layer_rate = layer_meta.get("framing"), float(up.frame_rate)
     m_framing = framing_from_features(reader.meta) if reader is not None else None
-    dropped = {key: 0 for key in centroids}
+    # Unscored / clipped frames per frame rate (every layer of both models has the model's frames: count once).
+    coverage = {"layers": CoverageStats(), "mfcc": CoverageStats()}
+    counted = {(TRAINED, chosen[0]): coverage["layers"], "mfcc": coverage["mfcc"]}
 
     def score(key: Any, u: str, feats: np.ndarray, rate: float, framing: Any, where: str) -> None:
         units = assigners[key](np.asarray(feats))
-        ph = frame_phones(alis[u], len(units), rate, framing, label_file=where)
-        dropped[key] += len(units) - len(ph)
+        ph = frame_phones(alis[u], len(units), rate, framing, label_file=where, coverage=counted.get(key))
         pid = np.fromiter((phone_id[p] for p in ph), dtype=np.int64, count=len(ph))
         counts[key] += count_table(pid, units[: len(ph)], len(phones), k)
 
@@ -338,7 +342,7 @@ def evaluate_layers(
     def entry(key: Any) -> dict[str, Any]:
         m = quality_from_counts(counts[key])
         return {**m, "num_frames": int(counts[key].sum()), "units_used": int((counts[key].sum(0) > 0).sum()),
-                "inertia_per_frame": inertia[key], "dropped_edge_frames": dropped[key]}
+                "inertia_per_frame": inertia[key]}
 
     def layer_rows(name: str) -> list[dict[str, Any]]:
         return [{"layer": layer, **entry((name, layer)), "dim": dims[layer]} for layer in chosen]
@@ -368,6 +372,8 @@ def evaluate_layers(
         "utterances_fit": len(ids),
         "skipped_no_alignment": len(skipped),
         "skipped_examples": skipped[:20],
+        "alignment_coverage": {"layers": coverage["layers"].to_dict(),
+                               "mfcc": coverage["mfcc"].to_dict() if reader is not None else None},
         "frame_rates": {"layers": layer_rate, "mfcc": reader.frame_rate if reader is not None else None},
         "frame_rate_note": "each feature is scored at its own frame rate: the phone at each frame centre of the "
                            "alignment (model frames at the model rate, MFCC frames at the MFCC rate)",
@@ -383,6 +389,9 @@ def evaluate_layers(
     if reader is not None:
         result["mfcc"] = {**entry("mfcc"), "feats": str(mfcc), "kind": _spectral_name(reader.meta),
                           "frame_rate": reader.frame_rate, "dim": reader.dim}
+    for name, cov in coverage.items():
+        if cov.summary():
+            report(f"{name}: {cov.summary()}")
     for i, r in enumerate(rows):
         line = (f"layer {r['layer']:>2}: PNMI {r['pnmi']:.4f}  phone purity {r['phone_purity']:.4f}  "
                 f"cluster purity {r['cluster_purity']:.4f}")

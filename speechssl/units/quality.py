@@ -6,8 +6,11 @@ With the joint distribution ``p(y, z)`` of phone ``y`` and unit ``z`` over all a
 * cluster purity ``E_y[max_z p(z|y)] = sum_y max_z p(y, z)``  (how concentrated a phone is on one unit)
 * PNMI           ``I(y; z) / H(y)``                          (share of phone uncertainty the units remove)
 
-Utterances of the label set without an alignment are skipped and counted, never mixed in; an alignment whose
-length disagrees with its labels by more than one frame is an error naming the utterance.
+Utterances of the label set without an alignment are skipped and counted, never mixed in. An alignment may end
+before its audio (those label frames are unscored) or run past it (the overhang is clipped), as real aligners'
+output does; both are counted (``alignment_coverage`` in the JSON, a summary line). A gap of more than
+``max(0.5 s, 10 % of the utterance)`` is a wrong pairing: an error naming the utterance
+(:func:`speechssl.units.alignments.frame_coverage`, the rule ``units layers`` uses too).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from speechssl.units.alignments import PhoneAlignment, frame_phones, read_alignments
+from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
 from speechssl.fileio import atomic_path, atomic_write_text
 from speechssl.units.labels import read_labels, sort_ids
 
@@ -67,7 +70,7 @@ class QualityReport:
     num_utts: int
     skipped_no_alignment: list[str] = field(default_factory=list)  # labelled, not aligned
     aligned_not_labelled: list[str] = field(default_factory=list)
-    dropped_edge_frames: int = 0  # frames past the end of an alignment (at most one per utterance)
+    coverage: CoverageStats = field(default_factory=CoverageStats)  # unscored / clipped frames, largest gap
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (the count table is included: it is small, and lets anyone recompute)."""
@@ -78,7 +81,7 @@ class QualityReport:
             "num_skipped_no_alignment": len(self.skipped_no_alignment),
             "skipped_no_alignment": self.skipped_no_alignment[:100],
             "num_aligned_not_labelled": len(self.aligned_not_labelled),
-            "dropped_edge_frames": self.dropped_edge_frames,
+            "alignment_coverage": self.coverage.to_dict(),
             "phones": self.phones,
             "counts": self.counts.tolist(),
         }
@@ -98,6 +101,8 @@ class QualityReport:
                          f"(e.g. {', '.join(self.skipped_no_alignment[:3])})")
         if self.aligned_not_labelled:
             lines.append(f"{len(self.aligned_not_labelled)} aligned utterance(s) have no labels (ignored)")
+        if self.coverage.summary():
+            lines.append(self.coverage.summary())
         return "\n".join(lines)
 
 
@@ -109,15 +114,14 @@ def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
     framing = meta.get("framing")
     phone_index: dict[str, int] = {}
     phone_chunks, unit_chunks = [], []
-    skipped, used, dropped = [], 0, 0
+    skipped, used, coverage = [], 0, CoverageStats()
     for utt in tqdm(sort_ids(labels), desc="label quality", unit="utt", leave=False):
         ali = alignments.get(utt)
         if ali is None:
             skipped.append(utt)
             continue
         units = np.asarray(labels[utt])
-        phones = frame_phones(ali, len(units), rate, framing, label_file=label_file)
-        dropped += len(units) - len(phones)
+        phones = frame_phones(ali, len(units), rate, framing, label_file=label_file, coverage=coverage)
         phone_chunks.append(np.array([phone_index.setdefault(p, len(phone_index)) for p in phones], dtype=np.int64))
         unit_chunks.append(units[: len(phones)])
         used += 1
@@ -140,7 +144,7 @@ def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
         num_utts=used,
         skipped_no_alignment=skipped,
         aligned_not_labelled=sort_ids(set(alignments) - set(labels)),
-        dropped_edge_frames=dropped,
+        coverage=coverage,
     )
 
 
