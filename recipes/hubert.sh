@@ -89,8 +89,8 @@ cmvn_opt=()
 [ "$cmvn1" != none ] && f1=${feats1}_cmvn-$cmvn1 && cmvn_opt=(--cmvn "$cmvn1")
 
 if in_stage 1; then
-  log "stage 1: validate data dirs"
-  for d in "$train" "$dev"; do speechssl data validate "$d"; done
+  log "stage 1: validate data dirs and read every audio header (a bad file is named here, not hours later)"
+  for d in "$train" "$dev"; do speechssl data validate --audio --nj "$nj" "$d"; done
 fi
 
 if in_stage 2; then
@@ -119,7 +119,7 @@ if in_stage 4; then
     out=$dump/labels_iter1/$s
     if stage_pending "$out"; then
       log "stage 4: iteration-1 labels for $s -> $out"
-      speechssl kmeans label --feats "$dump/$f1/$s" --km "$exp/kmeans_${f1}_k$k1" --out "$out"
+      speechssl kmeans label --feats "$dump/$f1/$s" --km "$exp/kmeans_${f1}_k$k1" --nshard "$nj" --out "$out"
       touch "$out/.done"
     fi
   done
@@ -165,7 +165,7 @@ if in_stage 8; then
     out=$dump/labels_iter2/$s
     if stage_pending "$out"; then
       log "stage 8: iteration-2 labels for $s -> $out"
-      speechssl kmeans label --feats "$hidden/$s" --km "$km" --out "$out"
+      speechssl kmeans label --feats "$hidden/$s" --km "$km" --nshard "$nj" --out "$out"
       touch "$out/.done"
     fi
   done

@@ -5,8 +5,9 @@ bad audio is caught: a missing or corrupt file, an empty or non-finite signal, a
 segment that runs past the end of its recording each raise one `AudioError` naming the utterance and source.
 
 Sources follow Kaldi's ``wav.scp`` conventions: either a path, or a shell command ending in ``|`` whose
-standard output is an audio file (e.g. ``sox in.flac -t wav - |``). Segment times (Kaldi ``segments``) are in
-seconds of the source recording; for files only the needed frames are read.
+standard output is an audio file (e.g. ``sox in.flac -t wav - |``); a WAV streamed without its lengths (sizes 0
+or 0xFFFFFFFF in the header) is read to the end, as Kaldi's ``WaveData::Read`` does. Segment times (Kaldi
+``segments``) are in seconds of the source recording; for files only the needed frames are read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "AudioError",
     "AudioInfo",
     "is_pipe",
+    "segment_frames",
     "audio_info",
     "load_audio",
     "save_audio",
@@ -45,7 +48,17 @@ MAX_OVERSHOOT = 0.5
 
 
 class AudioError(ValueError):
-    """Audio that cannot be used; the message names the utterance id (when known) and the source."""
+    """Audio that cannot be used; the message names the utterance id (when known) and the source.
+
+    ``source``, ``utt_id`` and ``problem`` (the message without the "utt X (path P): " prefix) are kept as
+    attributes, so a caller collecting many problems (`speechssl data validate --audio`) can lay them out itself.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, utt_id: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.source = source
+        self.utt_id = utt_id
+        self.problem = message if problem is None else problem
 
 
 @dataclass(frozen=True)
@@ -73,40 +86,65 @@ def _where(source: str, utt_id: str | None) -> str:
     return f"utt {utt_id} ({kind} {source})"
 
 
+def _error(source: str, utt_id: str | None, problem: str) -> AudioError:
+    return AudioError(f"{_where(source, utt_id)}: {problem}", source=source, utt_id=utt_id, problem=problem)
+
+
 def _run_pipe(source: str, utt_id: str | None) -> bytes:
     """Run a pipe command through the shell and return its standard output (an audio file in memory)."""
     cmd = source.rstrip()[:-1].strip()
     if not cmd:
-        raise AudioError(f"{_where(source, utt_id)}: empty pipe command")
+        raise _error(source, utt_id, "empty pipe command")
     try:
         proc = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
     except OSError as e:  # pragma: no cover - /bin/sh missing
-        raise AudioError(f"{_where(source, utt_id)}: cannot run pipe command: {e}") from e
+        raise _error(source, utt_id, f"cannot run pipe command: {e}") from e
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         detail = f": {err[-1]}" if err else ""
-        raise AudioError(f"{_where(source, utt_id)}: pipe command failed with exit status {proc.returncode}{detail}")
+        raise _error(source, utt_id, f"pipe command failed with exit status {proc.returncode}{detail}")
     if not proc.stdout:
-        raise AudioError(f"{_where(source, utt_id)}: zero-length audio (pipe command wrote nothing)")
+        raise _error(source, utt_id, "zero-length audio (pipe command wrote nothing)")
     return proc.stdout
+
+
+def _streamed_wav(data: bytes) -> bytes:
+    """A WAV streamed to a pipe may leave its length fields at 0 (Kaldi's "stream mode": RIFF and data sizes 0 or
+    0xFFFFFFFF, read to EOF); libsndfile reads 0xFFFFFFFF to EOF but takes 0 at its word. Patch a zero data size
+    that has samples after it to the true sizes, so such a pipe reads as it does in Kaldi."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if cid == b"data":
+            rest = len(data) - (pos + 8)
+            if size != 0 or rest <= 0:
+                return data
+            out = bytearray(data)
+            struct.pack_into("<I", out, 4, min(len(data) - 8, 0xFFFFFFFF))
+            struct.pack_into("<I", out, pos + 4, min(rest, 0xFFFFFFFF))
+            return bytes(out)
+        pos += 8 + size + (size & 1)
+    return data
 
 
 def _open(source: str, utt_id: str | None) -> sf.SoundFile:
     """Open a path or the in-memory output of a pipe command with soundfile."""
     if is_pipe(source):
-        data: str | io.BytesIO = io.BytesIO(_run_pipe(source, utt_id))
+        data: str | io.BytesIO = io.BytesIO(_streamed_wav(_run_pipe(source, utt_id)))
     else:
         if not os.path.exists(source):
-            raise AudioError(f"{_where(source, utt_id)}: no such file")
+            raise _error(source, utt_id, "no such file")
         if os.path.isdir(source):
-            raise AudioError(f"{_where(source, utt_id)}: is a directory, not an audio file")
+            raise _error(source, utt_id, "is a directory, not an audio file")
         if os.path.getsize(source) == 0:
-            raise AudioError(f"{_where(source, utt_id)}: zero-length audio (empty file)")
+            raise _error(source, utt_id, "zero-length audio (empty file)")
         data = source
     try:
         return sf.SoundFile(data)
     except (sf.SoundFileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{_where(source, utt_id)}: unreadable or corrupt audio: {e}") from e
+        raise _error(source, utt_id, f"unreadable or corrupt audio: {e}") from e
 
 
 def audio_info(source: str | os.PathLike, *, utt_id: str | None = None) -> AudioInfo:
@@ -119,35 +157,47 @@ def audio_info(source: str | os.PathLike, *, utt_id: str | None = None) -> Audio
             try:
                 frames = sum(len(b) for b in f.blocks(blocksize=1 << 16, dtype="float32"))
             except (sf.SoundFileError, RuntimeError) as e:
-                raise AudioError(f"{_where(source, utt_id)}: unreadable or corrupt audio: {e}") from e
+                raise _error(source, utt_id, f"unreadable or corrupt audio: {e}") from e
         if frames <= 0:
-            raise AudioError(f"{_where(source, utt_id)}: zero-length audio")
+            raise _error(source, utt_id, "zero-length audio")
         return AudioInfo(num_frames=int(frames), sample_rate=int(f.samplerate), channels=int(f.channels))
 
 
-def _frame_range(
-    start: float, end: float | None, num_frames: int, sr: int, where: str, max_overshoot: float
+def segment_frames(
+    start: float,
+    end: float | None,
+    num_frames: int,
+    sample_rate: int,
+    *,
+    source: str = "<audio>",
+    utt_id: str | None = None,
+    max_overshoot: float = MAX_OVERSHOOT,
 ) -> tuple[int, int]:
-    """Convert segment times to a frame range [first, last) of the native-rate signal, validating them."""
+    """Frames ``[first, last)`` of segment ``[start, end]`` s in a signal of ``num_frames`` at ``sample_rate``.
+
+    The rules `load_audio` applies (and ``data validate --audio`` checks from headers alone): start finite and
+    >= 0 and before the end of the audio, end > start, end at most ``max_overshoot`` s past the end of the audio
+    (truncated there, as Kaldi's ``extract-segments``); ``end=None`` means to the end. Raises `AudioError`.
+    """
     if not np.isfinite(start) or start < 0:
-        raise AudioError(f"{where}: invalid segment start {start!r} (must be a finite time >= 0 s)")
-    duration = num_frames / sr
-    first = int(round(start * sr))
+        raise _error(source, utt_id, f"invalid segment start {start!r} (must be a finite time >= 0 s)")
+    duration = num_frames / sample_rate
+    first = int(round(start * sample_rate))
     if end is None:
         last = num_frames
     else:
         if not np.isfinite(end) or end <= start:
-            raise AudioError(f"{where}: invalid segment [{start}, {end}] s (end must be > start)")
+            raise _error(source, utt_id, f"invalid segment [{start}, {end}] s (end must be > start)")
         if end > duration + max_overshoot:
-            raise AudioError(
-                f"{where}: segment [{start:.3f}, {end:.3f}] s ends beyond the audio ({duration:.3f} s, "
-                f"tolerance {max_overshoot} s)"
+            raise _error(
+                source, utt_id,
+                f"segment [{start:.3f}, {end:.3f}] s ends beyond the audio ({duration:.3f} s, tolerance {max_overshoot} s)",
             )
-        last = min(int(round(end * sr)), num_frames)
+        last = min(int(round(end * sample_rate)), num_frames)
     if first >= num_frames:
-        raise AudioError(f"{where}: segment start {start:.3f} s is at or beyond the end of the audio ({duration:.3f} s)")
+        raise _error(source, utt_id, f"segment start {start:.3f} s is at or beyond the end of the audio ({duration:.3f} s)")
     if last <= first:
-        raise AudioError(f"{where}: zero-length segment [{start}, {end}] s")
+        raise _error(source, utt_id, f"zero-length segment [{start}, {end}] s")
     return first, last
 
 
@@ -167,7 +217,6 @@ def load_audio(
     is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
     """
     source = os.fspath(source)
-    where = _where(source, utt_id)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     with _open(source, utt_id) as f:
@@ -177,31 +226,35 @@ def load_audio(
                 # In-memory stream: decode everything (header lengths of streamed WAVs are unreliable), then cut.
                 wav = f.read(dtype="float32", always_2d=True)
                 if wav.shape[0] == 0:
-                    raise AudioError(f"{where}: zero-length audio")
-                first, last = _frame_range(start, end, wav.shape[0], sr, where, max_overshoot)
+                    raise _error(source, utt_id, "zero-length audio")
+                first, last = segment_frames(
+                    start, end, wav.shape[0], sr, source=source, utt_id=utt_id, max_overshoot=max_overshoot
+                )
                 wav = wav[first:last]
             else:
-                first, last = _frame_range(start, end, f.frames, sr, where, max_overshoot)
+                first, last = segment_frames(
+                    start, end, f.frames, sr, source=source, utt_id=utt_id, max_overshoot=max_overshoot
+                )
                 if first:
                     f.seek(first)
                 wav = f.read(last - first, dtype="float32", always_2d=True)
                 if wav.shape[0] != last - first:
-                    raise AudioError(
-                        f"{where}: truncated audio: header says {f.frames} frames but only "
-                        f"{first + wav.shape[0]} could be read"
+                    raise _error(
+                        source, utt_id,
+                        f"truncated audio: header says {f.frames} frames but only {first + wav.shape[0]} could be read",
                     )
         except (sf.SoundFileError, RuntimeError) as e:
-            raise AudioError(f"{where}: unreadable or corrupt audio: {e}") from e
+            raise _error(source, utt_id, f"unreadable or corrupt audio: {e}") from e
     if wav.shape[0] == 0:
-        raise AudioError(f"{where}: zero-length audio")
+        raise _error(source, utt_id, "zero-length audio")
     if not np.isfinite(wav).all():
         bad = int(np.argmax(~np.isfinite(wav).all(axis=1)))
-        raise AudioError(f"{where}: non-finite sample (NaN or inf) at frame {first + bad}")
+        raise _error(source, utt_id, f"non-finite sample (NaN or inf) at frame {first + bad}")
     mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
         if mono.shape[0] == 0:
-            raise AudioError(f"{where}: zero-length audio after resampling {sr} -> {sample_rate} Hz")
+            raise _error(source, utt_id, f"zero-length audio after resampling {sr} -> {sample_rate} Hz")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

@@ -329,7 +329,7 @@ def test_dump_by_rank_and_torchrun_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert resolve_shards(None, None) == (2, [0])
-    assert resolve_shards(4, None) == (4, [0, 1, 2, 3])  # env only applies when it describes the same nshard
+    assert resolve_shards(4, None) == (4, [0, 2])  # torchrun workers split the shards: RANK, RANK + WORLD_SIZE
     dump_features(data, out, kind="fbank", nshard=None)
     r = FeatureReader(out)
     ref = reference_feats(data, kind="fbank")

@@ -6,15 +6,34 @@ Each verb parses its arguments and calls one library function in `speechssl.data
 from __future__ import annotations
 
 import argparse
+import sys
+
+_AUDIO_CHECKS = ("header", "full")  # speechssl.data.audio_check.AUDIO_CHECKS (not imported: keeps --help fast)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from speechssl.data.kaldi import read_data_dir
+    from speechssl.data.kaldi import DataDirError, read_data_dir
 
+    if args.audio is not None and args.audio not in _AUDIO_CHECKS:
+        if args.dir is not None:
+            args.parser.error(f"argument --audio: invalid choice {args.audio!r} (choose from {', '.join(_AUDIO_CHECKS)})")
+        args.dir, args.audio = args.audio, "header"  # `validate --audio DIR`: a bare --audio followed by the dir
+    if args.dir is None:
+        args.parser.error("the following arguments are required: dir")
     dd = read_data_dir(args.dir)
     n_spk = len(set(dd.utt2spk.values()))
     seg = f", {len(dd.wav_scp)} recordings (segments)" if dd.segments is not None else ""
-    print(f"{args.dir}: OK: {len(dd)} utterances, {n_spk} speakers{seg}")
+    audio = ""
+    if args.audio is not None:
+        from speechssl.data.audio_check import check_audio, summarise
+
+        problems = check_audio(dd, mode=args.audio, nj=args.nj)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            raise DataDirError(f"{args.dir}: {summarise(problems, dd, args.audio)}")
+        audio = f"; audio readable ({args.audio} check)"
+    print(f"{args.dir}: OK: {len(dd)} utterances, {n_spk} speakers{seg}{audio}")
     return 0
 
 
@@ -83,9 +102,23 @@ def register(subparsers, help_: str) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    v = verbs.add_parser("validate", help="check a data dir as Kaldi's validate_data_dir.sh --no-feats does (and more)")
-    v.add_argument("dir")
-    v.set_defaults(func=_validate)
+    v = verbs.add_parser(
+        "validate",
+        usage="speechssl data validate [-h] [--audio [header|full]] [--nj NJ] dir",
+        help="check a data dir as Kaldi's validate_data_dir.sh --no-feats does (and more); --audio: its audio too",
+        description="Check a data dir's files as Kaldi's validate_data_dir.sh --no-feats does (and more). With --audio, "
+        "also open its audio and list every unusable utterance, one line each ('utt ID: SOURCE: PROBLEM'), then "
+        "exit 1. --audio / --audio header: every wav.scp entry's header (pipes are run and decoded): missing, "
+        "empty, corrupt, zero frames, segments beyond their recording. --audio full: also decode every "
+        "utterance as the feature dump does: undecodable or truncated data, NaN/inf samples.",
+    )
+    v.add_argument("dir", nargs="?")  # optional only to argparse: see _validate (`--audio DIR`)
+    v.add_argument(
+        "--audio", nargs="?", const="header", default=None, metavar="header|full",
+        help="check the audio: 'header' (what a bare --audio means) or 'full' (decode every sample)",
+    )
+    v.add_argument("--nj", type=int, default=1, help="parallel readers for --audio (default 1)")
+    v.set_defaults(func=_validate, parser=v)
 
     v = verbs.add_parser("fix", help="sort, drop utterances missing from any file, rebuild spk2utt (like fix_data_dir.sh)")
     v.add_argument("dir")

@@ -23,7 +23,7 @@ def _dump(args: argparse.Namespace) -> int:
     if args.ckpt is not None or args.layer is not None:
         raise ValueError("--ckpt/--layer go with --kind hidden")
 
-    dump_features(
+    complete = dump_features(
         args.data,
         args.out,
         kind=args.kind,
@@ -35,6 +35,10 @@ def _dump(args: argparse.Namespace) -> int:
         batch_seconds=args.batch_seconds,
         workers=args.workers,
     )
+    if complete:
+        print(f"features: {args.out} complete")
+    else:
+        print(f"features: this process's shard(s) done; {args.out} is complete when the other shards finish")
     return 0
 
 
@@ -57,9 +61,9 @@ def register(subparsers, help_: str) -> None:
     v = verbs.add_parser(
         "dump",
         help="compute MFCC (39-d, HuBERT iteration 1), 80-d fbank or a checkpoint layer for a data dir into a sharded store",
-        description="Shards are contiguous ranges of the sorted utterance list. Without --rank, every missing "
-        "shard is dumped in turn (or the torchrun RANK when WORLD_SIZE equals --nshard); finished shards with "
-        "the same header are skipped, unfinished ones redone.",
+        description="Shards are contiguous ranges of the sorted utterance list. Without --rank, every shard is "
+        "dumped in turn (under torchrun: shards $RANK, $RANK+$WORLD_SIZE, ...); finished shards with the same "
+        "header are skipped, unfinished ones redone.",
     )
     v.add_argument("--data", required=True, metavar="DIR", help="Kaldi data dir")
     v.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
@@ -69,7 +73,8 @@ def register(subparsers, help_: str) -> None:
     v.add_argument("--layer", type=int, default=None,
                    help="hidden state index, 0 = encoder input .. num_layers = output (--kind hidden)")
     v.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
-    v.add_argument("--rank", type=int, default=None, help="shard to dump (default: $RANK, else all missing)")
+    v.add_argument("--rank", type=int, default=None,
+                   help="the one shard to dump (default: torchrun's $RANK share, else every missing shard)")
     v.add_argument("--cmvn", nargs="?", const="mean", choices=("mean", "meanvar"), default=None,
                    help="per-utterance CMVN of the static features (--cmvn = mean; --cmvn meanvar)")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -7,12 +7,6 @@ import os
 import sys
 
 
-def _env_int(name: str, default: int) -> int:
-    """An integer from the torchrun environment (RANK, WORLD_SIZE), or ``default``."""
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
 def _passive_omp() -> None:
     """torch and faiss bundle separate OpenMP runtimes; with the default spin-waiting, each one's idle threads
     steal the cores from the other's next parallel region (measured: faiss Lloyd 20x slower right after a
@@ -35,14 +29,12 @@ def _label(args: argparse.Namespace) -> int:
     _passive_omp()
     from speechssl.units.kmeans import label_store
 
-    nshard = args.nshard if args.nshard is not None else _env_int("WORLD_SIZE", 1)
-    rank = args.rank if args.rank is not None else _env_int("RANK", 0)
-    merged = label_store(args.feats, args.km, args.out, rank=rank, nshard=nshard, device=args.device,
+    merged = label_store(args.feats, args.km, args.out, rank=args.rank, nshard=args.nshard, device=args.device,
                          batch_frames=args.batch_frames)
     if merged:
         print(f"labels: wrote {args.out}/text.km and meta.json")
     else:
-        print(f"labels: rank {rank}/{nshard} done; text.km is merged when the last rank finishes")
+        print(f"labels: this process's shard(s) done; {args.out}/text.km is merged when the last shard finishes")
     return 0
 
 
@@ -72,12 +64,16 @@ def register(subparsers, help_):
 
     lab = verbs.add_parser("label", help="assign every utterance's frames to the nearest centroid (text.km)",
                            description="Write text.km ('utt u1 u2 ...', sorted by id) and meta.json. Sharded: "
-                                       "each rank writes shards/R-of-N.km; the last rank to finish merges.")
+                                       "shard R (a contiguous block of the sorted ids) goes to shards/R-of-N.km. "
+                                       "Without --rank, every shard is labelled in turn (under torchrun: shards "
+                                       "$RANK, $RANK+$WORLD_SIZE, ...); shards already done with the same k-means "
+                                       "model are skipped; whoever finishes the last shard merges.")
     lab.add_argument("--feats", required=True, help="feature store dir")
     lab.add_argument("--km", required=True, help="k-means dir from `speechssl kmeans fit`")
     lab.add_argument("--out", required=True, help="label dir")
-    lab.add_argument("--nshard", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
-    lab.add_argument("--rank", type=int, default=None, help="this rank (default: $RANK or 0)")
+    lab.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
+    lab.add_argument("--rank", type=int, default=None,
+                     help="the one shard to label (default: torchrun's $RANK share, else every shard)")
     lab.add_argument("--device", default="auto", help="auto | cpu | cuda")
     lab.add_argument("--batch-frames", type=int, default=8192, help="frames per distance matmul")
     lab.set_defaults(func=_label)

@@ -1,5 +1,8 @@
 """Data layer (floor 2): Kaldi data dirs, their validation and repair, durations, and the lhotse bridge.
 
+The structural checks live in `speechssl.data.kaldi`; `speechssl.data.audio_check` opens the audio (headers, or
+every sample) and lists every unusable utterance (`speechssl data validate --audio`).
+
 Imports only `speechssl.audio`. The lhotse bridge lives in `speechssl.data.lhotse_io` and is imported lazily
 (lhotse is a heavy import), so ``import speechssl.data`` stays cheap.
 """

@@ -9,17 +9,37 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypeVar
 
 from tqdm import tqdm
 
 from speechssl.audio import AudioError, audio_info
 from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
 
-__all__ = ["recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
+__all__ = ["map_audio", "recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def map_audio(
+    fn: Callable[[_T], _R], items: Sequence[_T], *, nj: int = 1, desc: str = "audio", unit: str = "rec", progress: bool = True
+) -> list[_R]:
+    """``[fn(x) for x in items]``, ``nj`` at a time in threads (header reads, decoding and pipes are I/O or release
+    the GIL), in order, with a progress bar. The first exception ``fn`` raises is raised here."""
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress)
+    out: list[_R] = []
+    with ThreadPoolExecutor(max_workers=max(1, nj)) as ex:
+        for r in ex.map(fn, items):
+            out.append(r)
+            bar.update()
+    bar.close()
+    return out
 
 
 def recording_durations(dd: DataDir, *, nj: int = 1, progress: bool = True) -> dict[str, float]:
@@ -36,14 +56,7 @@ def recording_durations(dd: DataDir, *, nj: int = 1, progress: bool = True) -> d
                 raise AudioError(f"recording {rec}: {e}") from e
             raise
 
-    bar = tqdm(total=len(recs), desc="durations", unit="rec", disable=not progress)
-    out: dict[str, float] = {}
-    with ThreadPoolExecutor(max_workers=max(1, nj)) as ex:
-        for rec, dur in zip(recs, ex.map(one, recs)):
-            out[rec] = dur
-            bar.update()
-    bar.close()
-    return out
+    return dict(zip(recs, map_audio(one, recs, nj=nj, desc="durations", progress=progress)))
 
 
 def utterance_durations(dd: DataDir, reco2dur: dict[str, float]) -> dict[str, float]:

@@ -1,11 +1,12 @@
 """Dump features of a Kaldi data dir into a sharded feature store (`speechssl features dump`).
 
-The sorted utterance list is cut into ``nshard`` contiguous, equally sized (by count) ranges; shard ``R`` holds
-range ``R`` and is written by one ``FeatureWriter``. Ranks are independent: run them as torchrun workers
-(``RANK`` / ``WORLD_SIZE``), as separate jobs (``--rank R``), or all in one process (no rank: every missing
-shard in turn). Re-running is cheap and safe: a finished shard whose header matches is skipped, an unfinished
-one is redone, and a finished one with a different header (other options, other data) is an error unless
-``overwrite=True`` — so a store never silently mixes two configurations.
+Sharding follows the one rule of :mod:`speechssl.sharding`: the sorted utterance list is cut into ``nshard``
+contiguous ranges (``shard_range``), shard ``R`` is written by one ``FeatureWriter``, and ``resolve_shards`` picks
+the shards of this process (``--rank R``: that one; under torchrun: ``$RANK``, ``$RANK + $WORLD_SIZE``, ...;
+otherwise every shard in turn). The store has no merge step: a reader combines the shards once all are finished,
+and the dump reports whether the store is complete. Re-running is cheap and safe: a finished shard whose header
+matches is skipped, an unfinished one is redone, and a finished one with a different header (other options, other
+data) is an error unless ``overwrite=True`` — so a store never silently mixes two configurations.
 
 Every header records a SHA-1 of the data dir's sorted utterance list, so shards dumped from a data dir that
 has since changed are detected instead of being combined with new ones.
@@ -14,7 +15,6 @@ has since changed are detected instead of being combined with new ones.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +37,7 @@ from speechssl.features.store import (
     shard_done,
     store_meta,
 )
+from speechssl.sharding import ids_sha1, resolve_shards, shard_range
 
 __all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS"]
 
@@ -45,39 +46,6 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 KINDS = ("mfcc", "fbank")
 BatchFn = Callable[[list[np.ndarray]], list[np.ndarray]]
-
-
-def shard_range(num_utts: int, nshard: int, rank: int) -> tuple[int, int]:
-    """``[start, end)`` of shard ``rank``: contiguous ranges whose sizes differ by at most one."""
-    if nshard < 1 or not 0 <= rank < nshard:
-        raise ValueError(f"need 0 <= rank < nshard, got rank={rank} nshard={nshard}")
-    return num_utts * rank // nshard, num_utts * (rank + 1) // nshard
-
-
-def resolve_shards(nshard: int | None, rank: int | None) -> tuple[int, list[int]]:
-    """Shard count and the ranks this process dumps.
-
-    Explicit values win. Otherwise the torchrun environment: ``WORLD_SIZE`` gives nshard and ``RANK`` the rank.
-    Without either, nshard defaults to 1 and all ranks are done in sequence (finished ones are skipped).
-    """
-    env_world, env_rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
-    if nshard is None:
-        nshard = int(env_world) if env_world else 1
-    if rank is None and env_rank is not None and env_world and int(env_world) == nshard:
-        rank = int(env_rank)
-    if nshard < 1:
-        raise ValueError(f"nshard must be >= 1, got {nshard}")
-    if rank is not None and not 0 <= rank < nshard:
-        raise ValueError(f"rank must be in [0, {nshard}), got {rank}")
-    return nshard, list(range(nshard)) if rank is None else [rank]
-
-
-def _utts_sha1(utt_ids: Sequence[str]) -> str:
-    """Fingerprint of the (sorted) utterance list, stored in every shard header."""
-    h = hashlib.sha1()
-    for u in utt_ids:
-        h.update(u.encode("utf-8") + b"\n")
-    return h.hexdigest()
 
 
 def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
@@ -215,15 +183,16 @@ def _dump(
     overwrite: bool,
     chunk_seconds: float,
     workers: int,
-) -> None:
-    """Shared driver of ``dump_features`` and ``dump_with``."""
+) -> bool:
+    """Shared driver of ``dump_features`` and ``dump_with``: this process's shards (``resolve_shards``), then
+    True if every shard of the store is finished."""
     utt_ids = dd.utt_ids()
     if not utt_ids:
         raise ValueError("data dir has no utterances")
     nshard, ranks = resolve_shards(nshard, rank)
     meta = dict(meta)
     source = dict(meta.get("source") or {})
-    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": _utts_sha1(utt_ids)}
+    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": ids_sha1(utt_ids)}
     meta["source"] = source
     meta = _normalise_meta(meta, nshard)
     for r in ranks:
@@ -250,6 +219,10 @@ def _dump(
                     writer.add(u.utt_id, f)
                 bar.update(len(chunk))
         log.info("%s: shard %d/%d: %d utterances, %d frames", out_dir, r, nshard, writer.num_utts, writer.num_frames)
+    missing = [r for r in range(nshard) if not shard_done(out_dir, r)]
+    if missing:
+        log.info("%s: waiting for shard(s) %s of %d (other ranks, or rerun without --rank)", out_dir, missing, nshard)
+    return not missing
 
 
 def dump_features(
@@ -257,27 +230,28 @@ def dump_features(
     out_dir: str | os.PathLike,
     *,
     kind: str = "mfcc",
-    nshard: int | None = 1,
+    nshard: int | None = None,
     rank: int | None = None,
     cmvn: bool | str = False,
     device: str = "cpu",
     overwrite: bool = False,
     batch_seconds: float | None = None,
     workers: int = 2,
-) -> None:
+) -> bool:
     """Dump ``kind`` ("mfcc": 39-d fairseq HuBERT iteration-1 MFCC; "fbank": 80-d log-mel) features at 100 Hz.
 
-    ``rank=None`` does every missing shard (or the torchrun ``RANK`` when ``WORLD_SIZE == nshard``);
-    ``nshard=None`` takes ``WORLD_SIZE`` (else 1). Audio is read with ``workers`` threads and features are
-    computed in padded batches of at most ``batch_seconds`` of audio on ``device`` (default: 10 s on CPU, 300 s
-    on GPU, see ``default_batch_seconds``).
+    Shards by :func:`speechssl.sharding.resolve_shards` (``nshard=None``: ``$WORLD_SIZE``, else 1; ``rank=None``:
+    the torchrun worker's shards, else every shard); returns True once every shard is finished. Audio is read
+    with ``workers`` threads and features are computed in padded batches of at most ``batch_seconds`` of audio on
+    ``device`` (default: 10 s on CPU, 300 s on GPU, see ``default_batch_seconds``).
     """
     meta = feature_meta(kind, cmvn)
     cmvn_arg: bool | str = meta["source"]["options"]["cmvn"] or False
     dd = read_data_dir(data_dir)
     extract = batch_extractor(kind, cmvn=cmvn_arg, device=device, batch_seconds=batch_seconds)
     chunk_seconds = max(60.0, 4 * (batch_seconds or default_batch_seconds(device)))  # audio held in RAM at once
-    _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds, workers=workers)
+    return _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
+                 workers=workers)
 
 
 def dump_with(
@@ -286,20 +260,21 @@ def dump_with(
     fn: Callable[[np.ndarray], np.ndarray],
     meta: dict[str, Any],
     *,
-    nshard: int | None = 1,
+    nshard: int | None = None,
     rank: int | None = None,
     overwrite: bool = False,
     workers: int = 2,
-) -> None:
+) -> bool:
     """Dump ``fn(wav) -> [T, D]`` for every utterance (``wav``: float32 [-1, 1] at 16 kHz).
 
     The generic path for hidden-layer features of a model: the caller (``units``) owns the model and passes
     ``meta`` = ``{"kind": "hubert_l6", "frame_rate": 50.0, "dtype": "float16", "source": {"checkpoint_sha1": ...,
-    "layer": 6}}``; the features room never imports models. Shards, skipping and ``overwrite`` as ``dump_features``.
+    "layer": 6}}``; the features room never imports models. Shards, skipping, ``overwrite`` and the result as
+    ``dump_features``.
     """
     dd = read_data_dir(data_dir)
 
     def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
         return [fn(w) for w in wavs]
 
-    _dump(dd, Path(out_dir), run, meta, nshard, rank, overwrite, chunk_seconds=60.0, workers=workers)
+    return _dump(dd, Path(out_dir), run, meta, nshard, rank, overwrite, chunk_seconds=60.0, workers=workers)

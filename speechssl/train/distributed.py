@@ -7,7 +7,6 @@ Decisions that must agree across ranks (stop, skip a step) are taken on all-redu
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from speechssl.sharding import torchrun_env
 from speechssl.train import state as st
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,17 @@ class Dist:
 
 
 def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    """The process group from the ``torchrun`` environment (``WORLD_SIZE`` > 1), and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The process group from the ``torchrun`` environment (``WORLD_SIZE`` > 1, read by
+    :func:`speechssl.sharding.torchrun_env`, the rule every sharded stage uses), and this process's device."""
+    env = torchrun_env()
+    world = env.world if env is not None else 1
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA device is available")
     if world <= 1:
         return Dist(), torch.device("cuda" if use_cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    assert env is not None
+    local_rank = env.local_rank
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

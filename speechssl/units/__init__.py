@@ -14,7 +14,6 @@ from speechssl.units.kmeans import (
     merge_label_shards,
     sample_frames,
     sample_indices,
-    shard_ids,
     StreamSampler,
 )
 from speechssl.units.layers import evaluate_layers
@@ -35,7 +34,7 @@ __all__ = [
     "AlignmentError", "PhoneAlignment", "read_alignments", "read_ctm", "read_textgrid",
     "LayerChoice", "choose_layer", "paper_layer",
     "Assigner", "KMeansModel", "fit_kmeans", "fit_store", "label_store", "label_with", "merge_label_shards",
-    "sample_frames", "sample_indices", "shard_ids", "StreamSampler", "evaluate_layers",
+    "sample_frames", "sample_indices", "StreamSampler", "evaluate_layers",
     "LabelError", "LabelSet", "check_label_length", "check_labels_cover", "check_same_utterances",
     "expected_num_frames", "label_stride", "read_labels", "write_labels",
     "QualityReport", "evaluate_labels", "label_quality", "quality_from_counts",

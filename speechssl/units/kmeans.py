@@ -18,8 +18,9 @@ fairseq's recipe loads a 10% sample of the features into RAM as one array and fi
   torch (:func:`_fit_torch`).
 * **Assignment** (:class:`Assigner`) is batched nearest-centroid search: faiss ``IndexFlatL2`` (k=1) on CPU,
   ``argmin_c ||c||^2 - 2 x.c`` with one torch matmul per batch on GPU.
-* **Labels** are written per utterance id, per rank (``shards/R-of-N.km`` + header), and merged into one
-  sorted ``text.km`` with ``meta.json`` when every rank of the run is done (:func:`merge_label_shards`).
+* **Labels** are written per utterance id, per shard (``shards/R-of-N.km`` + header), and merged into one
+  sorted ``text.km`` with ``meta.json`` by whichever process finishes the last shard (:func:`merge_label_shards`).
+  Which shards a process labels is the one rule of :mod:`speechssl.sharding` (``--rank``, else torchrun, else all).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from speechssl import __version__
 from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.sharding import ids_sha1, resolve_shards, shard_items
 from speechssl.units.labels import (
     LabelError,
     META_NAME,
@@ -59,7 +61,6 @@ __all__ = [
     "fit_kmeans",
     "kmeanspp_init",
     "fit_store",
-    "shard_ids",
     "label_with",
     "label_store",
     "merge_label_shards",
@@ -553,14 +554,6 @@ def fit_store(
 # ------------------------------------------------------------------------------------------------ labelling
 
 
-def shard_ids(utt_ids: Iterable[str], rank: int, nshard: int) -> list[str]:
-    """Rank ``rank``'s contiguous block of the C-sorted ids (the blocks of all ranks concatenate to the sorted list)."""
-    if nshard < 1 or not 0 <= rank < nshard:
-        raise ValueError(f"need 0 <= rank < nshard, got rank={rank} nshard={nshard}")
-    ids = sort_ids(utt_ids)
-    return ids[len(ids) * rank // nshard : len(ids) * (rank + 1) // nshard]
-
-
 def _shard_paths(out_dir: Path, rank: int, nshard: int) -> tuple[Path, Path]:
     base = out_dir / "shards" / f"{rank}-of-{nshard}"
     return base.with_suffix(".km"), base.with_suffix(".json")
@@ -607,36 +600,43 @@ def _iter_feats(features: Callable[[str], np.ndarray] | Iterable[tuple[str, np.n
         raise LabelError(f"feature iterator ended without {len(missing)} utterance(s), e.g. {sort_ids(missing)[:3]}")
 
 
-def label_with(
-    features: Callable[[str], np.ndarray] | Iterable[tuple[str, np.ndarray]],
-    utt_ids: Iterable[str],
-    km: KMeansModel | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    meta: Mapping[str, Any],
-    *,
-    rank: int = 0,
-    nshard: int = 1,
-    device: str = "auto",
-    batch_frames: int = ASSIGN_BATCH,
-    check_features: bool = True,
-    progress: bool = True,
-) -> bool:
-    """Label rank ``rank``'s block of ``utt_ids`` (see :func:`shard_ids`) and merge when all ranks are done.
+def _shard_header(model: KMeansModel, meta: Mapping[str, Any], ids: list[str], rank: int, nshard: int) -> dict[str, Any]:
+    """Header of label shard ``rank`` (``num_labels`` and ``created_by`` are added when it is written)."""
+    return {
+        "rank": rank, "nshard": nshard, "num_utts": len(ids), "utts_sha1": ids_sha1(ids),
+        "first": ids[0] if ids else None, "last": ids[-1] if ids else None,
+        "label_rate": float(meta["frame_rate"]), "k": model.k, "kmeans_hash": model.hash,
+        "features": feature_spec(meta), "framing": framing_from_features(meta),
+    }
 
-    ``features`` is ``fn(utt) -> [T, D]`` (e.g. a model layer computed on the fly) or an iterator of
-    ``(utt, feats)`` over exactly this rank's block, in any order. ``meta`` is the feature-store-style header of
-    those features (``kind``, ``dim``, ``frame_rate``, ``source``, optional ``framing``); ``frame_rate`` becomes
-    the label rate. Returns True if this call produced the merged ``text.km`` + ``meta.json``.
-    """
-    model = km if isinstance(km, KMeansModel) else KMeansModel.load(km)
-    if check_features:
-        _check_features(model, meta)
-    if "frame_rate" not in meta:
-        raise LabelError(f"feature meta needs 'frame_rate' (the label rate), got {dict(meta)!r}")
-    out = Path(out_dir)
+
+def _shard_finished(out: Path, header: Mapping[str, Any]) -> bool:
+    """True if label shard ``header["rank"]`` is already written with this header (same model, features, ids)."""
+    km_path, head_path = _shard_paths(out, header["rank"], header["nshard"])
+    if not (km_path.exists() and head_path.exists()):
+        return False
+    try:
+        old = json.loads(head_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(old.get(key) == value for key, value in header.items())
+
+
+def _label_shard(
+    features: Callable[[str], np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    ids: list[str],
+    model: KMeansModel,
+    out: Path,
+    header: dict[str, Any],
+    *,
+    device: str,
+    batch_frames: int,
+    progress: bool,
+) -> None:
+    """Write ``shards/R-of-N.km`` (sorted lines of ``ids``) and then its header (the shard's commit marker)."""
+    rank, nshard = header["rank"], header["nshard"]
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / META_NAME).unlink(missing_ok=True)  # the merged labels are stale from here until the merge
-    ids = shard_ids(utt_ids, rank, nshard)
     km_path, head_path = _shard_paths(out, rank, nshard)
     head_path.unlink(missing_ok=True)
     tmp = km_path.with_name(f".{km_path.name}.tmp{os.getpid()}")
@@ -682,14 +682,54 @@ def label_with(
         os.replace(tmp, km_path)
     finally:
         tmp.unlink(missing_ok=True)
-    header = {
-        "rank": rank, "nshard": nshard, "num_utts": len(ids), "num_labels": total,
-        "first": ids[0] if ids else None, "last": ids[-1] if ids else None,
-        "label_rate": float(meta["frame_rate"]), "k": model.k, "kmeans_hash": model.hash,
-        "features": feature_spec(meta), "framing": framing_from_features(meta),
-        "created_by": f"speechssl {__version__}",
-    }
+    header = dict(header, num_labels=total, created_by=f"speechssl {__version__}")
     atomic_write_text(head_path, json.dumps(header, indent=1, sort_keys=True) + "\n")
+
+
+def label_with(
+    features: Callable[[str], np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    utt_ids: Iterable[str],
+    km: KMeansModel | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    meta: Mapping[str, Any],
+    *,
+    rank: int | None = None,
+    nshard: int | None = None,
+    device: str = "auto",
+    batch_frames: int = ASSIGN_BATCH,
+    check_features: bool = True,
+    progress: bool = True,
+) -> bool:
+    """Label this process's shards of ``utt_ids`` and merge when every shard is done.
+
+    Shards by :func:`speechssl.sharding.resolve_shards`: ``rank`` given, that shard; under torchrun, the worker's
+    shards; otherwise every shard in turn. A shard is the contiguous block :func:`speechssl.sharding.shard_items`
+    of the C-sorted ids; one already written with the same header (k-means model, features, ids) is skipped.
+    ``features`` is ``fn(utt) -> [T, D]`` (e.g. a model layer computed on the fly) or an iterator of
+    ``(utt, feats)`` over exactly the one shard this process labels, in any order. ``meta`` is the
+    feature-store-style header of those features (``kind``, ``dim``, ``frame_rate``, ``source``, optional
+    ``framing``); ``frame_rate`` becomes the label rate. Returns True if the merged ``text.km`` + ``meta.json`` are
+    complete after this call (whichever process finishes the last shard merges; merging is idempotent).
+    """
+    model = km if isinstance(km, KMeansModel) else KMeansModel.load(km)
+    if check_features:
+        _check_features(model, meta)
+    if "frame_rate" not in meta:
+        raise LabelError(f"feature meta needs 'frame_rate' (the label rate), got {dict(meta)!r}")
+    nshard, ranks = resolve_shards(nshard, rank)
+    if not callable(features) and len(ranks) > 1:
+        raise LabelError(f"a feature iterator covers one shard, but this process labels shards {ranks} of "
+                         f"{nshard}; pass rank=, or a function utt -> features")
+    out = Path(out_dir)
+    ids = sort_ids(utt_ids)
+    for r in ranks:
+        block = shard_items(ids, nshard, r)
+        header = _shard_header(model, meta, block, r, nshard)
+        if _shard_finished(out, header):
+            log.info("labels in %s: shard %d/%d already done with this k-means model, skipped", out, r, nshard)
+            continue
+        _label_shard(features, block, model, out, header, device=device, batch_frames=batch_frames,
+                     progress=progress)
     return merge_label_shards(out, nshard, kmeans_hash=model.hash)
 
 
@@ -758,12 +798,13 @@ def label_store(
     km_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    rank: int = 0,
-    nshard: int = 1,
+    rank: int | None = None,
+    nshard: int | None = None,
     device: str = "auto",
     batch_frames: int = ASSIGN_BATCH,
 ) -> bool:
-    """``speechssl kmeans label``: label every utterance of a feature store (this rank's block)."""
+    """``speechssl kmeans label``: label every utterance of a feature store, sharded as :func:`label_with`
+    (``rank=None``: the torchrun worker's shards, else all); True once the merged labels are complete."""
     from speechssl.features.store import FeatureReader
 
     reader = FeatureReader(feats_dir)
