@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-__all__ = ["fsync_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["fsync_dir", "atomic_open", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -48,6 +49,24 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, mode: int = 0o755) -> Iterator[Path]:
+    """Yield a temp directory beside ``path`` (which must not exist yet); on success it becomes ``path`` by one
+    rename, on error it is removed. The files written into it should be fsynced by their writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        os.chmod(tmp, mode)  # mkdtemp creates 0700
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
 

@@ -25,6 +25,14 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
+def verb_group(subparsers, name: str, help_: str):
+    """The parser of command group ``name`` (``speechssl NAME VERB ...``); returns its verbs' subparsers."""
+    p = subparsers.add_parser(name, help=help_, description=help_)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    return verbs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="speechssl",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speechssl.cli import verb_group
+
 _AUDIO_CHECKS = ("header", "full")  # speechssl.data.audio_check.AUDIO_CHECKS (not imported: keeps --help fast)
 
 
@@ -98,9 +100,7 @@ def _subset(args: argparse.Namespace) -> int:
 
 
 def register(subparsers, help_: str) -> None:
-    p = subparsers.add_parser("data", help=help_, description=help_)
-    verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
+    verbs = verb_group(subparsers, "data", help_)
 
     v = verbs.add_parser(
         "validate",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from speechssl.cli import verb_group
+
 
 def _dump(args: argparse.Namespace) -> int:
     from speechssl.features.dump import dump_features
@@ -15,7 +17,7 @@ def _dump(args: argparse.Namespace) -> int:
     if args.kind == "hidden":
         if args.ckpt is None or args.layer is None:
             raise ValueError("--kind hidden needs --ckpt CKPT and --layer L")
-        from speechssl.units.layers import dump_hidden
+        from speechssl.upstream import dump_hidden
 
         dump_hidden(args.data, args.out, args.ckpt, args.layer, nshard=args.nshard, rank=args.rank,
                     device=args.device, overwrite=args.overwrite)
@@ -54,9 +56,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers, help_: str) -> None:
-    p = subparsers.add_parser("features", help=help_, description=help_)
-    verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
+    verbs = verb_group(subparsers, "features", help_)
 
     v = verbs.add_parser(
         "dump",

@@ -7,8 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speechssl.cli import verb_group
+from speechssl.cli.kmeans import add_fit_options, fit_options
+
 
 def _quality(args: argparse.Namespace) -> int:
+    """Frame-level phone (the phone covering each frame centre) vs unit statistics. Labelled utterances without
+    alignment are skipped and counted. An alignment may end before its audio (those frames are unscored) or run
+    past it (the overhang is clipped), as forced aligners' output does; both are counted and reported
+    (utterances, frames, largest gap). A gap of more than max(0.5 s, 10% of the utterance) means the alignment
+    belongs to other audio: an error naming the utterance."""
     from speechssl.units.quality import label_quality
 
     report = label_quality(args.labels, args.alignments, tier=args.tier, out_json=args.out, plot=args.plot)
@@ -21,20 +29,29 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
+    """For each hidden layer: k-means (as `kmeans fit`: uniform frame sample, k-means++ + Lloyd) on a sample drawn
+    in one model pass, then a second pass assigns every frame and counts (phone, unit) pairs; nothing is dumped
+    to disk. With --spectral, units of MFCC or fbank at the same k, sample fraction and seed on the same
+    utterances, each scored at its own frame rate. Unless --no-baseline, an untrained model of the checkpoint's
+    config (seeded with --seed) goes through the same passes (same utterances, sample and k): its PNMI/purities
+    per layer and each layer's PNMI ratio to it. Writes OUT/layers.json (best_layer = argmax PNMI of the trained
+    model) and OUT/layers.png (random init as a second line beside MFCC)."""
     from speechssl.cli.kmeans import _passive_omp
 
     _passive_omp()
     from speechssl.units.layers import evaluate_layers
 
     evaluate_layers(args.ckpt, args.data, args.alignments, k=args.k, mfcc=args.mfcc, layers=args.layers,
-                    sample_frac=args.sample_frac, max_frames=args.max_frames, max_utts=args.max_utts,
-                    subset_frac=args.subset_frac, seed=args.seed, niter=args.niter, nredo=args.nredo,
-                    init=args.init, tier=args.tier, device=args.device, baseline=not args.no_baseline,
-                    out_dir=args.out)
+                    max_utts=args.max_utts, subset_frac=args.subset_frac, tier=args.tier, device=args.device,
+                    baseline=not args.no_baseline, out_dir=args.out, **fit_options(args))
     return 0
 
 
 def _best_layer(args: argparse.Namespace) -> int:
+    """Prints the hidden-state index (0 = encoder input, i = output of transformer layer i) alone on stdout and the
+    rule used on stderr. With a per-layer report (`units layers`: layers.json): its best_layer, the argmax of
+    PNMI. Without one (no phone alignments): the HuBERT paper's choice scaled to depth,
+    ceil(num_hidden_layers / 2) of the checkpoint (Base: layer 6 of 12)."""
     from speechssl.units.best_layer import choose_layer
 
     choice = choose_layer(ckpt=args.ckpt, layers_json=args.layers_json, exp_dir=args.exp)
@@ -44,17 +61,9 @@ def _best_layer(args: argparse.Namespace) -> int:
 
 
 def register(subparsers, help_):
-    p = subparsers.add_parser("units", help=help_, description=help_)
-    verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
+    verbs = verb_group(subparsers, "units", help_)
     q = verbs.add_parser("quality", help="phone purity, cluster purity, PNMI (HuBERT paper IV-F)",
-                         description="Frame-level phone (the phone covering each frame centre) vs unit statistics. "
-                                     "Labelled utterances without alignment are skipped and counted. An alignment "
-                                     "may end before its audio (those frames are unscored) or run past it (the "
-                                     "overhang is clipped), as forced aligners' output does; both are counted and "
-                                     "reported (utterances, frames, largest gap). A gap of more than max(0.5 s, 10% "
-                                     "of the utterance) means the alignment belongs to other audio: an error naming "
-                                     "the utterance.")
+                         description=_quality.__doc__)
     q.add_argument("--labels", required=True, help="label dir (text.km + meta.json)")
     q.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids (MFA)")
     q.add_argument("--tier", default="phones", help="TextGrid tier with phones (default: phones)")
@@ -64,30 +73,17 @@ def register(subparsers, help_):
 
     lay = verbs.add_parser(
         "layers", help="PNMI / purities of k-means units of every hidden layer of a checkpoint (and of MFCC)",
-        description="For each hidden layer: k-means (as `kmeans fit`: uniform frame sample, k-means++ + Lloyd) on "
-                    "a sample drawn in one model pass, then a second pass assigns every frame and counts "
-                    "(phone, unit) pairs; nothing is dumped to disk. With --spectral, units of MFCC or fbank at the same k, sample "
-                    "fraction and seed on the same utterances, each scored at its own frame rate. Unless "
-                    "--no-baseline, an untrained model of the checkpoint's config (seeded with --seed) goes through "
-                    "the same passes (same utterances, sample and k): its PNMI/purities per layer and each layer's "
-                    "PNMI ratio to it. Writes OUT/layers.json (best_layer = argmax PNMI of the trained model) and "
-                    "OUT/layers.png (random init as a second line beside MFCC).")
+        description=_layers.__doc__)
     lay.add_argument("--ckpt", required=True, help="checkpoint dir (model.safetensors + config.json)")
     lay.add_argument("--data", required=True, help="Kaldi data dir")
     lay.add_argument("--alignments", required=True, help="Kaldi CTM file, a TextGrid, or a dir of TextGrids")
-    lay.add_argument("--k", type=int, required=True, help="number of clusters")
+    add_fit_options(lay)  # --k and the options of `kmeans fit`, applied to every layer's sample
     lay.add_argument("--spectral", "--mfcc", dest="mfcc", default=None, metavar="STORE",
                      help="spectral feature store of the same data dir (MFCC, or fbank as the mini_synth iteration-1 "
                           "targets): baseline units at the same k")
     lay.add_argument("--layers", default="all", help="'all' (default) or comma-separated hidden-state indices")
-    lay.add_argument("--sample-frac", type=float, default=0.1, help="fraction of frames sampled for k-means (0.1)")
-    lay.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames per layer (bounds memory)")
     lay.add_argument("--max-utts", type=int, default=None, help="evaluate on a random subset of N utterances")
     lay.add_argument("--subset-frac", type=float, default=None, help="evaluate on a random fraction of utterances")
-    lay.add_argument("--seed", type=int, default=0)
-    lay.add_argument("--niter", type=int, default=20, help="Lloyd iterations (default 20)")
-    lay.add_argument("--nredo", type=int, default=1)
-    lay.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
     lay.add_argument("--tier", default="phones", help="TextGrid tier with phones (default: phones)")
     lay.add_argument("--device", default="auto", help="auto | cpu | cuda")
     lay.add_argument("--no-baseline", action="store_true",
@@ -97,10 +93,7 @@ def register(subparsers, help_):
 
     best = verbs.add_parser(
         "best-layer", help="the hidden layer for the next iteration's units: best PNMI, or the middle layer",
-        description="Prints the hidden-state index (0 = encoder input, i = output of transformer layer i) alone on "
-                    "stdout and the rule used on stderr. With a per-layer report (`units layers`: layers.json): "
-                    "its best_layer, the argmax of PNMI. Without one (no phone alignments): the HuBERT paper's "
-                    "choice scaled to depth, ceil(num_hidden_layers / 2) of the checkpoint (Base: layer 6 of 12).")
+        description=_best_layer.__doc__)
     best.add_argument("--exp", default=None, metavar="DIR",
                       help="an iteration's exp dir: --ckpt DIR/best, and --layers-json DIR/layers/layers.json if "
                            "that file exists")

@@ -29,11 +29,11 @@ and times must be finite numbers. Every problem raises one `DataDirError` naming
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from speechssl.audio import SAMPLE_RATE, load_audio
+from speechssl.fileio import atomic_dir, atomic_path
 
 __all__ = [
     "DataDirError",
@@ -604,27 +605,21 @@ def write_data_dir(dd: DataDir, path: str | os.PathLike) -> None:
     _cross_check(_tables_from_datadir(dd, path, rows), path)
     if path.exists() and not path.is_dir():
         raise DataDirError(f"{path}: exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    if not path.exists():
+        with atomic_dir(path) as tmp:
+            for name, r in rows.items():
+                _write_lines(tmp / name, r)
+        return
+    with contextlib.ExitStack() as stack:  # every file written to its temp first; all renamed once all are done
         for name, r in rows.items():
-            _write_lines(tmp / name, r)
-        if not path.exists():
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, path)
-            return
-        for name in rows:
-            os.replace(tmp / name, path / name)
-        for p in path.iterdir():
-            if p.is_file() and _managed(p.name) and p.name not in rows:
-                log.info("%s: removing %s, which the new data dir does not have", path, p.name)
-                p.unlink()
-        stale = [m for m in _LHOTSE_MANIFESTS if (path / m).exists()]
-        if stale:
-            log.warning("%s: lhotse manifests %s may now be stale; rerun `speechssl data to-lhotse`", path, ", ".join(stale))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _write_lines(stack.enter_context(atomic_path(path / name)), r)
+    for p in path.iterdir():
+        if p.is_file() and _managed(p.name) and p.name not in rows:
+            log.info("%s: removing %s, which the new data dir does not have", path, p.name)
+            p.unlink()
+    stale = [m for m in _LHOTSE_MANIFESTS if (path / m).exists()]
+    if stale:
+        log.warning("%s: lhotse manifests %s may now be stale; rerun `speechssl data to-lhotse`", path, ", ".join(stale))
 
 
 def subset_data_dir(

@@ -14,9 +14,9 @@ directly instead and use lhotse only for the manifest classes and their serialis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from speechssl.audio import audio_info, is_pipe
 from speechssl.data.durations import utterance_durations
 from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
+from speechssl.fileio import atomic_path
 
 __all__ = ["MANIFEST_NAMES", "data_dir_to_lhotse", "lhotse_to_data_dir", "data_dir_to_manifests"]
 
@@ -87,20 +88,10 @@ def data_dir_to_lhotse(data_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     recordings, supervisions, cuts = data_dir_to_manifests(data_dir, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmps = []
-    try:
+    with contextlib.ExitStack() as stack:  # all three written to temps first; renamed once all are complete
         for manifest, name in zip((recordings, supervisions, cuts), MANIFEST_NAMES):
-            fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=f".{name}", dir=out)
-            os.close(fd)
-            tmps.append(tmp)
-            manifest.to_file(tmp)
-        for tmp, name in zip(tmps, MANIFEST_NAMES):
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out / name)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            # the temp keeps ".jsonl" among its suffixes and ends in ".gz": lhotse picks the format from them
+            manifest.to_file(stack.enter_context(atomic_path(out / name)))
     log.info("%s -> %s: %d recordings, %d utterances", data_dir, out, len(recordings), len(supervisions))
     return cuts
 

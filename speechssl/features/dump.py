@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
 from speechssl.features.kaldi import fbank, mfcc, num_frames
 from speechssl.features.store import (
@@ -43,7 +44,6 @@ __all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "reso
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 KINDS = ("mfcc", "fbank")
 BatchFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 

@@ -6,8 +6,10 @@ from speechssl.units.alignments import AlignmentError, PhoneAlignment, read_alig
 from speechssl.units.best_layer import LayerChoice, choose_layer, paper_layer
 from speechssl.units.kmeans import (
     Assigner,
+    FitOptions,
     KMeansModel,
     fit_kmeans,
+    fit_sample,
     fit_store,
     label_store,
     label_with,
@@ -28,14 +30,21 @@ from speechssl.units.labels import (
     read_labels,
     write_labels,
 )
-from speechssl.units.quality import QualityReport, evaluate_labels, label_quality, quality_from_counts
+from speechssl.units.quality import (
+    PhoneUnitCounts,
+    QualityReport,
+    evaluate_labels,
+    label_quality,
+    quality_from_counts,
+)
 
 __all__ = [
     "AlignmentError", "PhoneAlignment", "read_alignments", "read_ctm", "read_textgrid",
     "LayerChoice", "choose_layer", "paper_layer",
-    "Assigner", "KMeansModel", "fit_kmeans", "fit_store", "label_store", "label_with", "merge_label_shards",
+    "Assigner", "FitOptions", "KMeansModel", "fit_kmeans", "fit_sample", "fit_store", "label_store", "label_with",
+    "merge_label_shards",
     "sample_frames", "sample_indices", "StreamSampler", "evaluate_layers",
     "LabelError", "LabelSet", "check_label_length", "check_labels_cover", "check_same_utterances",
     "expected_num_frames", "label_stride", "read_labels", "write_labels",
-    "QualityReport", "evaluate_labels", "label_quality", "quality_from_counts",
+    "PhoneUnitCounts", "QualityReport", "evaluate_labels", "label_quality", "quality_from_counts",
 ]

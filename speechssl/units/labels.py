@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from speechssl.data.kaldi import c_sorted
 from speechssl.fileio import atomic_write_text
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "label_stride",
     "check_same_utterances",
     "check_labels_cover",
-    "sort_ids",
     "atomic_write_text",
 ]
 
@@ -59,11 +59,6 @@ class LabelError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-
-
-def sort_ids(ids: Iterable[str]) -> list[str]:
-    """Utterance ids sorted in C byte order (``LC_ALL=C sort``), the order of every Kaldi-style file."""
-    return sorted(ids, key=lambda u: u.encode("utf-8"))
 
 
 def _unit_dtype(k: int) -> np.dtype:
@@ -202,7 +197,7 @@ def check_same_utterances(label_ids: Iterable[str], other_ids: Iterable[str], *,
     parts = []
     for missing, have, lack in ((b - a, other_name, labels_name), (a - b, labels_name, other_name)):
         if missing:
-            first = ", ".join(sort_ids(missing)[:5])
+            first = ", ".join(c_sorted(missing)[:5])
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             parts.append(f"{len(missing)} utterance(s) in {have} but not in {lack}: {first}{more}")
     raise LabelError("; ".join(parts) + "; relabel, or filter the data dir to the labelled utterances")
@@ -317,7 +312,7 @@ def write_labels(label_dir: str | os.PathLike, labels: Mapping[str, Sequence[int
     out = Path(label_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines, total = [], 0
-    for utt in sort_ids(labels):
+    for utt in c_sorted(labels):
         if not utt or any(c.isspace() for c in utt):
             raise LabelError(f"invalid utterance id {utt!r}: must be non-empty without whitespace")
         units = np.asarray(labels[utt])
@@ -360,7 +355,7 @@ class LabelSet:
     @property
     def ids(self) -> list[str]:
         """Utterance ids, sorted in C byte order."""
-        return sort_ids(self.labels)
+        return c_sorted(self.labels)
 
     def get(self, utt: str, num_samples: int | None = None) -> np.ndarray:
         """Units of ``utt``; with ``num_samples``, checked against the audio length (LabelError on mismatch)."""

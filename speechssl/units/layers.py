@@ -5,13 +5,14 @@
 * **pass 0** reads every utterance's length (headers where possible) so the frame count of each layer is known;
   the sample is then planned exactly as ``kmeans fit`` would draw it from a one-shard store of that layer
   (:func:`~speechssl.units.kmeans.sample_indices`, same seed for every layer, as separate fits would use);
-* **pass 1** runs the model once per utterance (batch of one: the numbers are those of
-  ``upstream.layer_extractor`` and so of a ``features dump`` of the layer) and feeds one
+* **pass 1** runs the model once per utterance (batch of one, :func:`speechssl.upstream.layers_extractor`: the
+  numbers are those of ``upstream.layer_extractor`` and so of a ``features dump`` of the layer) and feeds one
   :class:`~speechssl.units.kmeans.StreamSampler` per layer (float16, as the layer stores are). Memory is the
   samples: ``n x dim x 2 B`` per layer, printed before starting; ``--max-frames`` caps ``n``;
-* **fit**: :func:`~speechssl.units.kmeans.fit_kmeans` per layer on its sample (the code of ``kmeans fit``);
+* **fit**: :func:`~speechssl.units.fit.fit_sample` per layer on its sample (the code of ``kmeans fit``);
 * **pass 2** runs the model again, assigns every frame of every layer to its nearest centroid, reads the phone
-  at each frame centre off the alignment and adds to one ``[phones, k]`` count table per layer. Labels are never
+  at each frame centre off the alignment and adds to one ``[phones, k]`` count table per layer
+  (:class:`~speechssl.units.quality.PhoneUnitCounts`, the counting of ``units quality``). Labels are never
   stored. Metrics come from :func:`~speechssl.units.quality.quality_from_counts`, as ``units quality``; so does
   the alignment/audio length rule (:func:`~speechssl.units.alignments.frame_coverage`: frames past the
   alignment's end unscored, overhang clipped, both counted under ``alignment_coverage`` in ``layers.json``; a gap
@@ -40,53 +41,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from speechssl import __version__
-from speechssl.units.alignments import CoverageStats, frame_phones, read_alignments, SILENCE
-from speechssl.units.kmeans import (
-    Assigner,
-    StreamSampler,
-    fit_kmeans,
-    memory_estimate,
-    resolve_device,
-    sample_indices,
-    sample_size,
-)
+from speechssl.audio import SAMPLE_RATE
+from speechssl.data.kaldi import c_sorted
 from speechssl.fileio import atomic_path, atomic_write_text
-from speechssl.units.labels import framing_from_features, sort_ids
-from speechssl.units.quality import count_table, quality_from_counts
+from speechssl.units.alignments import CoverageStats, read_alignments, SILENCE
+from speechssl.units.fit import Assigner, FitOptions, fit_sample, memory_estimate, resolve_device
+from speechssl.units.labels import framing_from_features
+from speechssl.units.quality import PhoneUnitCounts, quality_from_counts
+from speechssl.units.sampling import StreamSampler, sample_indices, sample_size
+from speechssl.upstream import layer_feature_meta, layers_extractor
 
-__all__ = ["layer_feature_meta", "model_framing", "parse_layers", "select_utterances", "evaluate_layers",
-           "plot_layers"]
+__all__ = ["layer_feature_meta", "parse_layers", "select_utterances", "evaluate_layers", "plot_layers"]
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16000
-
-
-def model_framing(config: Any) -> dict[str, Any] | None:
-    """Label framing of a model's frames: ``conv`` (kernel, stride) for the waveform CNN; None for the fbank
-    frontend (its padded convs are within a frame of ``floor(S * rate / 16000)``, the framing-less default)."""
-    if getattr(config, "frontend", "cnn") == "cnn":
-        return {"type": "conv", "layers": [[int(k), int(s)] for _, k, s in config.conv_layers]}
-    return None
-
-
-def layer_feature_meta(upstream: Any, layer: int, ckpt_sha1: str, dtype: str = "float16") -> dict[str, Any]:
-    """Feature-store header of hidden layer ``layer`` (what ``dump_with`` of ``layer_extractor`` should record,
-    and what ``units layers`` evaluates as): kind ``hubert_l<L>``, model frame rate, framing, checkpoint SHA-1."""
-    meta: dict[str, Any] = {
-        "kind": f"hubert_l{layer}",
-        "dim": int(upstream.hidden_sizes[layer]),
-        "frame_rate": float(upstream.frame_rate),
-        "dtype": dtype,
-        "source": {"checkpoint_sha1": ckpt_sha1, "layer": int(layer)},
-    }
-    framing = model_framing(upstream.model.config)
-    if framing is not None:
-        meta["framing"] = framing
-    return meta
 
 
 def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str = "") -> list[int]:
@@ -109,7 +79,7 @@ def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str 
 def select_utterances(utt_ids: Sequence[str], *, max_utts: int | None = None, subset_frac: float | None = None,
                       seed: int = 0) -> list[str]:
     """A seeded random subset (C-sorted) of at most ``max_utts`` / a ``subset_frac`` share of the utterances."""
-    ids = sort_ids(utt_ids)
+    ids = c_sorted(utt_ids)
     m = len(ids)
     if subset_frac is not None:
         if not 0 < subset_frac <= 1:
@@ -162,21 +132,6 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
-class _LayerRunner:
-    """The model's hidden states of the chosen layers for one waveform, as ``layer_extractor`` computes them."""
-
-    def __init__(self, upstream: Any, layers: list[int], dtype: np.dtype) -> None:
-        self.up, self.layers, self.dtype = upstream, layers, dtype
-        self.device = next(upstream.parameters()).device
-        self.top = max(layers)
-
-    def __call__(self, utt: str, wav: np.ndarray) -> dict[int, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0).to(self.device)
-        hidden, lens = self.up(x, torch.tensor([x.shape[1]]), num_layers=self.top)
-        t = int(lens[0])
-        return {layer: hidden[layer][0, :t].float().cpu().numpy().astype(self.dtype) for layer in self.layers}
-
-
 def evaluate_layers(
     ckpt: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -185,14 +140,8 @@ def evaluate_layers(
     k: int,
     mfcc: str | os.PathLike | None = None,
     layers: str | Sequence[int] | None = "all",
-    sample_frac: float = 0.1,
-    max_frames: int | None = None,
     max_utts: int | None = None,
     subset_frac: float | None = None,
-    seed: int = 0,
-    niter: int = 20,
-    nredo: int = 1,
-    init: str = "kmeans++",
     tier: str = "phones",
     dtype: str = "float16",
     device: str = "auto",
@@ -200,15 +149,20 @@ def evaluate_layers(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     report: Callable[[str], None] = print,
+    **options: Any,
 ) -> dict[str, Any]:
     """PNMI / phone purity / cluster purity of k-means units of every chosen layer (and of MFCC), see module doc.
 
-    ``baseline``: also score the random-init model of the checkpoint's config (seeded with ``seed``).
-    Returns the ``layers.json`` dict; with ``out_dir`` writes ``layers.json`` and ``layers.png`` there.
+    ``options``: the k-means options of ``kmeans fit`` (:class:`~speechssl.units.fit.FitOptions`: ``sample_frac``,
+    ``max_frames``, ``seed``, ``niter``, ``nredo``, ``init``); ``seed`` also draws the ``max_utts`` /
+    ``subset_frac`` subset. ``baseline``: also score the random-init model of the checkpoint's config (seeded
+    with ``seed``). Returns the ``layers.json`` dict; with ``out_dir`` writes ``layers.json`` and ``layers.png``.
     """
     from speechssl.data.kaldi import load_utterance, read_data_dir
     from speechssl.upstream import checkpoint_sha1, load, random_init
 
+    opts = FitOptions(**options)
+    sample_frac, max_frames, seed = opts.sample_frac, opts.max_frames, opts.seed
     dev = resolve_device(device)
     up = load(ckpt, device=dev)
     # Every model goes through the same passes; the random-init one shares the trained one's config (and frames).
@@ -227,7 +181,7 @@ def evaluate_layers(
     skipped = [u for u in ids if u not in alis]
     if not aligned:
         raise ValueError(f"none of the {len(ids)} utterances of {data_dir} has an alignment in {alignments} "
-                         f"(e.g. {ids[:2]} vs {sort_ids(alis)[:2]}): check the utterance ids")
+                         f"(e.g. {ids[:2]} vs {c_sorted(alis)[:2]}): check the utterance ids")
     if skipped:
         log.warning("%d of %d utterances have no alignment in %s (used for k-means, not scored), e.g. %s",
                     len(skipped), len(ids), alignments, skipped[:3])
@@ -248,7 +202,7 @@ def evaluate_layers(
     samples = {}
     for u in tqdm(ids, desc="layers: lengths", unit="utt", disable=not progress):
         samples[u] = _num_samples(utts[u])
-    frames = {u: int(up.model.num_frames(samples[u])) for u in ids}
+    frames = {u: up.num_frames(samples[u]) for u in ids}
     total = sum(frames.values())
     n = sample_size(total, sample_frac, max_frames)
     if n < k:
@@ -278,7 +232,7 @@ def evaluate_layers(
            f"({len(aligned)} aligned), sample {n} of {total} frames per layer; memory estimate "
            f"{(mem + work) / 2**20:.1f} MiB (samples {mem / 2**20:.1f} MiB + k-means working {work / 2**20:.1f} MiB)")
 
-    runners = {name: _LayerRunner(m, chosen, np_dtype) for name, m in models}
+    runners = {name: layers_extractor(m, chosen, dtype=np_dtype) for name, m in models}
 
     def load_wav(u: str) -> np.ndarray:
         return load_utterance(utts[u], SAMPLE_RATE)
@@ -289,7 +243,7 @@ def evaluate_layers(
         if len(wav) != samples[u]:
             raise ValueError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
         for name, run in runners.items():
-            for layer, h in run(u, wav).items():
+            for layer, h in run(wav).items():
                 if len(h) != frames[u]:
                     raise ValueError(f"utt {u}: layer {layer} of the {name} model gave {len(h)} frames, "
                                      f"expected {frames[u]}")
@@ -301,48 +255,37 @@ def evaluate_layers(
     centroids: dict[Any, np.ndarray] = {}
     inertia: dict[Any, float] = {}
     for key in tqdm(keys, desc="layers: k-means", unit="layer", disable=not progress):
-        x = samplers.pop(key).result().astype(np.float32)
-        centroids[key] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
-        inertia[key] = Assigner(centroids[key], device=dev).inertia(x) / len(x)
-        del x
+        centroids[key], inertia[key] = fit_sample(samplers.pop(key).result(), k, opts, device=dev)
     if m_sampler is not None:
-        x = m_sampler.result().astype(np.float32)
+        centroids["mfcc"], inertia["mfcc"] = fit_sample(m_sampler.result(), k, opts, device=dev)
         m_sampler = None
-        centroids["mfcc"] = fit_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init, device=dev.type)
-        inertia["mfcc"] = Assigner(centroids["mfcc"], device=dev).inertia(x) / len(x)
-        del x
 
     # Pass 2: assign every frame, count (phone, unit) pairs per layer.
-    phones = sort_ids({p for u in aligned for p in alis[u].phones} | {SILENCE})
-    phone_id = {p: i for i, p in enumerate(phones)}
+    phones = c_sorted({p for u in aligned for p in alis[u].phones} | {SILENCE})
     assigners = {key: Assigner(c, device=dev) for key, c in centroids.items()}
-    counts = {key: np.zeros((len(phones), k), dtype=np.int64) for key in centroids}
-    layer_meta = layer_feature_meta(up, chosen[0], sha1, dtype)
-    layer_framing, layer_rate = layer_meta.get("framing"), float(up.frame_rate)
+    layer_framing, layer_rate = up.framing, float(up.frame_rate)  # as in the header of a dumped layer
     m_framing = framing_from_features(reader.meta) if reader is not None else None
     # Unscored / clipped frames per frame rate (every layer of both models has the model's frames: count once).
     coverage = {"layers": CoverageStats(), "mfcc": CoverageStats()}
     counted = {(TRAINED, chosen[0]): coverage["layers"], "mfcc": coverage["mfcc"]}
+    counters = {key: PhoneUnitCounts(k, phones, coverage=counted.get(key, CoverageStats())) for key in centroids}
 
     def score(key: Any, u: str, feats: np.ndarray, rate: float, framing: Any, where: str) -> None:
-        units = assigners[key](np.asarray(feats))
-        ph = frame_phones(alis[u], len(units), rate, framing, label_file=where, coverage=counted.get(key))
-        pid = np.fromiter((phone_id[p] for p in ph), dtype=np.int64, count=len(ph))
-        counts[key] += count_table(pid, units[: len(ph)], len(phones), k)
+        counters[key].add(assigners[key](np.asarray(feats)), alis[u], rate, framing, label_file=where)
 
     sources = {name: m.source for name, m in models}
     for u, wav in tqdm(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
                        disable=not progress):
         for name, run in runners.items():
-            for layer, h in run(u, wav).items():
+            for layer, h in run(wav).items():
                 score((name, layer), u, h, layer_rate, layer_framing, f"layer {layer} of {sources[name]}")
         if reader is not None:
             score("mfcc", u, reader[u], reader.frame_rate, m_framing, str(mfcc))
 
     def entry(key: Any) -> dict[str, Any]:
-        m = quality_from_counts(counts[key])
-        return {**m, "num_frames": int(counts[key].sum()), "units_used": int((counts[key].sum(0) > 0).sum()),
-                "inertia_per_frame": inertia[key]}
+        counts = counters[key].counts
+        return {**quality_from_counts(counts), "num_frames": int(counts.sum()),
+                "units_used": int((counts.sum(0) > 0).sum()), "inertia_per_frame": inertia[key]}
 
     def layer_rows(name: str) -> list[dict[str, Any]]:
         return [{"layer": layer, **entry((name, layer)), "dim": dims[layer]} for layer in chosen]
@@ -380,7 +323,7 @@ def evaluate_layers(
         "layer_framing": layer_framing,
         "sample_frac": sample_frac, "max_frames": max_frames, "sample_size": n,
         "max_utts": max_utts, "subset_frac": subset_frac,
-        "seed": seed, "niter": niter, "nredo": nredo, "init": init, "dtype": dtype,
+        "seed": seed, "niter": opts.niter, "nredo": opts.nredo, "init": opts.init, "dtype": dtype,
         "phones": phones,
         "created_by": f"speechssl {__version__}",
     }
@@ -459,18 +402,3 @@ def plot_layers(result: dict[str, Any], path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
 
-
-def dump_hidden(data_dir, out_dir, ckpt, layer: int, *, nshard: int | None = 1, rank: int | None = None,
-                device: str = "cpu", overwrite: bool = False, dtype: str = "float16") -> None:
-    """Hidden states of ``layer`` of checkpoint ``ckpt`` for every utterance of ``data_dir`` into a feature store.
-
-    The header is :func:`layer_feature_meta`, the same one ``units layers`` evaluates, so k-means fitted on this
-    store and labels assigned from it describe exactly the features ``units layers`` reported on.
-    """
-    from speechssl import upstream as upstream_lib
-    from speechssl.features.dump import dump_with
-
-    up = upstream_lib.load(ckpt, device=device)
-    meta = layer_feature_meta(up, layer, upstream_lib.checkpoint_sha1(ckpt), dtype=dtype)
-    fn = upstream_lib.layer_extractor(up, layer, dtype=np.dtype(dtype))
-    dump_with(data_dir, out_dir, fn, meta, nshard=nshard, rank=rank, overwrite=overwrite)

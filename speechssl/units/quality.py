@@ -19,17 +19,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
+from speechssl.data.kaldi import c_sorted
 from speechssl.fileio import atomic_path, atomic_write_text
-from speechssl.units.labels import read_labels, sort_ids
+from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
+from speechssl.units.labels import read_labels
 
-__all__ = ["QualityReport", "quality_from_counts", "count_table", "evaluate_labels", "label_quality",
-           "plot_phone_given_unit"]
+__all__ = ["QualityReport", "PhoneUnitCounts", "quality_from_counts", "count_table", "evaluate_labels",
+           "label_quality", "plot_phone_given_unit"]
 
 
 def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
@@ -106,45 +107,93 @@ class QualityReport:
         return "\n".join(lines)
 
 
+class PhoneUnitCounts:
+    """The ``[phones, k]`` table of (phone at each label frame's centre, unit) counts, one utterance at a time:
+    the one counting rule of ``units quality`` (:func:`evaluate_labels`) and ``units layers``.
+
+    ``phones``: a fixed phone inventory (rows in that order); None: rows are added as phones appear and
+    :meth:`table` sorts them (C order, so tables and plots are comparable across runs). The alignment length rule
+    is :func:`~speechssl.units.alignments.frame_phones`; ``coverage`` counts its unscored / clipped frames.
+    """
+
+    FLUSH_FRAMES = 1 << 16  # frames buffered (~1 MiB) between bincounts (one per flush, not one per utterance)
+
+    def __init__(self, k: int, phones: Sequence[str] | None = None, coverage: CoverageStats | None = None) -> None:
+        self.k = int(k)
+        self.fixed = phones is not None
+        self.index: dict[str, int] = {p: i for i, p in enumerate(phones or ())}
+        self._counts = np.zeros((len(self.index), self.k), dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (phone ids, units) not yet counted
+        self._buffered = 0
+        self.coverage = coverage if coverage is not None else CoverageStats()
+        self.num_utts = 0
+
+    def add(self, units: np.ndarray, ali: PhoneAlignment, label_rate: float, framing: Mapping[str, Any] | None,
+            *, label_file: str | None = None) -> None:
+        """Count the scored frames of one utterance's units against its alignment."""
+        units = np.asarray(units)
+        phones = frame_phones(ali, len(units), label_rate, framing, label_file=label_file, coverage=self.coverage)
+        index = self.index
+        pid = np.fromiter((index[p] if self.fixed else index.setdefault(p, len(index)) for p in phones),
+                          dtype=np.int64, count=len(phones))
+        self._pending.append((pid, units[: len(phones)]))
+        self._buffered += len(pid)
+        self.num_utts += 1
+        if self._buffered >= self.FLUSH_FRAMES:
+            self._flush()
+
+    def _flush(self) -> None:
+        n = len(self.index)
+        if n > self._counts.shape[0]:
+            self._counts = np.vstack([self._counts, np.zeros((n - self._counts.shape[0], self.k), np.int64)])
+        if self._pending:
+            self._counts += count_table(np.concatenate([p for p, _ in self._pending]),
+                                        np.concatenate([u for _, u in self._pending]), n, self.k)
+        self._pending, self._buffered = [], 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[phones, k]`` int64 counts so far, rows in :attr:`index` order."""
+        self._flush()
+        return self._counts
+
+    def table(self) -> tuple[list[str], np.ndarray]:
+        """``(phones, counts)``: a fixed inventory in its order, else the phones seen, C-sorted."""
+        names, counts = list(self.index), self.counts
+        if self.fixed:
+            return names, counts
+        order = c_sorted(names)
+        return order, counts[[self.index[p] for p in order]]
+
+
 def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                     alignments: Mapping[str, PhoneAlignment], *, label_file: str | None = None) -> QualityReport:
     """Frame-level phone/unit statistics of ``labels`` against ``alignments`` (see module docstring)."""
-    k = int(meta["k"])
     rate = float(meta["label_rate"])
     framing = meta.get("framing")
-    phone_index: dict[str, int] = {}
-    phone_chunks, unit_chunks = [], []
-    skipped, used, coverage = [], 0, CoverageStats()
-    for utt in tqdm(sort_ids(labels), desc="label quality", unit="utt", leave=False):
+    counter = PhoneUnitCounts(int(meta["k"]))
+    skipped = []
+    for utt in tqdm(c_sorted(labels), desc="label quality", unit="utt", leave=False):
         ali = alignments.get(utt)
         if ali is None:
             skipped.append(utt)
             continue
-        units = np.asarray(labels[utt])
-        phones = frame_phones(ali, len(units), rate, framing, label_file=label_file, coverage=coverage)
-        phone_chunks.append(np.array([phone_index.setdefault(p, len(phone_index)) for p in phones], dtype=np.int64))
-        unit_chunks.append(units[: len(phones)])
-        used += 1
-    if not used or not sum(len(c) for c in phone_chunks):
+        counter.add(labels[utt], ali, rate, framing, label_file=label_file)
+    names, counts = counter.table()
+    if not counter.num_utts or not counts.sum():
         raise ValueError(
             f"no labelled utterance has an alignment ({len(labels)} labelled, {len(alignments)} aligned, e.g. "
-            f"labels {sort_ids(labels)[:2]} vs alignments {sort_ids(alignments)[:2]}): check the utterance ids"
+            f"labels {c_sorted(labels)[:2]} vs alignments {c_sorted(alignments)[:2]}): check the utterance ids"
         )
-    # Phones sorted (C order) so tables and plots are comparable across runs.
-    names = sort_ids(phone_index)
-    remap = np.empty(len(names), dtype=np.int64)
-    for new, name in enumerate(names):
-        remap[phone_index[name]] = new
-    counts = count_table(remap[np.concatenate(phone_chunks)], np.concatenate(unit_chunks), len(names), k)
     return QualityReport(
         metrics=quality_from_counts(counts),
         counts=counts,
         phones=names,
         num_frames=int(counts.sum()),
-        num_utts=used,
+        num_utts=counter.num_utts,
         skipped_no_alignment=skipped,
-        aligned_not_labelled=sort_ids(set(alignments) - set(labels)),
-        coverage=coverage,
+        aligned_not_labelled=c_sorted(set(alignments) - set(labels)),
+        coverage=counter.coverage,
     )
 
 

@@ -10,22 +10,29 @@ HuBERT / wav2vec 2.0 directories are the upstream-API milestone.
 ``random_init(path, seed=0)`` (or ``load("random:PATH")``) is the untrained baseline every quality table carries:
 a :class:`~speechssl.models.hubert.HubertModel` of the checkpoint's config, freshly initialised under
 ``torch.manual_seed(seed)`` (the global RNG is left as it was), no weights loaded.
+
+Callers go through :class:`Upstream` (``num_frames``, ``framing``, ``frame_rate``, ``hidden_sizes``, ``device``),
+never its ``.model``. :func:`layers_extractor` / :func:`layer_extractor` give one utterance's hidden states as
+numpy arrays (``units layers``, ``kmeans label_with``); :func:`dump_hidden` writes a layer into a feature store
+(``features dump --kind hidden``) with the header :func:`layer_feature_meta`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from speechssl.audio import SAMPLE_RATE
 from speechssl.models.checkpoint import load_model, read_config
 from speechssl.models.hubert import HubertModel
 
-__all__ = ["Upstream", "load", "random_init", "checkpoint_sha1", "layer_extractor", "RANDOM_PREFIX"]
+__all__ = ["Upstream", "load", "random_init", "checkpoint_sha1", "layer_extractor", "layers_extractor",
+           "layer_feature_meta", "dump_hidden", "RANDOM_PREFIX"]
 
 RANDOM_PREFIX = "random:"  # load("random:CKPT") == random_init("CKPT")
 
@@ -66,6 +73,24 @@ class Upstream(nn.Module):
     def frame_rate(self) -> float:
         return self.model.frame_rate
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of every hidden state for a waveform of ``num_samples`` samples (exact)."""
+        return int(self.model.num_frames(int(num_samples)))
+
+    @property
+    def framing(self) -> dict[str, Any] | None:
+        """Label framing of the model's frames (see :mod:`speechssl.units.labels`): ``conv`` (kernel, stride) for
+        the waveform CNN; None for the fbank frontend (its padded convs are within a frame of
+        ``floor(S * rate / 16000)``, the framing-less default)."""
+        config = self.model.config
+        if getattr(config, "frontend", "cnn") == "cnn":
+            return {"type": "conv", "layers": [[int(k), int(s)] for _, k, s in config.conv_layers]}
+        return None
+
     def train(self, mode: bool = True) -> "Upstream":
         # Frozen: dropout and LayerDrop stay off whatever the caller's mode.
         super().train(mode)
@@ -81,7 +106,7 @@ class Upstream(nn.Module):
                 raise ValueError("wavs_len is given by the list itself; pass a padded tensor to use wavs_len")
             wavs_len = torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)
             wavs = nn.utils.rnn.pad_sequence([w.reshape(-1).float() for w in wavs], batch_first=True)
-        device = next(self.model.parameters()).device
+        device = self.device
         wavs = wavs.to(device)
         wavs_len = (wavs_len if wavs_len is not None else torch.full((wavs.shape[0],), wavs.shape[1])).to(device)
         hidden, lens = self.model(wavs, wavs_len, num_layers=num_layers)
@@ -117,23 +142,70 @@ def random_init(path: str | Path, *, seed: int = 0, device: str | torch.device =
     return Upstream(model, source=f"{RANDOM_PREFIX}{path}").to(device)
 
 
-def layer_extractor(upstream: Upstream, layer: int, *, dtype=np.float16,
-                    max_seconds: float = 60.0) -> Callable[[np.ndarray], np.ndarray]:
-    """``fn(wav) -> [T, D]``: hidden states of ``layer`` (0 = encoder input, ``num_layers - 1`` = output).
+def layers_extractor(upstream: Upstream, layers: Sequence[int], *, dtype=np.float16,
+                     max_seconds: float = 60.0) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
+    """``fn(wav) -> {layer: [T, D]}``: hidden states of ``layers`` (0 = encoder input, ``num_layers - 1`` = output)
+    of one 16 kHz waveform, as ``dtype`` numpy arrays, from one forward that runs only the layers needed.
 
-    Runs only the layers needed. Feeds ``features.dump_with`` and ``kmeans label_with``: iteration 2 labels
-    come from a model layer without the features room importing models.
+    A waveform longer than ``max_seconds`` is an error (attention memory grows with its square): segment it first.
     """
-    if not 0 <= layer < upstream.num_layers:
-        raise ValueError(f"layer {layer} out of range: {upstream.source} has hidden states 0..{upstream.num_layers - 1}")
-    device = next(upstream.parameters()).device
+    layers = [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < upstream.num_layers]
+    if bad or not layers:
+        raise ValueError(f"layer(s) {bad or layers} out of range: {upstream.source} has hidden states "
+                         f"0..{upstream.num_layers - 1}")
+    top = max(layers)
+    device = upstream.device
 
-    def fn(wav: np.ndarray) -> np.ndarray:
-        if wav.shape[0] > max_seconds * 16000:
-            raise ValueError(f"utterance of {wav.shape[0] / 16000:.1f} s is longer than {max_seconds} s; "
+    def fn(wav: np.ndarray) -> dict[int, np.ndarray]:
+        if wav.shape[0] > max_seconds * SAMPLE_RATE:
+            raise ValueError(f"utterance of {wav.shape[0] / SAMPLE_RATE:.1f} s is longer than {max_seconds} s; "
                              "segment it first")
         x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0).to(device)
-        hidden, lens = upstream(x, torch.tensor([x.shape[1]]), num_layers=layer)
-        return hidden[layer][0, : int(lens[0])].float().cpu().numpy().astype(dtype)
+        hidden, lens = upstream(x, torch.tensor([x.shape[1]]), num_layers=top)
+        t = int(lens[0])
+        return {layer: hidden[layer][0, :t].float().cpu().numpy().astype(dtype) for layer in layers}
 
     return fn
+
+
+def layer_extractor(upstream: Upstream, layer: int, *, dtype=np.float16,
+                    max_seconds: float = 60.0) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn(wav) -> [T, D]``: hidden states of ``layer`` (:func:`layers_extractor` of one layer).
+
+    Feeds ``features.dump_with`` and ``kmeans label_with``: iteration 2 labels come from a model layer without the
+    features room importing models.
+    """
+    extract = layers_extractor(upstream, [layer], dtype=dtype, max_seconds=max_seconds)
+    return lambda wav: extract(wav)[layer]
+
+
+def layer_feature_meta(upstream: Upstream, layer: int, ckpt_sha1: str, dtype: str = "float16") -> dict[str, Any]:
+    """Feature-store header of hidden layer ``layer`` (what :func:`dump_hidden` records, and what ``units layers``
+    evaluates as): kind ``hubert_l<L>``, model frame rate, framing, checkpoint SHA-1."""
+    meta: dict[str, Any] = {
+        "kind": f"hubert_l{layer}",
+        "dim": int(upstream.hidden_sizes[layer]),
+        "frame_rate": float(upstream.frame_rate),
+        "dtype": dtype,
+        "source": {"checkpoint_sha1": ckpt_sha1, "layer": int(layer)},
+    }
+    if upstream.framing is not None:
+        meta["framing"] = upstream.framing
+    return meta
+
+
+def dump_hidden(data_dir, out_dir, ckpt, layer: int, *, nshard: int | None = 1, rank: int | None = None,
+                device: str = "cpu", overwrite: bool = False, dtype: str = "float16") -> None:
+    """Hidden states of ``layer`` of checkpoint ``ckpt`` for every utterance of ``data_dir`` into a feature store
+    (``features dump --kind hidden``), written by the features room's ``dump_with`` like every other dump.
+
+    The header is :func:`layer_feature_meta`, the same one ``units layers`` evaluates, so k-means fitted on this
+    store and labels assigned from it describe exactly the features ``units layers`` reported on.
+    """
+    from speechssl.features.dump import dump_with
+
+    up = load(ckpt, device=device)
+    meta = layer_feature_meta(up, layer, checkpoint_sha1(ckpt), dtype=dtype)
+    fn = layer_extractor(up, layer, dtype=np.dtype(dtype))
+    dump_with(data_dir, out_dir, fn, meta, nshard=nshard, rank=rank, overwrite=overwrite)
