@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_open
 
 __all__ = [
@@ -47,7 +48,7 @@ MAX_OVERSHOOT = 0.5
 """Seconds a segment end may exceed its recording and be truncated (Kaldi ``extract-segments --max-overshoot``)."""
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be used; the message names the utterance id (when known) and the source.
 
     ``source``, ``utt_id`` and ``problem`` (the message without the "utt X (path P): " prefix) are kept as

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
+from speechssl.errors import MissingInputError, UserError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the key (dotted path) and the source."""
 
 
@@ -236,7 +238,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise MissingInputError(f"config file not found: {path}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

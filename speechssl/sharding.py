@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence, TypeVar
 
+from speechssl.errors import UserError
+
 __all__ = ["TorchrunEnv", "torchrun_env", "resolve_shards", "shard_range", "shard_items", "ids_sha1"]
 
 T = TypeVar("T")
@@ -45,7 +47,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | No
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"${name}={value!r} is not an integer (torchrun sets it; unset it outside torchrun)") from None
+        raise UserError(f"${name}={value!r} is not an integer (torchrun sets it; unset it outside torchrun)") from None
 
 
 def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None:
@@ -61,9 +63,9 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None
     local_rank = _env_int(env, "LOCAL_RANK", 0)
     assert rank is not None and local_rank is not None
     if world < 1:
-        raise ValueError(f"$WORLD_SIZE must be >= 1, got {world}")
+        raise UserError(f"$WORLD_SIZE must be >= 1, got {world}")
     if not 0 <= rank < world:
-        raise ValueError(f"$RANK must be in [0, $WORLD_SIZE={world}), got {rank}")
+        raise UserError(f"$RANK must be in [0, $WORLD_SIZE={world}), got {rank}")
     return TorchrunEnv(rank=rank, world=world, local_rank=local_rank)
 
 
@@ -74,10 +76,10 @@ def resolve_shards(nshard: int | None, rank: int | None,
     if nshard is None:
         nshard = env.world if env is not None else 1
     if nshard < 1:
-        raise ValueError(f"--nshard must be >= 1, got {nshard}")
+        raise UserError(f"--nshard must be >= 1, got {nshard}")
     if rank is not None:
         if not 0 <= rank < nshard:
-            raise ValueError(f"--rank must be in [0, --nshard={nshard}), got {rank}")
+            raise UserError(f"--rank must be in [0, --nshard={nshard}), got {rank}")
         return nshard, [rank]
     if env is not None:
         return nshard, list(range(env.rank, nshard, env.world))

@@ -2,6 +2,10 @@
 
 Every module in `_GROUPS` defines `register(subparsers)`, adding its verbs with `set_defaults(func=...)`.
 `func(args)` returns an exit code (0 or None for success).
+
+Errors: a `speechssl.errors.UserError` (bad input or options; every room's own error type is one) is printed as one
+line naming the file / line / utterance id, exit 1; `-v` prints its traceback too. Any other exception is a bug and
+always prints its traceback, then one line saying so, exit 1.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+
+from speechssl.errors import UserError
 
 # (module under speechssl.cli, one-line help)
 _GROUPS = [
@@ -19,10 +26,6 @@ _GROUPS = [
     ("units", "unit quality: PNMI, phone and cluster purity"),
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 1."""
 
 
 def verb_group(subparsers, name: str, help_: str):
@@ -58,12 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         code = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
-        # Library errors already name the file / line / utterance id; print them as one line.
+    except UserError as e:  # names the file / line / utterance id and what to do: one line is the whole story
+        if args.verbose:
+            traceback.print_exc()
         print(f"speechssl {args.group}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug (ours or a library's): where it happened matters more than the message
+        traceback.print_exc()
+        print(f"speechssl {args.group}: internal error ({type(e).__name__}: {e}); not a problem speechssl knows in "
+              "your input: the traceback above says where. Please report it.", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

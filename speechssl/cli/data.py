@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from speechssl.cli import verb_group
+from speechssl.errors import UserError
 
 _AUDIO_CHECKS = ("header", "full")  # speechssl.data.audio_check.AUDIO_CHECKS (not imported: keeps --help fast)
 
@@ -85,7 +86,7 @@ def _filter(args: argparse.Namespace) -> int:
     from speechssl.data.durations import filter_data_dir
 
     if args.min_duration is None and args.max_duration is None:
-        raise ValueError("give --min-duration and/or --max-duration")
+        raise UserError("give --min-duration and/or --max-duration")
     kept, dropped = filter_data_dir(args.dir, args.out, min_duration=args.min_duration, max_duration=args.max_duration, nj=args.nj)
     print(f"{args.out}: kept {kept} utterances, dropped {dropped}")
     return 0

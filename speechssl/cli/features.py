@@ -9,6 +9,7 @@ import argparse
 import json
 
 from speechssl.cli import verb_group
+from speechssl.errors import UserError
 
 
 def _dump(args: argparse.Namespace) -> int:
@@ -16,14 +17,14 @@ def _dump(args: argparse.Namespace) -> int:
 
     if args.kind == "hidden":
         if args.ckpt is None or args.layer is None:
-            raise ValueError("--kind hidden needs --ckpt CKPT and --layer L")
+            raise UserError("--kind hidden needs --ckpt CKPT and --layer L")
         from speechssl.upstream import dump_hidden
 
         dump_hidden(args.data, args.out, args.ckpt, args.layer, nshard=args.nshard, rank=args.rank,
                     device=args.device, overwrite=args.overwrite)
         return 0
     if args.ckpt is not None or args.layer is not None:
-        raise ValueError("--ckpt/--layer go with --kind hidden")
+        raise UserError("--ckpt/--layer go with --kind hidden")
 
     complete = dump_features(
         args.data,

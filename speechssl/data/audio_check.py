@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from speechssl.audio import AudioError, AudioInfo, audio_info, segment_frames
 from speechssl.data.durations import map_audio
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
+from speechssl.errors import UserError
 
 __all__ = ["AUDIO_CHECKS", "AudioProblem", "check_audio", "summarise"]
 
@@ -59,7 +60,7 @@ def check_audio(
     An empty list means every utterance can be read.
     """
     if mode not in AUDIO_CHECKS:
-        raise ValueError(f"audio check must be one of {', '.join(AUDIO_CHECKS)}, got {mode!r}")
+        raise UserError(f"audio check must be one of {', '.join(AUDIO_CHECKS)}, got {mode!r}")
     dd = data if isinstance(data, DataDir) else read_data_dir(data)
     recs = dd.rec_ids()
 

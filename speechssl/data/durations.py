@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from speechssl.audio import AudioError, audio_info
 from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
+from speechssl.errors import UserError
 
 __all__ = ["map_audio", "recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
 
@@ -96,7 +97,7 @@ def filter_data_dir(
     Uses ``src/utt2dur`` when present, otherwise reads durations from the audio. Returns (kept, dropped).
     """
     if min_duration is not None and max_duration is not None and min_duration > max_duration:
-        raise ValueError(f"min duration {min_duration} > max duration {max_duration}")
+        raise UserError(f"min duration {min_duration} > max duration {max_duration}")
     dd = read_data_dir(src)
     if dd.utt2dur is None:
         reco2dur = recording_durations(dd, nj=nj, progress=progress)

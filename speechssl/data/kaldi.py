@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from speechssl.audio import SAMPLE_RATE, load_audio
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_dir, atomic_path
 
 __all__ = [
@@ -86,7 +87,7 @@ def _non_printable(s: str) -> str | None:
     return None
 
 
-class DataDirError(ValueError):
+class DataDirError(UserError):
     """A malformed or inconsistent data dir; the message names ``file:line`` and what is wrong."""
 
 
@@ -634,7 +635,7 @@ def subset_data_dir(
     dd = read_data_dir(src)
     if first is not None:
         if first <= 0:
-            raise ValueError(f"--first must be positive, got {first}")
+            raise UserError(f"--first must be positive, got {first}")
         keep = dd.utt_ids()[:first]
     else:
         keep = []

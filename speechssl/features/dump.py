@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
+from speechssl.errors import UserError
 from speechssl.features.kaldi import fbank, mfcc, num_frames
 from speechssl.features.store import (
     FeatureStoreError,
@@ -52,7 +53,7 @@ def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
     """Store meta for the built-in kinds: everything that determines the numbers (but not the device)."""
     cmvn_mode = {False: None, True: "mean", "mean": "mean", "meanvar": "meanvar", None: None}.get(cmvn, "bad")  # type: ignore[call-overload]
     if cmvn_mode == "bad":
-        raise ValueError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
+        raise UserError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
     common = {
         "sample_rate": SAMPLE_RATE,
         "frame_length_ms": 25.0,
@@ -71,7 +72,7 @@ def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
         opts = {**common, "num_mel_bins": 80, "use_energy": False}
         dim = 80
     else:
-        raise ValueError(f"unknown feature kind {kind!r}; choose from {KINDS}")
+        raise UserError(f"unknown feature kind {kind!r}; choose from {KINDS}")
     return {"kind": kind, "dim": dim, "frame_rate": 100.0, "dtype": "float32", "source": {"options": opts}}
 
 
@@ -96,10 +97,10 @@ def batch_extractor(
     ``deltas`` only applies to MFCC.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown feature kind {kind!r}; choose from {KINDS}")
+        raise UserError(f"unknown feature kind {kind!r}; choose from {KINDS}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+        raise UserError("--device cuda requested but CUDA is not available")
     extract = functools.partial(mfcc, deltas=deltas) if kind == "mfcc" else fbank
     if batch_seconds is None:
         batch_seconds = default_batch_seconds(device)
@@ -188,7 +189,7 @@ def _dump(
     True if every shard of the store is finished."""
     utt_ids = dd.utt_ids()
     if not utt_ids:
-        raise ValueError("data dir has no utterances")
+        raise UserError("data dir has no utterances")
     nshard, ranks = resolve_shards(nshard, rank)
     meta = dict(meta)
     source = dict(meta.get("source") or {})
@@ -207,7 +208,7 @@ def _dump(
             for chunk in _load_chunks(utts, chunk_seconds, workers):
                 for u, wav in chunk:
                     if num_frames(len(wav)) == 0:
-                        raise ValueError(
+                        raise UserError(
                             f"utt {u.utt_id} ({u.source}): {len(wav) / SAMPLE_RATE:.3f} s is shorter than one 25 ms "
                             "frame; drop it (speechssl data filter --min-duration 0.1)"
                         )

@@ -32,6 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from speechssl.errors import UserError
+
 __all__ = ["mfcc", "fbank", "num_frames", "add_deltas", "apply_cmvn", "mel_banks", "dct_matrix", "FLOAT_EPS"]
 
 FLOAT_EPS = float(torch.finfo(torch.float32).eps)  # Kaldi's floor before the log: std::numeric_limits<float>::epsilon()
@@ -70,7 +72,7 @@ def _mel_banks_cpu(num_bins: int, padded_len: int, sample_rate: int, low_freq: f
     nyquist = 0.5 * sample_rate
     high = high_freq if high_freq > 0 else nyquist + high_freq
     if not 0.0 <= low_freq < high <= nyquist:
-        raise ValueError(f"bad mel range: low_freq={low_freq}, high_freq={high_freq} at {sample_rate} Hz")
+        raise UserError(f"bad mel range: low_freq={low_freq}, high_freq={high_freq} at {sample_rate} Hz")
     num_fft_bins = padded_len // 2
     mel_low, mel_high = _mel_scale(low_freq), _mel_scale(high)
     delta = (mel_high - mel_low) / (num_bins + 1)
@@ -84,7 +86,7 @@ def _mel_banks_cpu(num_bins: int, padded_len: int, sample_rate: int, low_freq: f
     # The Nyquist bin (index padded_len/2) gets weight 0, as in Kaldi's MelBanks.
     w = torch.cat([w, torch.zeros(num_bins, 1, dtype=torch.float64)], dim=1)
     if (w.sum(1) == 0).any():
-        raise ValueError(f"{num_bins} mel bins are too many for a {padded_len}-point FFT: some bins are empty")
+        raise UserError(f"{num_bins} mel bins are too many for a {padded_len}-point FFT: some bins are empty")
     return w.t().contiguous()  # [padded_len/2 + 1, num_bins]
 
 
@@ -119,7 +121,7 @@ def _dct_padded_cpu(num_bins: int, num_ceps: int, lifter: float, padded_bins: in
 def dct_matrix(num_bins: int, num_ceps: int, cepstral_lifter: float = 22.0) -> Tensor:
     """Kaldi's orthonormal DCT-II (first ``num_ceps`` rows) with the lifter folded in: float64 ``[bins, ceps]``."""
     if not 0 < num_ceps <= num_bins:
-        raise ValueError(f"need 0 < num_ceps <= num_mel_bins, got {num_ceps} > {num_bins}")
+        raise UserError(f"need 0 < num_ceps <= num_mel_bins, got {num_ceps} > {num_bins}")
     return _dct_cpu(num_bins, num_ceps, float(cepstral_lifter)).clone()
 
 
@@ -292,7 +294,7 @@ def add_deltas(feats: Tensor, *, order: int = 2, window: int = 2, mode: str = "f
     frames, where Kaldi replicates the static features and fairseq replicates the deltas.
     """
     if mode not in ("fairseq", "kaldi"):
-        raise ValueError(f"delta mode must be 'fairseq' or 'kaldi', got {mode!r}")
+        raise UserError(f"delta mode must be 'fairseq' or 'kaldi', got {mode!r}")
     squeeze = feats.dim() == 2
     x = feats.unsqueeze(0) if squeeze else feats
     batch, frames, _ = x.shape
@@ -371,7 +373,7 @@ def _cmvn_mode(cmvn: bool | str) -> str | None:
         return "mean"
     if cmvn == "meanvar":
         return "meanvar"
-    raise ValueError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
+    raise UserError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
 
 
 def fbank(
@@ -472,7 +474,7 @@ def mfcc(
         generator=generator,
     )
     if not 0 < num_ceps <= num_mel_bins:
-        raise ValueError(f"need 0 < num_ceps <= num_mel_bins, got num_ceps={num_ceps}, num_mel_bins={num_mel_bins}")
+        raise UserError(f"need 0 < num_ceps <= num_mel_bins, got num_ceps={num_ceps}, num_mel_bins={num_mel_bins}")
     dct_key = (num_mel_bins, num_ceps, float(cepstral_lifter), logmel.shape[-1])
     dct = _on(_dct_padded_cpu(*dct_key), ("dct",) + dct_key, x.device)
     out = torch.matmul(logmel, dct)

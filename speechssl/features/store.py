@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from speechssl import __version__
+from speechssl.errors import UserError
 
 __all__ = ["FeatureStoreError", "FeatureWriter", "FeatureReader", "shard_done", "read_shard_header"]
 
@@ -37,7 +38,7 @@ _SHARD_KEYS = ("rank", "num_utts", "num_frames", "created_by")
 _SHARD_RE = re.compile(r"^shard\.(\d+)\.(bin|index|json|done)$")
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(UserError):
     """A feature store is malformed, unfinished or inconsistent; the message names the file or utterance."""
 
 

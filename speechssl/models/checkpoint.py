@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speechssl.errors import UserError
 from speechssl.fileio import fsync_dir
 
 from .config import HubertConfig
@@ -42,7 +43,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be read as asked; the message names the directory and the problem."""
 
 
@@ -215,7 +216,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encod
 def hf_config_dict(config: HubertConfig) -> dict[str, Any]:
     """transformers ``HubertConfig`` fields for an encoder built from ``config`` (CNN frontend only)."""
     if config.frontend != "cnn":
-        raise ValueError(
+        raise UserError(
             f"cannot export a {config.frontend!r}-frontend model to transformers: HubertModel only has the waveform "
             "CNN frontend. Use speechssl checkpoints (speechssl.upstream.load) for fbank models."
         )

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from speechssl.errors import UserError
+
 __all__ = [
     "HubertConfig",
     "PAPER_CONV_LAYERS",
@@ -126,7 +128,7 @@ class HubertConfig:
                 "mostly noise and collapses; set model.feature_penalty_weight=0"
             )
         if problems:
-            raise ValueError("invalid HubertConfig: " + "; ".join(problems))
+            raise UserError("invalid HubertConfig: " + "; ".join(problems))
 
     # -- derived sizes --------------------------------------------------------------------------------
     @property
@@ -153,7 +155,7 @@ class HubertConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown HubertConfig key(s) {unknown}; valid keys: {sorted(names)}")
+            raise UserError(f"unknown HubertConfig key(s) {unknown}; valid keys: {sorted(names)}")
         return cls(**data)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechssl.errors import UserError
 from .config import HubertConfig
 from .frontend import build_frontend, lengths_to_mask
 from .masking import compute_mask_indices
@@ -143,14 +144,14 @@ class HubertPretrainModel(nn.Module):
 
     def _align_labels(self, labels: list[Tensor], num_frames: int, device: torch.device) -> list[Tensor]:
         if len(labels) != len(self.config.num_classes):
-            raise ValueError(f"got {len(labels)} label sets, the model has {len(self.config.num_classes)} "
+            raise UserError(f"got {len(labels)} label sets, the model has {len(self.config.num_classes)} "
                              f"(num_classes={self.config.num_classes})")
         out = []
         for i, lab in enumerate(labels):
             lab = lab.to(device).long()
             diff = lab.shape[1] - num_frames
             if abs(diff) > 1:
-                raise ValueError(
+                raise UserError(
                     f"label set {i}: {lab.shape[1]} labels for {num_frames} model frames (more than 1 frame apart); "
                     f"labels must be at the model frame rate ({self.hubert.frame_rate:g} Hz): subsample them first"
                 )
@@ -160,7 +161,7 @@ class HubertPretrainModel(nn.Module):
                 lab = F.pad(lab, (0, -diff), value=LABEL_PAD)
             bad = (lab != LABEL_PAD) & ((lab < 0) | (lab >= self.config.num_classes[i]))
             if bool(bad.any()):
-                raise ValueError(f"label set {i}: values outside [0, {self.config.num_classes[i]}) "
+                raise UserError(f"label set {i}: values outside [0, {self.config.num_classes[i]}) "
                                  f"(and not {LABEL_PAD}): {lab[bad][:5].tolist()}")
             out.append(lab)
         return out

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from speechssl.errors import MissingInputError, UserError
 from speechssl.models.checkpoint import CheckpointError, load_weights, save_model
 from speechssl.models.config import HubertConfig
 from speechssl.train import state as st
@@ -62,9 +63,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path, *, announce: bool) -> Pa
         return latest
     p = Path(resume)
     if not p.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+        raise MissingInputError(f"--resume {resume}: no such checkpoint directory")
     if not st.is_complete(p):
-        raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {st.COMPLETE} marker); "
+        raise UserError(f"--resume {resume}: checkpoint is incomplete (no {st.COMPLETE} marker); "
                          "it was interrupted while being written")
     return p
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_write_text
 from speechssl.train.state import preserved_rng
 
@@ -133,7 +134,7 @@ class CollapseWatch:
 
     def __init__(self, batches: list[_SampleBatch], *, max_frames: int, source: str = ""):
         if not batches:
-            raise ValueError("collapse watch: the dev loader gave no batch to sample frames from; "
+            raise UserError("collapse watch: the dev loader gave no batch to sample frames from; "
                              "set collapse_watch_frames=0 to train without the watch")
         self.batches = batches
         self.max_frames = int(max_frames)
@@ -152,7 +153,7 @@ class CollapseWatch:
         Iterates under a preserved RNG: a DataLoader draws its workers' base seed from the global torch RNG.
         """
         if max_frames < 1:
-            raise ValueError(f"collapse watch: max_frames must be >= 1, got {max_frames}")
+            raise UserError(f"collapse watch: max_frames must be >= 1, got {max_frames}")
         picked: list[_SampleBatch] = []
         total = 0
         with preserved_rng(_RNG_SEED):
@@ -246,7 +247,7 @@ class CollapseWatch:
             self.reference = {int(e["layer"]): {"rank": float(e["rank"]), "std": float(e["std"])}
                               for e in obj["layers"]}
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a collapse watch reference ({e}); delete it to go on without one") from e
+            raise UserError(f"{path}: not a collapse watch reference ({e}); delete it to go on without one") from e
         self.reference_path = path
         if obj.get("sample", {}).get("utterances") != self.sample_definition()["utterances"]:
             log.warning("collapse watch: the dev sample differs from the one the update-0 values in %s were "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from speechssl.errors import UserError
 from speechssl.models.config import HubertConfig
 
 __all__ = ["DataConfig", "OptimConfig", "CheckpointConfig", "PretrainConfig"]
@@ -31,11 +32,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.max_duration <= 0 or self.crop_min < 0 or (self.crop_max is not None and self.crop_max <= 0):
-            raise ValueError("need max_duration > 0, crop_min >= 0, crop_max > 0")
+            raise UserError("need max_duration > 0, crop_min >= 0, crop_max > 0")
         if self.crop_max < self.crop_min:
-            raise ValueError(f"crop_max {self.crop_max} < crop_min {self.crop_min}")
+            raise UserError(f"crop_max {self.crop_max} < crop_min {self.crop_min}")
         if self.num_buckets < 1 or self.num_workers < 0:
-            raise ValueError("need num_buckets >= 1 and num_workers >= 0")
+            raise UserError("need num_buckets >= 1 and num_workers >= 0")
 
 
 @dataclass
@@ -56,9 +57,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.warmup_steps < 0 or self.accum_grad < 1:
-            raise ValueError("need max_steps >= 1, warmup_steps >= 0, accum_grad >= 1")
+            raise UserError("need max_steps >= 1, warmup_steps >= 0, accum_grad >= 1")
         if self.lr <= 0 or self.clip_norm < 0 or self.max_bad_steps < 0:
-            raise ValueError("need lr > 0, clip_norm >= 0, max_bad_steps >= 0")
+            raise UserError("need lr > 0, clip_norm >= 0, max_bad_steps >= 0")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
-            raise ValueError("need every_steps >= 1 and keep_last >= 1")
+            raise UserError("need every_steps >= 1 and keep_last >= 1")
 
 
 @dataclass
@@ -89,8 +90,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.valid_every < 1:
-            raise ValueError("need log_every >= 1 and valid_every >= 1")
+            raise UserError("need log_every >= 1 and valid_every >= 1")
         if self.collapse_watch_frames < 0:
-            raise ValueError(f"collapse_watch_frames must be >= 0 (0: off), got {self.collapse_watch_frames}")
+            raise UserError(f"collapse_watch_frames must be >= 0 (0: off), got {self.collapse_watch_frames}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")

@@ -30,6 +30,7 @@ import torch
 from lhotse.dataset.sampling.base import TimeConstraint
 
 from speechssl.audio import SAMPLE_RATE, load_audio
+from speechssl.errors import MissingInputError, UserError
 from speechssl.train.distributed import Dist, barrier
 from speechssl.units.labels import LabelError, LabelSet
 
@@ -68,9 +69,9 @@ def load_cuts(data_dir: str | Path, cache_dir: str | Path | None = None):
     cuts_file = data_dir / "cuts.jsonl.gz"
     if not cuts_file.is_file():
         if not (data_dir / "wav.scp").is_file():
-            raise FileNotFoundError(f"{data_dir}: neither cuts.jsonl.gz nor a Kaldi wav.scp; is this a data dir?")
+            raise MissingInputError(f"{data_dir}: neither cuts.jsonl.gz nor a Kaldi wav.scp; is this a data dir?")
         if cache_dir is None:
-            raise FileNotFoundError(f"{cuts_file} missing and no cache dir given to build it from the Kaldi files")
+            raise MissingInputError(f"{cuts_file} missing and no cache dir given to build it from the Kaldi files")
         cache_dir = Path(cache_dir)
         cuts_file = cache_dir / "cuts.jsonl.gz"
         if not cuts_file.is_file():
@@ -92,13 +93,13 @@ def cut_num_samples(cut, sample_rate: int = SAMPLE_RATE) -> int:
 def _cut_source(cut) -> str:
     rec = cut.recording
     if rec is None or len(rec.sources) != 1:
-        raise ValueError(f"utterance {cut.id}: expected a cut with one audio source, got {rec!r}")
+        raise UserError(f"utterance {cut.id}: expected a cut with one audio source, got {rec!r}")
     src = rec.sources[0]
     if src.type == "file":
         return src.source
     if src.type == "command":
         return src.source + " |"
-    raise ValueError(f"utterance {cut.id}: unsupported audio source type {src.type!r}")
+    raise UserError(f"utterance {cut.id}: unsupported audio source type {src.type!r}")
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -141,7 +142,7 @@ def check_cuts_and_labels(
     if short:
         log.info("%s: skipping %d utterance(s) shorter than %.2f s", where, short, min_duration)
     if not keep:
-        raise ValueError(f"{where}: no utterance of at least {min_duration} s (data.crop_min)")
+        raise UserError(f"{where}: no utterance of at least {min_duration} s (data.crop_min)")
     return keep, total / 3600.0
 
 
@@ -324,7 +325,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             start = cut.start + off / SAMPLE_RATE
             wav = load_audio(_cut_source(cut), utt_id=cut.id, start=start, end=start + t / SAMPLE_RATE)
             if abs(len(wav) - t) > 2:
-                raise ValueError(f"utterance {cut.id}: read {len(wav)} samples, the manifest implies {t}")
+                raise UserError(f"utterance {cut.id}: read {len(wav)} samples, the manifest implies {t}")
             wav = wav[:t] if len(wav) >= t else np.pad(wav, (0, t - len(wav)))
             wavs.append(torch.from_numpy(wav))
             nf = int(self.num_frames(t))
@@ -376,7 +377,7 @@ class PretrainData:
                 got = True
                 yield batch
             if not got and start_skip == 0:
-                raise RuntimeError(self.empty_epoch_error)
+                raise UserError(self.empty_epoch_error)
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
 
@@ -388,11 +389,11 @@ def build_pretrain_data(cfg: "PretrainConfig", d: Dist, encoder, exp_dir: Path, 
     """
     dc = cfg.data
     if not dc.train:
-        raise ValueError("data.train is not set (a data dir with cuts.jsonl.gz or Kaldi files)")
+        raise UserError("data.train is not set (a data dir with cuts.jsonl.gz or Kaldi files)")
     if not dc.train_labels:
-        raise ValueError("data.train_labels is empty (one label dir per label set)")
+        raise UserError("data.train_labels is empty (one label dir per label set)")
     if dc.dev and len(dc.dev_labels) != len(dc.train_labels):
-        raise ValueError(
+        raise UserError(
             f"data.dev_labels lists {len(dc.dev_labels)} label dir(s), data.train_labels "
             f"{len(dc.train_labels)}: give one dev label dir per label set"
         )
@@ -430,7 +431,7 @@ def build_pretrain_data(cfg: "PretrainConfig", d: Dist, encoder, exp_dir: Path, 
         dev_labels, _, dev_loader = split(dc.dev, dc.dev_labels, "dev", train=False)
         for tr, dv in zip(train_labels, dev_labels):
             if tr.k != dv.k or tr.label_rate != dv.label_rate:
-                raise ValueError(
+                raise UserError(
                     f"dev labels {dv.label_dir} (k={dv.k}, {dv.label_rate} Hz) do not match train labels "
                     f"{tr.label_dir} (k={tr.k}, {tr.label_rate} Hz)"
                 )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from speechssl.errors import UserError
 from speechssl.sharding import torchrun_env
 from speechssl.train import state as st
 
@@ -51,7 +52,7 @@ def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     world = env.world if env is not None else 1
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+        raise UserError("device=cuda but no CUDA device is available")
     if world <= 1:
         return Dist(), torch.device("cuda" if use_cuda else "cpu")
     assert env is not None

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"
@@ -135,13 +136,13 @@ def load_bundle(directory: str | Path, name: str, map_location: str | torch.devi
     jpath, tpath = directory / f"{name}.json", directory / f"{name}.safetensors"
     for p in (jpath, tpath):
         if not p.is_file():
-            raise FileNotFoundError(f"training state file missing: {p}")
+            raise MissingInputError(f"training state file missing: {p}")
     try:
         header = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{jpath}: corrupt training state ({e})") from e
+        raise UserError(f"{jpath}: corrupt training state ({e})") from e
     if header.get("format") != "speechssl-state-1":
-        raise ValueError(f"{jpath}: unknown training state format {header.get('format')!r}")
+        raise UserError(f"{jpath}: unknown training state format {header.get('format')!r}")
     tensors = load_file(str(tpath), device=str(map_location))
     return _decode(header["data"], tensors)
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from speechssl.config import to_dict, to_yaml
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_write_text
 from speechssl.train import checkpoints as ck
 from speechssl.train import state as st
@@ -95,7 +96,7 @@ class Trainer:
             from speechssl.models.hubert import HubertPretrainModel
 
             if len(cfg.model.num_classes) != len(cfg.data.train_labels):
-                raise ValueError(
+                raise UserError(
                     f"model.num_classes {cfg.model.num_classes} has {len(cfg.model.num_classes)} entries but "
                     f"data.train_labels lists {len(cfg.data.train_labels)} label dir(s)"
                 )

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from speechssl.errors import MissingInputError, UserError
 from speechssl.models.checkpoint import read_config
 
 __all__ = ["LayerChoice", "choose_layer", "paper_layer"]
@@ -35,20 +36,20 @@ class LayerChoice:
 def paper_layer(num_hidden_layers: int) -> int:
     """The HuBERT Base choice (layer 6 of 12) scaled to ``num_hidden_layers``: ``ceil(n / 2)``, at least 1."""
     if num_hidden_layers < 1:
-        raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
+        raise UserError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
     return (num_hidden_layers + 1) // 2
 
 
 def _read_layers_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no per-layer report (run `speechssl units layers --out {path.parent}` "
+        raise MissingInputError(f"{path}: no per-layer report (run `speechssl units layers --out {path.parent}` "
                                 "first, or leave out --layers-json to use the paper-depth rule)")
     try:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise UserError(f"{path}: not JSON ({e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("best_layer"), int):
-        raise ValueError(f"{path}: no integer 'best_layer' (not a `speechssl units layers` report)")
+        raise UserError(f"{path}: no integer 'best_layer' (not a `speechssl units layers` report)")
     return report
 
 
@@ -67,29 +68,29 @@ def choose_layer(ckpt=None, layers_json=None, exp_dir=None) -> LayerChoice:
         if layers_json is None and (exp_dir / "layers" / "layers.json").is_file():
             layers_json = exp_dir / "layers" / "layers.json"
     if ckpt is None and layers_json is None:
-        raise ValueError("give --exp DIR, --ckpt CKPT or --layers-json FILE")
+        raise UserError("give --exp DIR, --ckpt CKPT or --layers-json FILE")
     config = None
     if ckpt is not None:
         try:
             config, _ = read_config(ckpt)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{Path(ckpt) / 'config.json'}: not JSON ({e})") from None
+            raise UserError(f"{Path(ckpt) / 'config.json'}: not JSON ({e})") from None
         except (KeyError, TypeError) as e:  # config.json without a usable "model" section
-            raise ValueError(f"{Path(ckpt) / 'config.json'}: unreadable model config ({e!r})") from None
+            raise UserError(f"{Path(ckpt) / 'config.json'}: unreadable model config ({e!r})") from None
     if layers_json is not None:
         path = Path(layers_json)
         report = _read_layers_json(path)
         layer = report["best_layer"]
         if config is not None:
             if not 0 <= layer <= config.num_hidden_layers:
-                raise ValueError(f"{path}: best_layer {layer} is outside 0..{config.num_hidden_layers} "
+                raise UserError(f"{path}: best_layer {layer} is outside 0..{config.num_hidden_layers} "
                                  f"(the hidden states of {ckpt})")
             recorded = report.get("checkpoint_sha1")
             if recorded:
                 from speechssl.upstream import checkpoint_sha1
 
                 if checkpoint_sha1(ckpt) != recorded:
-                    raise ValueError(f"{path}: scored other weights than {ckpt} (model.safetensors SHA-1 differs); "
+                    raise UserError(f"{path}: scored other weights than {ckpt} (model.safetensors SHA-1 differs); "
                                      "re-run `speechssl units layers` on this checkpoint")
         pnmi = next((r.get("pnmi") for r in report.get("layers", []) if r.get("layer") == layer), None)
         note = f", PNMI {pnmi:.4f}" if isinstance(pnmi, (int, float)) else ""

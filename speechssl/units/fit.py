@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from speechssl import __version__
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_path, atomic_write_text
 from speechssl.units.sampling import CHUNK_FRAMES, sample_frames, sample_size
 
@@ -109,15 +110,15 @@ class KMeansModel:
         try:
             meta = json.loads((d / "kmeans.json").read_text())
         except FileNotFoundError:
-            raise ValueError(f"{d / 'kmeans.json'}: missing; {d} is not a finished k-means dir (run `speechssl kmeans fit`)") from None
+            raise UserError(f"{d / 'kmeans.json'}: missing; {d} is not a finished k-means dir (run `speechssl kmeans fit`)") from None
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{d / 'kmeans.json'}: unreadable: {e}") from e
+            raise UserError(f"{d / 'kmeans.json'}: unreadable: {e}") from e
         try:
             c = load_file(str(d / "centroids.safetensors"))["centroids"]
         except (OSError, KeyError, Exception) as e:  # safetensors raises its own error types
-            raise ValueError(f"{d / 'centroids.safetensors'}: cannot read centroids: {e}") from e
+            raise UserError(f"{d / 'centroids.safetensors'}: cannot read centroids: {e}") from e
         if centroid_hash(c) != meta.get("kmeans_hash"):
-            raise ValueError(f"{d}: centroids.safetensors does not match kmeans_hash in kmeans.json (mixed runs?); refit")
+            raise UserError(f"{d}: centroids.safetensors does not match kmeans_hash in kmeans.json (mixed runs?); refit")
         return cls(np.ascontiguousarray(c, dtype=np.float32), meta)
 
 
@@ -191,7 +192,7 @@ class Assigner:
         if backend == "auto":
             backend = "torch" if self.device.type != "cpu" else "faiss"
         if backend not in ("faiss", "torch") or (backend == "faiss" and self.device.type != "cpu"):
-            raise ValueError(f"Assigner backend must be 'faiss' (cpu) or 'torch', got {backend!r} on {self.device}")
+            raise UserError(f"Assigner backend must be 'faiss' (cpu) or 'torch', got {backend!r} on {self.device}")
         self.backend = backend
         c = np.ascontiguousarray(centroids, dtype=np.float32)
         self._dim = int(c.shape[1])
@@ -215,7 +216,7 @@ class Assigner:
     def __call__(self, x: np.ndarray, return_dist: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Unit id (int64) of every row of ``x``; with ``return_dist`` also the squared distance (float32)."""
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features of shape {tuple(x.shape)} do not match centroids of dim {self.dim}")
+            raise UserError(f"features of shape {tuple(x.shape)} do not match centroids of dim {self.dim}")
         n = x.shape[0]
         labels = np.empty(n, dtype=np.int64)
         dist = np.empty(n, dtype=np.float32) if return_dist else None
@@ -297,9 +298,9 @@ def fit_kmeans(
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if k < 1 or n < k:
-        raise ValueError(f"k-means needs at least k={k} frames, got {n}; raise --sample-frac / --max-frames")
+        raise UserError(f"k-means needs at least k={k} frames, got {n}; raise --sample-frac / --max-frames")
     if init not in ("kmeans++", "random"):
-        raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+        raise UserError(f"init must be 'kmeans++' or 'random', got {init!r}")
     if n < 39 * k:
         log.warning("only %d frames for k=%d (< 39 per centroid): centroids will be noisy", n, k)
     dev = resolve_device(device)
@@ -389,7 +390,7 @@ def fit_store(
     dim = int(reader.dim or 0)
     n = sample_size(reader.total_frames, opts.sample_frac, opts.max_frames)
     if n < k:
-        raise ValueError(f"{feats_dir}: sample of {n} frames (of {reader.total_frames}) is smaller than k={k}; "
+        raise UserError(f"{feats_dir}: sample of {n} frames (of {reader.total_frames}) is smaller than k={k}; "
                          "raise --sample-frac / --max-frames")
     mem = memory_estimate(n, dim, k)
     report(f"k-means: k={k} on {n} of {reader.total_frames} frames (dim {dim}) from {reader.out_dir}; "

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from speechssl.data.kaldi import c_sorted
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_write_text
 
 __all__ = [
@@ -54,7 +55,7 @@ TEXT_NAME = "text.km"
 META_NAME = "meta.json"
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """Labels are malformed or disagree with audio / features; the message names the utterance and file."""
 
 

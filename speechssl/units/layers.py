@@ -46,6 +46,7 @@ from tqdm import tqdm
 from speechssl import __version__
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import c_sorted
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_path, atomic_write_text
 from speechssl.units.alignments import CoverageStats, read_alignments, SILENCE
 from speechssl.units.fit import Assigner, FitOptions, fit_sample, memory_estimate, resolve_device
@@ -67,12 +68,12 @@ def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str 
         try:
             layers = [int(p) for p in spec.split(",") if p.strip()]
         except ValueError:
-            raise ValueError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+            raise UserError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
     else:
         layers = [int(p) for p in spec]
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad or not layers:
-        raise ValueError(f"--layers {spec!r}: {source or 'the checkpoint'} has hidden states 0..{num_layers - 1}")
+        raise UserError(f"--layers {spec!r}: {source or 'the checkpoint'} has hidden states 0..{num_layers - 1}")
     return sorted(set(layers))
 
 
@@ -83,11 +84,11 @@ def select_utterances(utt_ids: Sequence[str], *, max_utts: int | None = None, su
     m = len(ids)
     if subset_frac is not None:
         if not 0 < subset_frac <= 1:
-            raise ValueError(f"--subset-frac must be in (0, 1], got {subset_frac}")
+            raise UserError(f"--subset-frac must be in (0, 1], got {subset_frac}")
         m = max(1, int(round(subset_frac * len(ids))))
     if max_utts is not None:
         if max_utts < 1:
-            raise ValueError(f"--max-utts must be positive, got {max_utts}")
+            raise UserError(f"--max-utts must be positive, got {max_utts}")
         m = min(m, int(max_utts))
     if m >= len(ids):
         return ids
@@ -175,12 +176,12 @@ def evaluate_layers(
     dd = read_data_dir(data_dir)
     ids = select_utterances(dd.utt_ids(), max_utts=max_utts, subset_frac=subset_frac, seed=seed)
     if not ids:
-        raise ValueError(f"{data_dir}: no utterances")
+        raise UserError(f"{data_dir}: no utterances")
     alis = read_alignments(alignments, tier=tier)
     aligned = [u for u in ids if u in alis]
     skipped = [u for u in ids if u not in alis]
     if not aligned:
-        raise ValueError(f"none of the {len(ids)} utterances of {data_dir} has an alignment in {alignments} "
+        raise UserError(f"none of the {len(ids)} utterances of {data_dir} has an alignment in {alignments} "
                          f"(e.g. {ids[:2]} vs {c_sorted(alis)[:2]}): check the utterance ids")
     if skipped:
         log.warning("%d of %d utterances have no alignment in %s (used for k-means, not scored), e.g. %s",
@@ -194,7 +195,7 @@ def evaluate_layers(
         reader = FeatureReader(mfcc)
         missing = [u for u in ids if u not in reader]
         if missing:
-            raise ValueError(f"{mfcc}: {len(missing)} utterance(s) of {data_dir} missing from the MFCC store, "
+            raise UserError(f"{mfcc}: {len(missing)} utterance(s) of {data_dir} missing from the MFCC store, "
                              f"e.g. {missing[:3]}; dump MFCC for this data dir")
 
     # Pass 0: frames per utterance -> sample plans.
@@ -206,7 +207,7 @@ def evaluate_layers(
     total = sum(frames.values())
     n = sample_size(total, sample_frac, max_frames)
     if n < k:
-        raise ValueError(f"sample of {n} of {total} frames per layer is smaller than k={k}; raise --sample-frac, "
+        raise UserError(f"sample of {n} of {total} frames per layer is smaller than k={k}; raise --sample-frac, "
                          "--max-frames or the number of utterances")
     idx = sample_indices([total], n, seed=seed)
     dims = {layer: int(up.hidden_sizes[layer]) for layer in chosen}
@@ -219,7 +220,7 @@ def evaluate_layers(
         m_total = sum(reader.num_frames(u) for u in ids)
         m_n = sample_size(m_total, sample_frac, max_frames)
         if m_n < k:
-            raise ValueError(f"{mfcc}: sample of {m_n} MFCC frames is smaller than k={k}")
+            raise UserError(f"{mfcc}: sample of {m_n} MFCC frames is smaller than k={k}")
         # The whole store in store order: its own shard layout, so the sample is the one `kmeans fit` draws.
         layout = ([int(offs[-1]) for _, offs, _ in reader.shard_arrays()] if list(reader.ids) == ids
                   else [m_total])
@@ -241,7 +242,7 @@ def evaluate_layers(
     for u, wav in tqdm(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
                        disable=not progress):
         if len(wav) != samples[u]:
-            raise ValueError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
+            raise UserError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
         for name, run in runners.items():
             for layer, h in run(wav).items():
                 if len(h) != frames[u]:

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechssl.data.kaldi import c_sorted
+from speechssl.errors import UserError
 from speechssl.fileio import atomic_path, atomic_write_text
 from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
 from speechssl.units.labels import read_labels
@@ -181,7 +182,7 @@ def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
         counter.add(labels[utt], ali, rate, framing, label_file=label_file)
     names, counts = counter.table()
     if not counter.num_utts or not counts.sum():
-        raise ValueError(
+        raise UserError(
             f"no labelled utterance has an alignment ({len(labels)} labelled, {len(alignments)} aligned, e.g. "
             f"labels {c_sorted(labels)[:2]} vs alignments {c_sorted(alignments)[:2]}): check the utterance ids"
         )

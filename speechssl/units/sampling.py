@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from speechssl.errors import UserError
+
 __all__ = ["CHUNK_FRAMES", "sample_size", "sample_indices", "StreamSampler", "sample_frames"]
 
 CHUNK_FRAMES = 65536  # sampling granularity: bounds the per-chunk index and gather buffers
@@ -22,11 +24,11 @@ CHUNK_FRAMES = 65536  # sampling granularity: bounds the per-chunk index and gat
 def sample_size(total_frames: int, sample_frac: float, max_frames: int | None) -> int:
     """Frames to sample: ``round(sample_frac * total)``, capped by ``max_frames``."""
     if not 0 < sample_frac <= 1:
-        raise ValueError(f"--sample-frac must be in (0, 1], got {sample_frac}")
+        raise UserError(f"--sample-frac must be in (0, 1], got {sample_frac}")
     n = int(round(sample_frac * total_frames))
     if max_frames is not None:
         if max_frames < 1:
-            raise ValueError(f"--max-frames must be positive, got {max_frames}")
+            raise UserError(f"--max-frames must be positive, got {max_frames}")
         n = min(n, int(max_frames))
     return max(min(n, total_frames), 0)
 

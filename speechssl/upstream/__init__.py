@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.audio import SAMPLE_RATE
+from speechssl.errors import MissingInputError, UserError
 from speechssl.models.checkpoint import load_model, read_config
 from speechssl.models.hubert import HubertModel
 
@@ -122,7 +123,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Upstream:
         return random_init(str(path)[len(RANDOM_PREFIX):], device=device)
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory)")
+        raise MissingInputError(f"{path}: no config.json (expected a checkpoint directory)")
     read_config(path)  # clear error for a directory that is not ours
     model = load_model(path, pretrain_head=False)
     return Upstream(model, source=str(path)).to(device)
@@ -152,14 +153,14 @@ def layers_extractor(upstream: Upstream, layers: Sequence[int], *, dtype=np.floa
     layers = [int(layer) for layer in layers]
     bad = [layer for layer in layers if not 0 <= layer < upstream.num_layers]
     if bad or not layers:
-        raise ValueError(f"layer(s) {bad or layers} out of range: {upstream.source} has hidden states "
+        raise UserError(f"layer(s) {bad or layers} out of range: {upstream.source} has hidden states "
                          f"0..{upstream.num_layers - 1}")
     top = max(layers)
     device = upstream.device
 
     def fn(wav: np.ndarray) -> dict[int, np.ndarray]:
         if wav.shape[0] > max_seconds * SAMPLE_RATE:
-            raise ValueError(f"utterance of {wav.shape[0] / SAMPLE_RATE:.1f} s is longer than {max_seconds} s; "
+            raise UserError(f"utterance of {wav.shape[0] / SAMPLE_RATE:.1f} s is longer than {max_seconds} s; "
                              "segment it first")
         x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0).to(device)
         hidden, lens = upstream(x, torch.tensor([x.shape[1]]), num_layers=top)
