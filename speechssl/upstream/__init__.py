@@ -4,8 +4,8 @@
 ``(hidden_states, lens)``: one ``[B, T, D]`` tensor per layer (the input of every transformer layer plus the
 encoder output, s3prl's convention: 13 for Base) and the valid frames per row. Dropout and LayerDrop are off.
 
-Today this loads speechssl checkpoints (``model.safetensors`` + ``config.json``); local transformers
-HuBERT / wav2vec 2.0 directories are the upstream-API milestone.
+:func:`load` reads speechssl checkpoints, local transformers HuBERT / wav2vec 2.0 / WavLM directories, and (with
+``trust_pickle=True``) fairseq and s3prl pickle checkpoints.
 
 ``random_init(path, seed=0)`` (or ``load("random:PATH")``) is the untrained baseline every quality table carries:
 a :class:`~speechssl.models.hubert.HubertModel` of the checkpoint's config, freshly initialised under
@@ -39,9 +39,16 @@ RANDOM_PREFIX = "random:"  # load("random:CKPT") == random_init("CKPT")
 
 
 def checkpoint_sha1(path: str | Path) -> str:
-    """SHA-1 of a checkpoint's ``model.safetensors``: names the exact weights features came from."""
+    """SHA-1 of a checkpoint's weights: names the exact weights features came from.
+
+    A directory's ``model.safetensors`` (speechssl or transformers; a transformers directory without one: its
+    ``pytorch_model.bin``), or a pickle checkpoint file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
+                    path / "model.safetensors")
     h = hashlib.sha1()
-    with open(Path(path) / "model.safetensors", "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -114,29 +121,70 @@ class Upstream(nn.Module):
         return hidden, lens
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Upstream:
-    """Load a speechssl checkpoint directory (with or without its pretraining head) as an :class:`Upstream`.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # fairseq / s3prl checkpoints: torch.save pickles
 
-    ``"random:CKPT"`` is :func:`random_init` of ``CKPT`` with seed 0: the untrained model of that config.
+
+def load(path: str | Path, *, trust_pickle: bool = False, device: str | torch.device = "cpu") -> Upstream:
+    """Any checkpoint a speech researcher has on disk, as an :class:`Upstream`.
+
+    * a speechssl checkpoint directory (``config.json`` with ``"format": "speechssl-hubert"`` + ``model.safetensors``);
+    * a local transformers directory of ``HubertModel``, ``Wav2Vec2Model`` or ``WavLMModel`` (``config.json`` with
+      its ``model_type`` + ``model.safetensors``, or ``pytorch_model.bin`` read with ``weights_only=True``), built
+      from our own modules (no transformers import): :func:`speechssl.models.hf.load_hf_dir`;
+    * a fairseq checkpoint or an s3prl "converted" checkpoint (a ``torch.save`` pickle file): only with
+      ``trust_pickle=True``, since unpickling can run arbitrary code (:func:`speechssl.models.fairseq.load_pickle`);
+    * ``"random:CKPT"``: :func:`random_init` of ``CKPT`` with seed 0, the untrained model of that config.
     """
     if str(path).startswith(RANDOM_PREFIX):
         return random_init(str(path)[len(RANDOM_PREFIX):], device=device)
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if path.is_file():
+        if not trust_pickle:
+            raise UserError(f"{path}: a pickle checkpoint (fairseq / s3prl); unpickling can run arbitrary code, so it "
+                            "is refused by default. If you trust its source: load(..., trust_pickle=True) "
+                            "(command line: --trust-pickle)")
+        from speechssl.models.fairseq import load_pickle
+
+        model = load_pickle(path)
+    elif not path.is_dir():
+        raise MissingInputError(f"{path}: no such checkpoint (a speechssl or transformers directory, or with "
+                                "--trust-pickle a fairseq / s3prl .pt file)")
+    elif not (path / "config.json").is_file():
         raise MissingInputError(f"{path}: no config.json (expected a checkpoint directory)")
-    read_config(path)  # clear error for a directory that is not ours
-    model = load_model(path, pretrain_head=False)
+    elif _is_speechssl_dir(path):
+        model = load_model(path, pretrain_head=False)
+    else:
+        from speechssl.models.hf import load_hf_dir
+
+        model = load_hf_dir(path)
     return Upstream(model, source=str(path)).to(device)
+
+
+def _is_speechssl_dir(path: Path) -> bool:
+    """True for a directory written by ``models.checkpoint.save_model``; False for anything else with a config.json
+    (a transformers directory, judged by :func:`speechssl.models.hf.load_hf_dir`)."""
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "speechssl-hubert"
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path / 'config.json'}: not a JSON object ({e})") from None
 
 
 def random_init(path: str | Path, *, seed: int = 0, device: str | torch.device = "cpu") -> Upstream:
     """An untrained :class:`Upstream` of checkpoint ``path``'s config: the random-init baseline.
 
-    Only ``config.json`` is read (``model.safetensors`` need not exist). The model is built on the CPU under
+    ``path``: a speechssl or transformers checkpoint directory; only ``config.json`` is read (the weights need not
+    exist). The model is built on the CPU under
     ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``, so the same ``seed`` gives the same weights on
     every call and device, and the caller's global RNG state is untouched. ``source`` is ``"random:<path>"``.
     """
-    config, _ = read_config(path)
+    if _is_speechssl_dir(Path(path)):
+        config, _ = read_config(path)
+    else:
+        from speechssl.models.hf import read_hf_config
+
+        config = read_hf_config(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HubertModel(config)
