@@ -14,6 +14,11 @@ large       24      1024    4096   16     768        layer norm     pre     0.0 
 xlarge      48      1280    5120   16     1024       layer norm     pre     0.0 / 1.0
 tiny (CPU)  6       256     1024   4      256        fbank + conv   post    0.1 / 1.0
 ==========  ======  ======  =====  =====  =========  =============  ======  ============
+
+Encoder families (``model_type``, read from transformers directories by :mod:`speechssl.models.hf`):
+``"hubert"`` (the only one :class:`~speechssl.models.hubert.HubertPretrainModel` pretrains), ``"wav2vec2"`` (the
+same encoder; its feature projection always has the LayerNorm) and ``"wavlm"`` (gated relative position bias in
+every attention layer, :mod:`speechssl.models.wavlm`).
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ from speechssl.errors import UserError
 
 __all__ = [
     "HubertConfig",
+    "MODEL_TYPES",
     "PAPER_CONV_LAYERS",
     "hubert_base",
     "hubert_large",
     "hubert_xlarge",
     "hubert_tiny",
 ]
+
+MODEL_TYPES = ("hubert", "wav2vec2", "wavlm")
 
 # wav2vec 2.0 / HuBERT waveform CNN: 7 layers, receptive field 400 samples (25 ms), stride 320 (20 ms).
 PAPER_CONV_LAYERS: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -60,6 +68,12 @@ class HubertConfig:
     it passes from 1.0x to 0.23x of a random conv's). The LayerNorm scales that residue back up, the encoder sees
     mostly noise (layer-0 PNMI 0.16 vs 0.31 untrained) and its upper layers collapse to an effective rank of ~2,
     predicting the unigram distribution of the units.
+
+    Encoder family (``model_type``): ``"hubert"`` (default), ``"wav2vec2"`` or ``"wavlm"``. All three share the
+    frontend, feature projection, positional conv and layer layouts; ``feat_proj_layer_norm=False`` (transformers'
+    HuBERT option: no LayerNorm before the feature projection) exists for ``"hubert"`` only; WavLM adds a gated
+    relative position bias (``num_buckets`` buckets up to ``max_bucket_distance`` frames, layer 0's embedding
+    shared by all layers). Only ``"hubert"`` has a pretraining head here; the others are encoders (upstreams).
     """
 
     # frontend
@@ -84,6 +98,11 @@ class HubertConfig:
     activation_dropout: float = 0.0
     feat_proj_dropout: float = 0.1
     layerdrop: float = 0.05
+    # encoder family
+    model_type: str = "hubert"  # "hubert" | "wav2vec2" | "wavlm"
+    feat_proj_layer_norm: bool = True  # LayerNorm before the feature projection (False: transformers' HuBERT option)
+    num_buckets: int = 320  # WavLM relative position buckets (half per direction)
+    max_bucket_distance: int = 800  # WavLM: distance (frames) of the last logarithmic bucket
     # pretraining head
     final_dim: int = 256
     num_classes: list[int] = field(default_factory=lambda: [100])
@@ -127,6 +146,13 @@ class HubertConfig:
                 "input's low-variance directions (the LayerNorm after it hides the shrinking), so the encoder sees "
                 "mostly noise and collapses; set model.feature_penalty_weight=0"
             )
+        if self.model_type not in MODEL_TYPES:
+            problems.append(f"model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}")
+        if not self.feat_proj_layer_norm and self.model_type != "hubert":
+            problems.append(f"feat_proj_layer_norm=False exists for model_type 'hubert' only, got {self.model_type!r}")
+        if self.num_buckets < 4 or self.max_bucket_distance <= self.num_buckets // 4:
+            problems.append(f"need num_buckets >= 4 and max_bucket_distance > num_buckets // 4 (WavLM buckets), "
+                            f"got num_buckets={self.num_buckets}, max_bucket_distance={self.max_bucket_distance}")
         if problems:
             raise UserError("invalid HubertConfig: " + "; ".join(problems))
 

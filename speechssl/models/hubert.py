@@ -8,8 +8,10 @@ Data flow (fairseq ``HubertModel.forward`` / transformers ``HubertModel.forward`
                 ──encoder──► hidden states (input of every layer + output)
                 ──final_proj, cosine vs label_embeddings / logit_temp──► logits [N, k] per label set
 
-Parameter names of :class:`HubertModel` are transformers' ``HubertModel`` names, so
-``speechssl.models.checkpoint.export_hf`` writes them unchanged.
+Parameter names of :class:`HubertModel` are transformers' ``HubertModel`` names (``Wav2Vec2Model`` /
+``WavLMModel`` names for ``model_type`` "wav2vec2" / "wavlm": the same encoder, WavLM's with
+:class:`~speechssl.models.wavlm.WavLMEncoder`), so ``speechssl.models.hf.export_hf`` writes them unchanged and
+``speechssl.models.hf.load_hf_dir`` reads transformers directories.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .config import HubertConfig
 from .frontend import build_frontend, lengths_to_mask
 from .masking import compute_mask_indices
 from .transformer import Encoder, FeatureProjection
+from .wavlm import WavLMEncoder
 
 __all__ = ["HubertModel", "HubertPretrainModel", "LABEL_PAD"]
 
@@ -30,7 +33,8 @@ LABEL_PAD = -100  # label value of frames that carry no target (padding, unknown
 
 
 class HubertModel(nn.Module):
-    """The HuBERT encoder: frontend -> feature projection -> (mask) -> transformer.
+    """The HuBERT encoder: frontend -> feature projection -> (mask) -> transformer. With ``config.model_type``
+    "wav2vec2" or "wavlm", the wav2vec 2.0 or WavLM encoder (same interface).
 
     ``forward(wavs, wav_lens, mask=None)`` -> ``(hidden_states, frame_lens)``: ``num_hidden_layers + 1`` tensors
     ``[B, T, hidden_size]`` (input of every layer + encoder output, s3prl's convention) and valid frames per row.
@@ -43,7 +47,7 @@ class HubertModel(nn.Module):
         self.feature_extractor = build_frontend(config)
         self.feature_projection = FeatureProjection(self.feature_extractor.output_dim, config)
         self.masked_spec_embed = nn.Parameter(torch.empty(config.hidden_size).uniform_())
-        self.encoder = Encoder(config)
+        self.encoder = WavLMEncoder(config) if config.model_type == "wavlm" else Encoder(config)
         self.frame_rate = config.frame_rate
         self.downsample_rate = config.downsample_rate
         self.encoder.apply(_init_bert_params)
@@ -114,6 +118,9 @@ class HubertPretrainModel(nn.Module):
 
     def __init__(self, config: HubertConfig):
         super().__init__()
+        if config.model_type != "hubert":
+            raise UserError(f"model.model_type={config.model_type!r}: only 'hubert' encoders are pretrained here "
+                            "(masked-unit prediction); wav2vec 2.0 and WavLM models load as upstreams only")
         self.config = config
         self.hubert = HubertModel(config)
         num_sets = len(config.num_classes)

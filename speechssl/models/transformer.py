@@ -1,7 +1,10 @@
 """The HuBERT / wav2vec 2.0 transformer encoder, with transformers' ``HubertModel`` parameter names.
 
-``feature_projection.{layer_norm, projection}``, ``encoder.pos_conv_embed.conv`` (weight norm, parametrization
-keys ``parametrizations.weight.original0/1`` as transformers 5.x stores them), ``encoder.layer_norm``,
+(WavLM's encoder, :mod:`speechssl.models.wavlm`, subclasses :class:`Encoder` and :class:`EncoderLayer`.)
+
+``feature_projection.{layer_norm, projection}`` (no ``layer_norm`` with ``feat_proj_layer_norm=False``),
+``encoder.pos_conv_embed.conv`` (weight norm, parametrization keys ``parametrizations.weight.original0/1`` as
+transformers 5.x stores them), ``encoder.layer_norm``,
 ``encoder.layers.N.{attention.{q,k,v,out}_proj, layer_norm, feed_forward.{intermediate,output}_dense,
 final_layer_norm}``.
 
@@ -34,16 +37,19 @@ __all__ = ["FeatureProjection", "PositionalConvEmbedding", "Attention", "FeedFor
 
 class FeatureProjection(nn.Module):
     """LayerNorm over frontend channels -> Linear to ``hidden_size`` -> dropout (fairseq ``layer_norm`` +
-    ``post_extract_proj`` + ``dropout_input``)."""
+    ``post_extract_proj`` + ``dropout_input``). ``feat_proj_layer_norm=False`` (transformers' HuBERT option):
+    no LayerNorm (and no ``layer_norm`` parameters)."""
 
     def __init__(self, in_dim: int, config: HubertConfig):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(in_dim, eps=config.layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(in_dim, eps=config.layer_norm_eps) if config.feat_proj_layer_norm else None
         self.projection = nn.Linear(in_dim, config.hidden_size)
         self.dropout = nn.Dropout(config.feat_proj_dropout)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.dropout(self.projection(self.layer_norm(features)))
+        if self.layer_norm is not None:
+            features = self.layer_norm(features)
+        return self.dropout(self.projection(features))
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -83,12 +89,15 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """``x`` [B, T, D]; ``attn_mask`` [B, 1, 1, T] bool, True where a key may be attended to."""
+        """``x`` [B, T, D]; ``attn_mask`` [B, 1, 1, T] bool, True where a key may be attended to, or a float bias
+        broadcastable to [B, heads, T, T] added to the scaled scores (WavLM; -inf on padded keys)."""
         batch, frames, dim = x.shape
         shape = (batch, frames, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # a bias in the scores' dtype (bf16 under autocast)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, dim))
@@ -109,27 +118,44 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One transformer layer; ``pre_ln`` selects the pre-LN (stable layer norm) ordering."""
+    """One transformer layer; ``pre_ln`` selects the pre-LN (stable layer norm) ordering.
 
-    def __init__(self, config: HubertConfig):
+    ``forward(x, attn_mask, position_bias=None) -> (x, position_bias)``: ``position_bias`` is state handed from
+    layer to layer (WavLM's relative position bias, see :mod:`speechssl.models.wavlm`); this layer passes it on
+    untouched (None for HuBERT / wav2vec 2.0).
+    """
+
+    def __init__(self, config: HubertConfig, attention: nn.Module | None = None):
         super().__init__()
         self.pre_ln = config.do_stable_layer_norm
-        self.attention = Attention(config)
+        self.attention = Attention(config) if attention is None else attention
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def attend(self, x: Tensor, attn_mask: Tensor | None, position_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Self-attention of (the normalised, for pre-LN) ``x``; returns ``(output, position_bias)``."""
+        return self.attention(x, attn_mask), position_bias
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None,
+                position_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if self.pre_ln:
-            x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask))
-            return x + self.feed_forward(self.final_layer_norm(x))
-        x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask)))
-        return self.final_layer_norm(x + self.feed_forward(x))
+            a, position_bias = self.attend(self.layer_norm(x), attn_mask, position_bias)
+            x = x + self.dropout(a)
+            return x + self.feed_forward(self.final_layer_norm(x)), position_bias
+        a, position_bias = self.attend(x, attn_mask, position_bias)
+        x = self.layer_norm(x + self.dropout(a))
+        return self.final_layer_norm(x + self.feed_forward(x)), position_bias
 
 
 class Encoder(nn.Module):
-    """Positional conv embedding + ``num_hidden_layers`` layers, with LayerDrop in training."""
+    """Positional conv embedding + ``num_hidden_layers`` layers, with LayerDrop in training.
+
+    Subclasses change the layers through :meth:`make_layer` and keep the first ``first_droppable`` layers out of
+    LayerDrop (WavLM: layer 0 computes the position bias every later layer uses)."""
+
+    first_droppable = 0
 
     def __init__(self, config: HubertConfig):
         super().__init__()
@@ -138,7 +164,11 @@ class Encoder(nn.Module):
         self.pos_conv_embed = PositionalConvEmbedding(config)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.make_layer(config, i) for i in range(config.num_hidden_layers)])
+
+    def make_layer(self, config: HubertConfig, index: int) -> nn.Module:
+        """Layer ``index`` of the stack."""
+        return EncoderLayer(config)
 
     def forward(self, x: Tensor, valid: Tensor | None = None, num_layers: int | None = None) -> list[Tensor]:
         """``x`` [B, T, D] projected (and masked) features; ``valid`` [B, T] bool (True = real frame).
@@ -159,11 +189,13 @@ class Encoder(nn.Module):
 
         run = len(self.layers) if num_layers is None else min(num_layers, len(self.layers))
         hidden_states = []
-        for layer in self.layers[:run]:
+        position_bias = None
+        for i, layer in enumerate(self.layers[:run]):
             hidden_states.append(x)
-            if self.training and self.layerdrop > 0.0 and float(torch.rand([])) < self.layerdrop:
+            if (self.training and self.layerdrop > 0.0 and i >= self.first_droppable
+                    and float(torch.rand([])) < self.layerdrop):
                 continue
-            x = layer(x, attn_mask)
+            x, position_bias = layer(x, attn_mask, position_bias)
         if self.pre_ln and run == len(self.layers):
             x = self.layer_norm(x)
         hidden_states.append(x)
