@@ -10,9 +10,8 @@ adds its own files to the same atomic write through ``add_files``, and makes ``E
 :func:`load_weights` the only one that reads ``model.safetensors`` (into a given model, keys checked strictly; the
 encoder alone with ``encoder_only``); :func:`load_model` is ``read_config`` + build + ``load_weights``.
 
-``export_hf`` writes a directory ``transformers.HubertModel.from_pretrained`` loads (waveform-CNN frontend only):
-the encoder state dict unchanged (our names are transformers' names), transformers ``HubertConfig`` fields in
-``config.json`` and a ``preprocessor_config.json`` for ``Wav2Vec2FeatureExtractor``.
+transformers directories (reading and ``export_hf``) are :mod:`speechssl.models.hf`'s business; it writes through
+:func:`_write_dir_atomic` too.
 Training state (optimizer, scheduler, RNG) is the trainer's business and lives in separate files.
 """
 
@@ -35,7 +34,7 @@ from speechssl.fileio import fsync_dir
 from .config import HubertConfig
 from .hubert import HubertModel, HubertPretrainModel
 
-__all__ = ["save_model", "load_model", "load_weights", "read_config", "export_hf", "CheckpointError"]
+__all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError"]
 
 FORMAT = "speechssl-hubert"
 VERSION = 1
@@ -211,75 +210,3 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encod
         parts = [f"{label} {found}" for label, found in zip(what, (missing, unexpected, shapes)) if found]
         raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def hf_config_dict(config: HubertConfig) -> dict[str, Any]:
-    """transformers ``HubertConfig`` fields for an encoder built from ``config`` (CNN frontend only)."""
-    if config.frontend != "cnn":
-        raise UserError(
-            f"cannot export a {config.frontend!r}-frontend model to transformers: HubertModel only has the waveform "
-            "CNN frontend. Use speechssl checkpoints (speechssl.upstream.load) for fbank models."
-        )
-    return {
-        "architectures": ["HubertModel"],
-        "model_type": "hubert",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "intermediate_size": config.intermediate_size,
-        "hidden_act": "gelu",
-        "hidden_dropout": config.hidden_dropout,
-        "activation_dropout": config.activation_dropout,
-        "attention_dropout": config.attention_dropout,
-        "feat_proj_layer_norm": True,
-        "feat_proj_dropout": config.feat_proj_dropout,
-        "layerdrop": config.layerdrop,
-        "layer_norm_eps": config.layer_norm_eps,
-        "initializer_range": 0.02,
-        "feat_extract_norm": config.feat_extract_norm,
-        "feat_extract_activation": "gelu",
-        "conv_dim": [d for d, _, _ in config.conv_layers],
-        "conv_kernel": [k for _, k, _ in config.conv_layers],
-        "conv_stride": [s for _, _, s in config.conv_layers],
-        "conv_bias": config.conv_bias,
-        "num_conv_pos_embeddings": config.num_conv_pos_embeddings,
-        "num_conv_pos_embedding_groups": config.num_conv_pos_embedding_groups,
-        "conv_pos_batch_norm": False,
-        "do_stable_layer_norm": config.do_stable_layer_norm,
-        # fine-tuning SpecAugment defaults of transformers (not our pretraining mask_prob)
-        "apply_spec_augment": True,
-        "mask_time_prob": 0.05,
-        "mask_time_length": 10,
-        "mask_feature_prob": 0.0,
-        "mask_feature_length": 10,
-        "vocab_size": 32,
-        "torch_dtype": "float32",
-    }
-
-
-def export_hf(model_or_dir, out_dir) -> None:
-    """Write a transformers-loadable HuBERT directory (``HubertModel.from_pretrained(out_dir)``).
-
-    ``model_or_dir``: a :class:`HubertModel`, a :class:`HubertPretrainModel` (its head is dropped: transformers has
-    none) or a checkpoint directory from :func:`save_model`. Raises ``ValueError`` for the fbank frontend.
-    """
-    if isinstance(model_or_dir, (str, os.PathLike)):
-        model = load_model(model_or_dir, pretrain_head=False)
-    else:
-        model = getattr(model_or_dir, "module", model_or_dir)
-        model = model.hubert if isinstance(model, HubertPretrainModel) else model
-    if not isinstance(model, HubertModel):
-        raise TypeError(f"export_hf expects a HubertModel, HubertPretrainModel or checkpoint dir, got {type(model)}")
-    config = model.config
-    hf_config = hf_config_dict(config)
-    preprocessor = {
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-        "feature_size": 1,
-        "sampling_rate": 16000,
-        "padding_value": 0.0,
-        "padding_side": "right",
-        "do_normalize": config.normalize_waveform,
-        "return_attention_mask": config.feat_extract_norm == "layer",
-    }
-    _write_dir_atomic(Path(out_dir), {WEIGHTS: _state_dict(model), CONFIG: hf_config,
-                                      "preprocessor_config.json": preprocessor})

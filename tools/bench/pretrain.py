@@ -194,10 +194,10 @@ class HFPeer(nn.Module):
         import transformers
         from transformers.models.hubert import modeling_hubert
 
-        from speechssl.models.checkpoint import hf_config_dict
+        from speechssl.models.hf import hf_config_dict
 
         d = hf_config_dict(cfg)
-        for k in ("architectures", "torch_dtype"):
+        for k in ("architectures", "dtype"):
             d.pop(k, None)
         d.update(mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length,
                  mask_time_min_masks=cfg.mask_min_masks)
