@@ -100,42 +100,19 @@ def test_export_hf_loads_from_checkpoint_dir_and_rejects_fbank(tmp_path):
 
 # ----------------------------------------------------------------------------------------- fairseq equivalence
 def _fairseq_copy(model: HubertPretrainModel):
-    """The same weights in s3prl's copy of fairseq's HubertModel (fairseq parameter names)."""
+    """The same weights in s3prl's copy of fairseq's HubertModel (fairseq parameter names), built from the fairseq
+    config speechssl.models.fairseq writes (unknown keys dropped, as s3prl's merge_with_parent does)."""
     fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
-    cfg = model.config
-    conv = "[" + ",".join(f"({d},{k},{s})" for d, k, s in cfg.conv_layers) + "]"
-    fcfg = fs.HubertConfig(
-        label_rate=16000 / cfg.downsample_rate, encoder_layers=cfg.num_hidden_layers,
-        encoder_embed_dim=cfg.hidden_size, encoder_ffn_embed_dim=cfg.intermediate_size,
-        encoder_attention_heads=cfg.num_attention_heads, conv_feature_layers=conv,
-        conv_pos=cfg.num_conv_pos_embeddings, conv_pos_groups=cfg.num_conv_pos_embedding_groups,
-        final_dim=cfg.final_dim, untie_final_proj=cfg.untie_final_proj, conv_bias=cfg.conv_bias,
-        extractor_mode="layer_norm" if cfg.feat_extract_norm == "layer" else "default",
-        layer_norm_first=cfg.do_stable_layer_norm, logit_temp=cfg.logit_temp, mask_prob=cfg.mask_prob,
-        feature_grad_mult=cfg.feature_grad_mult,
-    )
-    ref = fs.HubertModel(fcfg, fs.HubertPretrainingConfig(label_rate=fcfg.label_rate),
-                         [list(range(k)) for k in cfg.num_classes]).eval()
-    rename = [("hubert.masked_spec_embed", "mask_emb"), ("label_embeddings", "label_embs_concat"),
-              ("hubert.feature_projection.layer_norm", "layer_norm"),
-              ("hubert.feature_projection.projection", "post_extract_proj"),
-              ("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v"),
-              ("pos_conv_embed.conv", "pos_conv.0"), (".attention.", ".self_attn."),
-              (".layer_norm.", ".self_attn_layer_norm."), ("feed_forward.intermediate_dense", "fc1"),
-              ("feed_forward.output_dense", "fc2"), ("hubert.", "")]
-    state = {}
-    for k, v in model.state_dict().items():
-        name = k
-        if ".conv_layers." in k:  # fairseq: Sequential(conv, dropout, norm, gelu); layer norm wrapped in TransposeLast
-            norm = "2.1" if cfg.feat_extract_norm == "layer" else "2"
-            name = k.replace(".conv.", ".0.").replace(".layer_norm.", f".{norm}.").replace("hubert.", "")
-        else:
-            for a, b in rename:
-                if a == ".layer_norm." and ".layers." not in name:
-                    continue
-                name = name.replace(a, b)
-        state[name] = v
-    ref.load_state_dict(state, strict=True)
+    from speechssl.models.fairseq import config_to_fairseq, to_fairseq_state
+
+    model_cfg, task_cfg = config_to_fairseq(model.config)
+
+    def build(cls, cfg):
+        return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
+
+    ref = fs.HubertModel(build(fs.HubertConfig, model_cfg), build(fs.HubertPretrainingConfig, task_cfg),
+                         [list(range(k)) for k in model.config.num_classes]).eval()
+    ref.load_state_dict(to_fairseq_state(model), strict=True)
     return ref
 
 
