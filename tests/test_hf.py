@@ -250,6 +250,7 @@ def test_random_init_of_a_transformers_dir(tmp_path):
     assert not torch.equal(sa["encoder.layers.0.attention.rel_attn_embed.weight"],
                            st["encoder.layers.0.attention.rel_attn_embed.weight"])
     assert a.source == f"random:{tmp_path}"
+    assert 0.01 < float(sa["encoder.layers.0.attention.rel_attn_embed.weight"].std()) < 0.04  # init_bert_params
 
 
 def test_preprocessor_do_normalize_sets_normalize_waveform(tmp_path):

@@ -236,10 +236,13 @@ class HubertPretrainModel(nn.Module):
 
 @torch.no_grad()
 def _init_bert_params(module: nn.Module) -> None:
-    """fairseq's ``init_bert_params`` for the transformer encoder: Linear N(0, 0.02) with zero bias.
-    (Everything else keeps PyTorch's default init, as in fairseq: the feature projection, ``final_proj``,
-    LayerNorms; the waveform CNN is Kaiming-normal and the positional conv has its own init.)"""
+    """fairseq's ``init_bert_params`` for the transformer encoder: Linear N(0, 0.02) with zero bias, Embedding
+    N(0, 0.02) (WavLM's ``rel_attn_embed``; HuBERT's encoder has none). (Everything else keeps PyTorch's default
+    init, as in fairseq: the feature projection, ``final_proj``, LayerNorms; the waveform CNN is Kaiming-normal and
+    the positional conv has its own init.)"""
     if isinstance(module, nn.Linear):
         module.weight.normal_(mean=0.0, std=0.02)
         if module.bias is not None:
             module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(mean=0.0, std=0.02)
