@@ -21,7 +21,8 @@ from speechssl.features.kaldi import fbank
 
 from .config import HubertConfig
 
-__all__ = ["GradMultiply", "ConvFeatureExtractor", "FbankFeatureExtractor", "build_frontend", "lengths_to_mask"]
+__all__ = ["GradMultiply", "ConvFeatureExtractor", "FbankFeatureExtractor", "build_frontend", "lengths_to_mask",
+           "set_per_row_norm"]
 
 
 class GradMultiply(torch.autograd.Function):
@@ -62,21 +63,47 @@ class _ConvLayer(nn.Module):
             self.layer_norm = nn.LayerNorm(out_dim, elementwise_affine=True, eps=eps)
         self.activation = nn.GELU()
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, T] -> [B, C_out, T']
+    def forward(self, x: Tensor, out_lens: Tensor | None = None) -> Tensor:  # [B, C_in, T] -> [B, C_out, T']
+        """``out_lens`` (group norm only): valid output frames per row; the norm's statistics then come from each
+        row's own valid frames (:func:`_per_row_group_norm`). None: ``nn.GroupNorm`` over all ``T'`` frames."""
         x = self.conv(x)
         if self.norm_kind == "group":
-            x = self.layer_norm(x)
+            x = self.layer_norm(x) if out_lens is None else _per_row_group_norm(x, out_lens, self.layer_norm)
         elif self.norm_kind == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
         return self.activation(x)
+
+
+def _per_row_group_norm(x: Tensor, lens: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """``GroupNorm(C, C)`` of ``x`` [B, C, T] with each row's mean and variance taken over its first ``lens[b]``
+    frames only (masked, batched; float32 statistics), so a row's valid frames equal those of the row alone.
+    Frames past ``lens[b]`` get the same affine map (their values are never used by a valid output frame).
+    Batches whose rows are all full length go through ``norm`` itself (bit-identical to the unmasked model)."""
+    frames = x.shape[-1]
+    if bool((lens >= frames).all()):
+        return norm(x)
+    valid = lengths_to_mask(lens.to(x.device), frames).unsqueeze(1)  # [B, 1, T]
+    count = lens.to(x.device).clamp(min=1).view(-1, 1, 1).float()
+    xf = x.float()
+    mean = torch.where(valid, xf, 0.0).sum(-1, keepdim=True) / count  # [B, C, 1]
+    centred = torch.where(valid, xf - mean, 0.0)
+    var = centred.pow_(2).sum(-1, keepdim=True) / count
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.float().view(1, -1, 1)
+    shift = norm.bias.float().view(1, -1, 1) - mean * scale
+    return torch.addcmul(shift, xf, scale).to(x.dtype)
 
 
 class ConvFeatureExtractor(nn.Module):
     """The HuBERT waveform CNN: ``conv_layers`` = [(dim, kernel, stride), ...], no padding.
 
     ``feat_extract_norm="group"``: GroupNorm(dim, dim) after the first conv only (Base; normalises every channel
-    over time, so a row's output depends on how much zero padding the batch gave it, exactly as in fairseq and
-    transformers). ``"layer"``: LayerNorm over channels after every conv (Large; padding-independent).
+    over time). By default its statistics span every frame of the padded batch, so a row's output depends on how
+    much zero padding the batch gave it, exactly as in fairseq and transformers (and training, which crops each
+    batch to one length, never pads). ``per_row_norm = True`` (set by :func:`set_per_row_norm`; every
+    ``speechssl.upstream.Upstream`` does) takes them over each row's own valid frames instead, so every row equals
+    its utterance run alone: batched inference without padding effects. The later convs are local and unpadded:
+    a valid output frame only sees valid input frames. ``"layer"``: LayerNorm over channels after every conv
+    (Large; padding-independent either way).
     """
 
     def __init__(self, config: HubertConfig):
@@ -98,6 +125,7 @@ class ConvFeatureExtractor(nn.Module):
         self.kernels_strides = [(k, s) for _, k, s in config.conv_layers]
         self.feature_grad_mult = config.feature_grad_mult
         self.output_dim = in_dim
+        self.per_row_norm = False  # group norm statistics per row's valid frames (see the class docstring)
 
     def num_frames(self, num_samples: Tensor) -> Tensor:
         """Output frames for ``num_samples`` input samples: ``floor((L - kernel) / stride) + 1`` per layer, >= 0."""
@@ -106,19 +134,21 @@ class ConvFeatureExtractor(nn.Module):
             n = (torch.div(n - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
         return n
 
-    def _run(self, wavs: Tensor) -> Tensor:
+    def _run(self, wavs: Tensor, wav_lens: Tensor) -> Tensor:
         x = wavs.unsqueeze(1)
-        for layer in self.conv_layers:
-            x = layer(x)
+        lens = wav_lens.to(wavs.device).long()
+        for layer, (kernel, stride) in zip(self.conv_layers, self.kernels_strides):
+            lens = (torch.div(lens - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+            x = layer(x, lens if self.per_row_norm and layer.norm_kind == "group" else None)
         return x.transpose(1, 2)
 
     def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, S]`` float waveforms (zero beyond ``wav_lens``) -> ``([B, T, C], frame_lens [B])``."""
         if self.feature_grad_mult > 0:
-            features = _scale_grad(self._run(wavs), self.feature_grad_mult)
+            features = _scale_grad(self._run(wavs, wav_lens), self.feature_grad_mult)
         else:
             with torch.no_grad():
-                features = self._run(wavs)
+                features = self._run(wavs, wav_lens)
         return features, self.num_frames(wav_lens)
 
 
@@ -177,6 +207,15 @@ class FbankFeatureExtractor(nn.Module):
             with torch.no_grad():
                 features = self._run(feats, fbank_lens)
         return features, self.num_frames(wav_lens)
+
+
+def set_per_row_norm(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch every :class:`ConvFeatureExtractor` in ``model`` to per-row group norm statistics (``on``) or back
+    to fairseq's / transformers' whole-batch ones; returns ``model``. The other frontends are per-row already."""
+    for module in model.modules():
+        if isinstance(module, ConvFeatureExtractor):
+            module.per_row_norm = on
+    return model
 
 
 def build_frontend(config: HubertConfig) -> nn.Module:
