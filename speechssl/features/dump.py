@@ -41,7 +41,8 @@ from speechssl.features.store import (
 )
 from speechssl.sharding import ids_sha1, resolve_shards, shard_range
 
-__all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS"]
+__all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS",
+           "dump_meta", "shard_finished"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,24 @@ def _load_chunks(utts: list[Utterance], chunk_seconds: float, workers: int) -> I
             yield chunk
 
 
+def dump_meta(meta: dict[str, Any], utt_ids: Sequence[str], nshard: int) -> dict[str, Any]:
+    """The store-level header every shard of a dump of ``utt_ids`` (the data dir's sorted list) records: ``meta``
+    normalised as :class:`FeatureWriter` stores it, plus ``source.data`` (number of utterances and
+    :func:`~speechssl.sharding.ids_sha1` of the list, so shards of a changed data dir are never combined)."""
+    meta = dict(meta)
+    source = dict(meta.get("source") or {})
+    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": ids_sha1(utt_ids)}
+    meta["source"] = source
+    return _normalise_meta(meta, nshard)
+
+
+def shard_finished(out_dir: str | os.PathLike, rank: int, meta: dict[str, Any], overwrite: bool) -> bool:
+    """True if shard ``rank`` of the store at ``out_dir`` is finished with header ``meta`` (:func:`dump_meta`):
+    skip it. False if unfinished, or finished with another header and ``overwrite``: (re)write it. A shard
+    finished with another header without ``overwrite`` is a FeatureStoreError naming the differing keys."""
+    return _check_or_skip(Path(out_dir), rank, meta, overwrite)
+
+
 def _check_or_skip(out_dir: Path, rank: int, meta: dict[str, Any], overwrite: bool) -> bool:
     """True if shard ``rank`` is already finished with this header (skip it); raise if finished with another."""
     if not shard_done(out_dir, rank):
@@ -191,11 +210,7 @@ def _dump(
     if not utt_ids:
         raise UserError("data dir has no utterances")
     nshard, ranks = resolve_shards(nshard, rank)
-    meta = dict(meta)
-    source = dict(meta.get("source") or {})
-    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": ids_sha1(utt_ids)}
-    meta["source"] = source
-    meta = _normalise_meta(meta, nshard)
+    meta = dump_meta(meta, utt_ids, nshard)
     for r in ranks:
         if _check_or_skip(out_dir, r, meta, overwrite):
             log.info("%s: shard %d/%d already finished with the same header, skipped", out_dir, r, nshard)
