@@ -25,6 +25,7 @@ _GROUPS = [
     ("kmeans", "k-means pseudo-labels: fit on a streamed sample, label every utterance"),
     ("units", "unit quality: PNMI, phone and cluster purity"),
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
+    ("superb", "SUPERB downstream evaluation: frozen upstream, learned layer weights, task heads"),
 ]
 
 

@@ -1,0 +1,285 @@
+"""Frozen-upstream features for SUPERB heads: extracted once into the feature store, or computed every step.
+
+s3prl runs the frozen upstream again on every step of every epoch (s3prl#390). Here the layers a task needs are
+extracted once per (upstream fingerprint, layer set, data-dir fingerprint) into per-layer feature stores
+(:mod:`speechssl.features.store`, float16), and heads train from memory-mapped reads:
+
+    CACHE_ROOT/<upstream label>-<key>/layer_<L>/shard.R.{bin,index,json,done}   one store per layer
+    CACHE_ROOT/<upstream label>-<key>/cache.json                              written last: the cache is complete
+
+``key`` = SHA-1 of the upstream's fingerprint (weights SHA-1 or spectral options), the layer list and the data
+fingerprint (utterance ids, their audio sources and segment times, file sizes and mtimes). The disk estimate is
+logged before anything is written (and a cache larger than the free space is refused). Extraction is resumable:
+utterances are cut into shards of ``shard_utts`` (C-sorted, contiguous: :func:`speechssl.sharding.shard_range`),
+a shard finished in every layer is skipped on a rerun, an unfinished one redone.
+
+This module writes the stores through ``FeatureWriter`` itself (``speechssl.upstream`` had no multi-layer
+extraction function when it was written); the layout is the per-layer ``OUT/layer_<L>/`` one.
+
+Both feature sources give the same thing: ``source.get(utt_ids) -> (layers [L, B, T, D] float32, lens [B])``.
+:class:`CachedFeatures` reads the stores; :class:`LiveFeatures` loads audio and runs the upstream (``--cache none``:
+for upstreams too large to cache, and the s3prl-style reference of ``tools/bench/superb.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from speechssl.audio import SAMPLE_RATE, audio_info, is_pipe
+from speechssl.data.kaldi import DataDir, load_utterance
+from speechssl.errors import UserError
+from speechssl.features.store import FeatureReader, FeatureWriter, shard_done
+from speechssl.fileio import atomic_write_text
+from speechssl.sharding import shard_range
+
+__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "build_cache", "cache_dir_for", "data_fingerprint",
+           "utterance_durations", "resolve_layers", "disk_estimate", "extract_batches"]
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class FeatureSource(Protocol):
+    layers: list[int]
+    dim: int
+    frame_rate: float
+
+    def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``([L, B, T, D] float32, lens [B])`` for these utterances (zero-padded past each length)."""
+
+
+def resolve_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """``"all"`` -> every layer; ``"0,3,6"`` or a list -> those (sorted, unique, range-checked)."""
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return list(range(num_layers))
+        try:
+            spec = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"layers {spec!r}: expected 'all' or comma-separated layer numbers like 0,3,6") from None
+    layers = sorted({int(x) for x in spec})
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise UserError(f"layers {bad or spec}: the upstream has layers 0..{num_layers - 1}")
+    return layers
+
+
+def utterance_durations(dd: DataDir) -> dict[str, float]:
+    """Seconds per utterance: ``utt2dur``, else segment times, else the audio header (pipes decoded)."""
+    if dd.utt2dur is not None:
+        return {u: float(d) for u, d in dd.utt2dur.items()}
+    out: dict[str, float] = {}
+    for utt in dd.utterances():
+        if utt.end is not None:
+            out[utt.utt_id] = utt.end - utt.start
+        else:
+            out[utt.utt_id] = audio_info(utt.source, utt_id=utt.utt_id).duration - utt.start
+    return out
+
+
+def data_fingerprint(dd: DataDir) -> str:
+    """SHA-1 of what the features of a data dir depend on: per utterance (C-sorted) its id, audio source,
+    segment times, and for a file source its size and mtime (a regenerated corpus gets a new fingerprint)."""
+    h = hashlib.sha1()
+    for utt in dd.utterances():
+        stat = ""
+        if not is_pipe(utt.source):
+            try:
+                st = os.stat(utt.source)
+                stat = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stat = "missing"
+        h.update(f"{utt.utt_id}\t{utt.source}\t{utt.start}\t{utt.end}\t{stat}\n".encode())
+    return h.hexdigest()
+
+
+def cache_dir_for(cache_root: str | Path, label: str, upstream_sha1: str, layers: Sequence[int], data_sha1: str) -> Path:
+    """The cache directory of one (upstream, layers, data) triple."""
+    key = hashlib.sha1(json.dumps({"v": CACHE_VERSION, "upstream": upstream_sha1, "layers": list(layers),
+                                   "data": data_sha1, "dtype": "float16"}).encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "upstream"
+    return Path(cache_root) / f"{safe}-{key}"
+
+
+def disk_estimate(total_seconds: float, frame_rate: float, dims: Sequence[int], bytes_per_value: int = 2) -> int:
+    """Bytes of a float16 cache of ``dims`` layers over ``total_seconds`` of audio."""
+    return int(total_seconds * frame_rate * sum(dims) * bytes_per_value)
+
+
+def extract_batches(durations: Sequence[float], max_seconds: float) -> list[list[int]]:
+    """Indices grouped for extraction: sorted by duration, padded audio per batch <= ``max_seconds`` (always at
+    least one utterance; ``max_seconds`` 0: one utterance per forward)."""
+    order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and durations[i] * (len(cur) + 1) > max_seconds:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _pad_stack(per_utt: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """``[L, T_i, D]`` arrays -> ``([L, B, T_max, D] float32, lens [B])``."""
+    lens = torch.tensor([a.shape[1] for a in per_utt], dtype=torch.long)
+    L, D = per_utt[0].shape[0], per_utt[0].shape[2]
+    out = torch.zeros(L, len(per_utt), int(lens.max()), D)
+    for b, a in enumerate(per_utt):
+        out[:, b, : a.shape[1]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    return out, lens
+
+
+class CachedFeatures:
+    """Reads a finished cache directory (see the module docstring)."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        info_path = self.cache_dir / "cache.json"
+        if not info_path.is_file():
+            raise UserError(f"{info_path}: no such file; the feature cache is unfinished (rerun to complete it)")
+        self.info: dict[str, Any] = json.loads(info_path.read_text())
+        self.layers = [int(x) for x in self.info["layers"]]
+        self.readers = [FeatureReader(self.cache_dir / f"layer_{layer}") for layer in self.layers]
+        self.dim = int(self.info["dim"])
+        self.frame_rate = float(self.info["frame_rate"])
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self.readers[0]
+
+    def num_frames(self, utt: str) -> int:
+        return self.readers[0].num_frames(utt)
+
+    def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+        per_utt = []
+        for utt in utt_ids:
+            if utt not in self.readers[0]:
+                raise UserError(f"{self.cache_dir}: utterance {utt} is not in the feature cache (the data dir changed "
+                                "after it was built?)")
+            per_utt.append(np.stack([r[utt] for r in self.readers]))
+        return _pad_stack(per_utt)
+
+
+class LiveFeatures:
+    """Runs the upstream on every call (``--cache none``; s3prl's way): loads the audio of the utterances and
+    returns the selected layers. ``round_fp16`` rounds them as the cache stores them."""
+
+    def __init__(self, upstream: nn.Module, dd: DataDir, layers: Sequence[int], *, round_fp16: bool = False):
+        self.upstream, self.dd, self.layers = upstream, dd, [int(x) for x in layers]
+        self.dim = int(upstream.hidden_sizes[self.layers[0]])
+        self.frame_rate = float(upstream.frame_rate)
+        self.round_fp16 = round_fp16
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self.dd.utt2spk
+
+    def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+        wavs = [torch.from_numpy(load_utterance(self.dd.utterance(u), SAMPLE_RATE)) for u in utt_ids]
+        return forward_layers(self.upstream, wavs, self.layers, round_fp16=self.round_fp16)
+
+
+@torch.no_grad()
+def forward_layers(upstream: nn.Module, wavs: list[Tensor], layers: Sequence[int], *,
+                   round_fp16: bool = False) -> tuple[Tensor, Tensor]:
+    """``([L, B, T, D] float32 on the CPU, lens [B])``: one upstream forward of a batch of waveforms, only the
+    layers needed (``num_layers`` = the highest selected)."""
+    top = max(layers)
+    hidden, lens = upstream(wavs, num_layers=top if top > 0 else None)
+    x = torch.stack([hidden[layer] for layer in layers]).float().cpu()
+    lens = lens.cpu().long()
+    mask = torch.arange(x.shape[2])[None, :] < lens[:, None]  # padded frames are garbage: zero them
+    x = x * mask[None, :, :, None]
+    if round_fp16:
+        x = x.half().float()
+    return x, lens
+
+
+def build_cache(upstream_spec: str, dd: DataDir, layers: str | Sequence[int], cache_root: str | Path, *,
+                upstream: nn.Module | None = None, device: str = "cpu", batch_seconds: float = 0.0,
+                shard_utts: int = 256, label: str | None = None, progress: bool = True) -> CachedFeatures:
+    """Extract ``layers`` of ``upstream_spec`` for every utterance of ``dd`` into the cache (or find it done).
+
+    ``upstream``: an already loaded upstream of that spec (else loaded here, only when something must be
+    extracted or ``layers`` is ``"all"``). ``batch_seconds``: padded audio per forward (0: one utterance per
+    forward, which makes the stored numbers independent of batching). Returns the reader of the finished cache.
+    """
+    from speechssl.superb.upstreams import load_upstream, upstream_fingerprint, upstream_label
+
+    fp = upstream_fingerprint(upstream_spec)
+    if isinstance(layers, str) or upstream is not None:
+        upstream = upstream if upstream is not None else load_upstream(upstream_spec, device=device)
+        layer_list = resolve_layers(layers, upstream.num_layers)
+    else:
+        layer_list = sorted({int(x) for x in layers})
+    data_sha1 = data_fingerprint(dd)
+    out = cache_dir_for(cache_root, label or upstream_label(upstream_spec), fp["sha1"], layer_list, data_sha1)
+    if (out / "cache.json").is_file():
+        log.info("feature cache %s: complete, reused", out)
+        return CachedFeatures(out)
+    if upstream is None:
+        upstream = load_upstream(upstream_spec, device=device)
+    utt_ids = dd.utt_ids()
+    if not utt_ids:
+        raise UserError("data dir has no utterances")
+    durs = utterance_durations(dd)
+    dims = [int(upstream.hidden_sizes[x]) for x in layer_list]
+    if len(set(dims)) != 1:
+        raise UserError(f"{upstream_spec}: layers {layer_list} differ in width {dims}; select layers of one width")
+    need = disk_estimate(sum(durs.values()), float(upstream.frame_rate), dims)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    log.info("feature cache %s: %s, layers %s, %d utterances (%.2f h): about %.2f GB on disk (float16), %.1f GB free",
+             out, upstream_spec, layer_list, len(utt_ids), sum(durs.values()) / 3600, need / 1e9, free / 1e9)
+    if need > free:
+        raise UserError(f"{out}: the feature cache needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is "
+                        "free; use --cache none (upstream every step) or another --cache-dir")
+    nshard = max(1, math.ceil(len(utt_ids) / shard_utts))
+    meta_base = {"frame_rate": float(upstream.frame_rate), "dtype": "float16", "dim": dims[0]}
+    todo = [r for r in range(nshard) if not all(shard_done(out / f"layer_{x}", r) for x in layer_list)]
+    if len(todo) < nshard:
+        log.info("feature cache %s: %d of %d shards already extracted (resuming)", out, nshard - len(todo), nshard)
+    bar = tqdm(total=sum(shard_range(len(utt_ids), nshard, r)[1] - shard_range(len(utt_ids), nshard, r)[0]
+                         for r in todo), desc=f"cache {out.name}", unit="utt", disable=not progress,
+               dynamic_ncols=True)
+    for r in todo:
+        start, end = shard_range(len(utt_ids), nshard, r)
+        ids = utt_ids[start:end]
+        writers = [FeatureWriter(out / f"layer_{x}", r, nshard, {
+            **meta_base, "kind": f"superb_l{x}",
+            "source": {"upstream": fp, "layer": x, "data_sha1": data_sha1}}, overwrite=True) for x in layer_list]
+        try:
+            for batch in extract_batches([durs[u] for u in ids], batch_seconds):
+                wavs = [torch.from_numpy(load_utterance(dd.utterance(ids[i]), SAMPLE_RATE)) for i in batch]
+                x, lens = forward_layers(upstream, wavs, layer_list)
+                for b, i in enumerate(batch):
+                    for li, w in enumerate(writers):
+                        w.add(ids[i], x[li, b, : int(lens[b])].numpy().astype(np.float16))
+                bar.update(len(batch))
+            for w in writers:
+                w.close()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+    bar.close()
+    info = {"version": CACHE_VERSION, "upstream": fp, "layers": layer_list, "dim": dims[0],
+            "frame_rate": float(upstream.frame_rate), "dtype": "float16", "data_sha1": data_sha1,
+            "num_utts": len(utt_ids), "seconds": round(sum(durs.values()), 3), "bytes_estimate": need,
+            "nshard": nshard}
+    atomic_write_text(out / "cache.json", json.dumps(info, indent=1) + "\n")
+    return CachedFeatures(out)

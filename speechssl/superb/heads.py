@@ -1,0 +1,133 @@
+"""SUPERB task heads (what is trained on top of the featurizer's ``[B, T, D]`` output).
+
+Shapes follow s3prl's downstream experts: a linear projector (``proj_dim``, s3prl's ``project_dim`` /
+``projector_dim``; 0 = none) in front of every head, then
+
+* :class:`FrameLinear` — frame-wise linear classifier (PR: CTC over phones);
+* :class:`BiLSTM` — ``num_layers`` bidirectional LSTMs + linear (ASR: CTC over characters);
+* :class:`MeanPoolLinear` — masked mean over time + one linear layer per output (KS, SID, ER: one output; IC:
+  action / object / location);
+* :class:`XVector` + :class:`AMSoftmax` — TDNN x-vector (dilated 1-D convs, ReLU, statistics pooling) giving an
+  embedding trained with additive-margin softmax (ASV; scored by cosine).
+
+Every ``forward(x, lens)`` takes frame lengths and ignores padded frames.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FrameLinear", "BiLSTM", "MeanPoolLinear", "XVector", "AMSoftmax", "length_mask", "masked_mean"]
+
+
+def length_mask(lens: Tensor, max_len: int) -> Tensor:
+    """``[B, T]`` bool, True on valid frames."""
+    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def masked_mean(x: Tensor, lens: Tensor) -> Tensor:
+    """Mean over the valid frames of ``x`` ``[B, T, D]`` -> ``[B, D]``."""
+    m = length_mask(lens, x.shape[1]).unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / lens.clamp(min=1).unsqueeze(-1).to(x.dtype)
+
+
+def _projector(in_dim: int, proj_dim: int) -> tuple[nn.Module, int]:
+    if proj_dim and proj_dim > 0:
+        return nn.Linear(in_dim, proj_dim), proj_dim
+    return nn.Identity(), in_dim
+
+
+class FrameLinear(nn.Module):
+    """``[B, T, D] -> [B, T, num_classes]`` logits: projector then a linear layer per frame."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, proj_dim: int = 256):
+        super().__init__()
+        self.proj, d = _projector(in_dim, proj_dim)
+        self.out = nn.Linear(d, num_classes)
+
+    def forward(self, x: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.out(self.proj(x)), lens
+
+
+class BiLSTM(nn.Module):
+    """Projector, ``num_layers`` bidirectional LSTM layers of ``hidden`` units per direction, linear output."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, proj_dim: int = 1024, hidden: int = 1024,
+                 num_layers: int = 2, dropout: float = 0.2):
+        super().__init__()
+        self.proj, d = _projector(in_dim, proj_dim)
+        self.lstm = nn.LSTM(d, hidden, num_layers=num_layers, bidirectional=True, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.proj(x)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
+        y, _ = self.lstm(packed)
+        y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
+        return self.out(self.drop(y)), lens
+
+
+class MeanPoolLinear(nn.Module):
+    """Projector, masked mean over time, then one linear layer per entry of ``num_classes``; returns a list of
+    ``[B, C_i]`` logits."""
+
+    def __init__(self, in_dim: int, num_classes: Sequence[int], *, proj_dim: int = 256):
+        super().__init__()
+        self.proj, d = _projector(in_dim, proj_dim)
+        self.outs = nn.ModuleList(nn.Linear(d, int(c)) for c in num_classes)
+
+    def forward(self, x: Tensor, lens: Tensor) -> list[Tensor]:
+        pooled = masked_mean(self.proj(x), lens)
+        return [out(pooled) for out in self.outs]
+
+
+class XVector(nn.Module):
+    """TDNN x-vector: projector, dilated Conv1d layers (``tdnn``: ``(channels, kernel, dilation)`` each, ReLU,
+    same-length padding, padded frames zeroed), statistics pooling (mean and standard deviation over valid frames),
+    linear to an ``emb_dim`` embedding. s3prl sv_voxceleb1: 512-5-1, 512-3-2, 512-3-3, 512-1-1, 1500-1-1, emb 512."""
+
+    def __init__(self, in_dim: int, *, proj_dim: int = 512,
+                 tdnn: Sequence[Sequence[int]] = ((512, 5, 1), (512, 3, 2), (512, 3, 3), (512, 1, 1), (1500, 1, 1)),
+                 emb_dim: int = 512):
+        super().__init__()
+        self.proj, d = _projector(in_dim, proj_dim)
+        convs = []
+        for c, k, dil in tdnn:
+            convs.append(nn.Conv1d(d, int(c), int(k), dilation=int(dil), padding=int(dil) * (int(k) - 1) // 2))
+            d = int(c)
+        self.tdnn = nn.ModuleList(convs)
+        self.emb = nn.Linear(2 * d, emb_dim)
+        self.emb_dim = emb_dim
+
+    def forward(self, x: Tensor, lens: Tensor) -> Tensor:
+        mask = length_mask(lens, x.shape[1])[:, None, :].to(x.dtype)  # [B, 1, T]
+        h = self.proj(x).transpose(1, 2) * mask
+        for conv in self.tdnn:
+            h = F.relu(conv(h)) * mask
+        n = lens.clamp(min=1)[:, None].to(x.dtype)
+        mean = h.sum(-1) / n
+        var = ((h - mean[..., None]) ** 2 * mask).sum(-1) / n
+        return self.emb(torch.cat([mean, var.clamp(min=1e-5).sqrt()], dim=-1))
+
+
+class AMSoftmax(nn.Module):
+    """Additive-margin softmax loss (Wang et al. 2018): ``CE(s * (cos(x, W_c) - m * [c == y]))``."""
+
+    def __init__(self, emb_dim: int, num_classes: int, *, s: float = 30.0, m: float = 0.4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, emb_dim) * 0.01)
+        self.s, self.m = s, m
+
+    def cosine(self, emb: Tensor) -> Tensor:
+        return F.normalize(emb, dim=-1) @ F.normalize(self.weight, dim=-1).t()
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        cos = self.cosine(emb)
+        margin = F.one_hot(labels, cos.shape[-1]).to(cos.dtype) * self.m
+        return F.cross_entropy(self.s * (cos - margin), labels)

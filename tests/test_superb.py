@@ -1,0 +1,295 @@
+"""speechssl.superb: featurizers, feature cache, every task on a tiny synthetic corpus, exact resume, the CLI.
+
+The corpus is built here: 4 speakers x 12 short utterances (a speaker-specific pitch + a per-"word" formant so
+labels are learnable), with every label file the tasks read. Upstreams: ``fbank`` and a 2-layer tiny HuBERT
+checkpoint (random weights: the cache / resume / shape tests need numbers, not quality).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from speechssl.audio import save_audio
+from speechssl.data.kaldi import read_data_dir
+from speechssl.errors import UserError
+from speechssl.models import HubertModel, hubert_tiny, save_model
+from speechssl.superb.cache import LiveFeatures, build_cache
+from speechssl.superb.config import TASKS, load_superb_config
+from speechssl.superb.featurizer import HierarchicalConv, WeightedSum, conv_depth, save_layer_weights
+from speechssl.superb.runner import HeadTrainer, duration_batches, results_table, run_superb
+from speechssl.superb.tasks import make_task, make_trials
+
+WORDS = ["YES", "NO", "UP", "DOWN"]
+PHONES = {"YES": "y eh s", "NO": "n ow", "UP": "ah p", "DOWN": "d aw n"}
+EMOS = ["ang", "hap", "neu", "sad"]
+INTENTS = ["activate lights kitchen", "deactivate lights kitchen", "activate music none", "increase volume none"]
+
+
+def _write(path, rows):
+    path.write_text("".join(f"{k} {v}\n" for k, v in sorted(rows.items())))
+
+
+def _make_split(root, name, spks, n_per_spk, seed):
+    rng = np.random.default_rng(seed)
+    d = root / name
+    (d / "wav").mkdir(parents=True)
+    rows = {k: {} for k in ("wav.scp", "utt2spk", "text", "utt2dur", "utt2phones", "utt2kw", "utt2intent",
+                            "utt2emo", "utt2session")}
+    for s in spks:
+        f0 = 100 + 40 * s
+        for i in range(n_per_spk):
+            utt = f"spk{s}-{name}-{i:03d}"
+            w = i % 4
+            dur = 0.4 + 0.1 * (i % 3)
+            t = np.arange(int(dur * 16000)) / 16000
+            formant = 600 + 500 * w
+            wav = 0.3 * np.sin(2 * np.pi * f0 * t) * (1 + np.sin(2 * np.pi * formant * t)) \
+                + 0.01 * rng.standard_normal(len(t))
+            save_audio(d / "wav" / f"{utt}.wav", wav.astype(np.float32))
+            rows["wav.scp"][utt] = str(d / "wav" / f"{utt}.wav")
+            rows["utt2spk"][utt] = f"spk{s}"
+            rows["text"][utt] = WORDS[w] + " " + WORDS[(w + 1) % 4]
+            rows["utt2dur"][utt] = f"{len(t) / 16000:g}"
+            rows["utt2phones"][utt] = PHONES[WORDS[w]] + " " + PHONES[WORDS[(w + 1) % 4]]
+            rows["utt2kw"][utt] = WORDS[w].lower() if i % 6 != 5 else "-"
+            rows["utt2intent"][utt] = INTENTS[w] if i % 6 != 4 else "- - -"
+            rows["utt2emo"][utt] = EMOS[w]
+            rows["utt2session"][utt] = f"Ses0{(i // 4) % 2 + 1}"
+    for f, r in rows.items():
+        _write(d / f, r)
+    spk2utt = {}
+    for u, s in rows["utt2spk"].items():
+        spk2utt.setdefault(s, []).append(u)
+    _write(d / "spk2utt", {s: " ".join(sorted(us)) for s, us in spk2utt.items()})
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("superb_corpus")
+    _make_split(root, "train", [0, 1, 2, 3], 12, 0)
+    _make_split(root, "dev", [0, 1, 2, 3], 4, 1)
+    _make_split(root, "test", [0, 1, 2, 3], 4, 2)
+    spk = _make_split(root, "test_spk", [4, 5, 6], 4, 3)
+    trials = make_trials(read_data_dir(spk), per_utt=2, seed=0)
+    (root / "trials").write_text("".join(f"{a} {b} {'target' if y else 'nontarget'}\n" for a, b, y in trials))
+    dev_trials = make_trials(read_data_dir(root / "dev"), per_utt=2, seed=0)
+    (root / "dev" / "trials").write_text("".join(f"{a} {b} {'target' if y else 'nontarget'}\n"
+                                                 for a, b, y in dev_trials))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("superb_ckpt") / "hubert"
+    torch.manual_seed(0)
+    cfg = hubert_tiny(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      conv_layers=[(32, 3, 2)], num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    save_model(HubertModel(cfg), cfg, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ featurizers
+def test_equal_weight_featurizer_is_the_mean_of_layers():
+    layers = torch.randn(5, 2, 7, 16)
+    ws = WeightedSum(5, 16)
+    torch.testing.assert_close(ws(layers), layers.mean(0))
+    ln = WeightedSum(5, 16, layer_norm=True)
+    ref = torch.stack([torch.nn.functional.layer_norm(x, (16,)) for x in layers]).mean(0)
+    torch.testing.assert_close(ln(layers), ref)
+    with torch.no_grad():
+        ws.weights.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0, 0.0]))  # softmax -> one layer
+    torch.testing.assert_close(ws(layers), layers[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_layers,depth", [(7, 3), (13, 4), (25, 5), (1, 0), (2, 1)])
+def test_conv_interface_shapes_and_depth(num_layers, depth):
+    conv = HierarchicalConv(num_layers, 8)
+    assert conv_depth(num_layers) == depth == conv.depth == math.ceil(math.log2(num_layers))
+    assert conv(torch.randn(num_layers, 3, 5, 8)).shape == (3, 5, 8)
+    with pytest.raises(ValueError):
+        conv(torch.randn(num_layers + 1, 3, 5, 8))
+
+
+def test_layer_weights_saved(tmp_path):
+    ws = WeightedSum(3, 4)
+    info = save_layer_weights(ws, [0, 1, 2], tmp_path, title="x")
+    assert json.loads((tmp_path / "layer_weights.json").read_text())["weights"] == pytest.approx([1 / 3] * 3)
+    assert info["kind"] == "weighted_sum" and (tmp_path / "layer_weights.png").stat().st_size > 0
+
+
+def test_duration_batches_bound_padded_seconds():
+    durs = [0.5, 3.0, 1.0, 2.0, 0.7, 4.0, 1.2, 2.5]
+    for shuffle in (True, False):
+        batches = duration_batches(durs, 4.0, num_buckets=2, seed=1, shuffle=shuffle)
+        assert sorted(i for b in batches for i in b) == list(range(len(durs)))
+        assert all(len(b) == 1 or max(durs[i] for i in b) * len(b) <= 4.0 for b in batches)
+    assert duration_batches(durs, 4.0, seed=1, epoch=0) == duration_batches(durs, 4.0, seed=1, epoch=0)
+    assert duration_batches(durs, 4.0, seed=1, epoch=0) != duration_batches(durs, 4.0, seed=1, epoch=1)
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp_path):
+    from speechssl.superb.upstreams import load_upstream
+
+    dd = read_data_dir(corpus / "train")
+    up = load_upstream(str(ckpt))
+    cached = build_cache(str(ckpt), dd, "all", tmp_path / "cache", upstream=up, progress=False)
+    assert cached.layers == [0, 1, 2] and (cached.cache_dir / "cache.json").is_file()
+    again = build_cache(str(ckpt), dd, "all", tmp_path / "cache", progress=False)   # found, not re-extracted
+    assert again.cache_dir == cached.cache_dir
+    live = LiveFeatures(up, dd, cached.layers)
+    ids = dd.utt_ids()[:5]
+    (xc, lc), (xl, ll) = cached.get(ids), live.get(ids)
+    assert torch.equal(lc, ll)
+    torch.testing.assert_close(xc, xl, atol=2e-2, rtol=1e-2)   # float16 storage
+    torch.testing.assert_close(xc, xl.half().float(), atol=2e-3, rtol=0)
+
+    cfg = load_superb_config("sid", None, ["optim.max_steps=2", "optim.max_duration=4", "optim.eval_every=100"])
+    task = make_task(cfg)
+    splits = {n: task.make_split(n, corpus / n, read_data_dir(corpus / n), read_data_dir(corpus / n).utt2dur)
+              for n in ("train", "dev")}
+    task.fit(splits["train"])
+    losses = []
+    for src in (cached, LiveFeatures(up, dd, cached.layers, round_fp16=True)):
+        tr = HeadTrainer(task, cfg, splits["train"], splits["dev"], {"train": src, "dev": src}, 1e-3,
+                         tmp_path / f"run{len(losses)}", progress=False)
+        tr.run(stop_after=1)
+        losses.append(tr.losses[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cache_resumes_unfinished_shards(corpus, tmp_path):
+    dd = read_data_dir(corpus / "train")
+    c = build_cache("fbank", dd, "all", tmp_path / "c", shard_utts=16, progress=False)
+    (c.cache_dir / "cache.json").unlink()
+    (c.cache_dir / "layer_0" / "shard.1.done").unlink()
+    before = (c.cache_dir / "layer_0" / "shard.0.bin").stat().st_mtime_ns
+    c2 = build_cache("fbank", dd, "all", tmp_path / "c", shard_utts=16, progress=False)
+    assert (c2.cache_dir / "layer_0" / "shard.0.bin").stat().st_mtime_ns == before   # finished shard kept
+    assert len(c2.readers[0]) == len(dd)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+_SMALL = ["optim.max_duration=6", "optim.eval_every=4", "optim.save_every=4", "head.proj_dim=16"]
+_TASK_OVERRIDES = {
+    "pr": [], "asr": ["head.hidden=16", "head.num_layers=1", "head.proj_dim=16"], "ks": [], "sid": [],
+    "asv": ["head.tdnn=[[16,3,1],[32,1,1]]", "head.emb_dim=8"], "er": ["folds=2"], "ic": [],
+}
+_METRICS = {"pr": "per", "asr": "wer", "ks": "accuracy", "sid": "accuracy", "asv": "eer", "er": "accuracy",
+            "ic": "accuracy"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_trains_and_scores(task, corpus, tmp_path):
+    kw = {"data": corpus}
+    if task == "asv":
+        kw = {"train": corpus / "train", "dev": corpus / "dev", "test": corpus / "test_spk",
+              "test_trials": corpus / "trials"}
+    elif task == "er":
+        kw = {"data": corpus / "train"}
+    r = run_superb(task, "fbank", tmp_path / task, overrides=_SMALL + _TASK_OVERRIDES[task], max_steps=8,
+                   lr_sweep=[1e-3, 1e-2], cache_dir=tmp_path / "cache", progress=False, **kw)
+    assert r["metric"] == _METRICS[task]
+    value = r["test"][r["metric"]]
+    assert 0.0 <= value <= (5.0 if task in ("pr", "asr") else 1.0)
+    assert r["lr"] in ([1e-3, 1e-2] if task != "er" else [[a, b] for a in (1e-3, 1e-2) for b in (1e-3, 1e-2)])
+    saved = json.loads((tmp_path / task / "results.json").read_text())
+    assert saved["test"] == r["test"] and saved["upstream_label"] == "fbank"
+    if task == "asv":
+        assert "min_dcf" in r["test"]
+    if task == "er":
+        assert len(r["folds"]) == 2 and {f["session"] for f in r["folds"]} == {"Ses01", "Ses02"}
+
+
+def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
+    """A metric that can fail: 4 speakers with distinct pitch are separable from mean-pooled raw fbank; with
+    per-utterance CMVN (SUPERB's FBANK) the pooled projection is the same for every utterance: chance."""
+    kw = dict(data=corpus, overrides=_SMALL, max_steps=40, lr_sweep=[1e-2], cache_dir=tmp_path / "cache",
+              progress=False)
+    assert run_superb("sid", "fbank:nocmvn", tmp_path / "raw", **kw)["test"]["accuracy"] >= 0.75
+    assert run_superb("sid", "fbank", tmp_path / "cmvn", **kw)["test"]["accuracy"] <= 0.25
+
+
+def test_head_resume_is_exact(corpus, ckpt, tmp_path):
+    cfg = load_superb_config("asr", None, _SMALL + _TASK_OVERRIDES["asr"] + ["optim.max_steps=6", "head.dropout=0.3",
+                                                                           "optim.save_every=3"])
+    dd = {n: read_data_dir(corpus / n) for n in ("train", "dev")}
+    src = {n: build_cache(str(ckpt), dd[n], "all", tmp_path / "cache", progress=False) for n in dd}
+
+    def trainer(run_dir):
+        task = make_task(cfg)
+        splits = {n: task.make_split(n, corpus / n, dd[n], dd[n].utt2dur) for n in dd}
+        task.fit(splits["train"])
+        return HeadTrainer(task, cfg, splits["train"], splits["dev"], src, 1e-3, run_dir, seed=3, progress=False)
+
+    full = trainer(tmp_path / "full")
+    full.run()
+    first = trainer(tmp_path / "split")
+    first.run(stop_after=3)
+    assert [p.name for p in (tmp_path / "split").glob("ckpt-*")] == ["ckpt-3"]
+    with pytest.raises(UserError, match="--resume"):
+        trainer(tmp_path / "split").run()
+    second = trainer(tmp_path / "split")
+    second.run(resume=True)
+    assert first.losses + second.losses == full.losses   # bit-exact: weights, Adam state, RNG, batch position
+    assert len(full.losses) == 6
+
+
+# ------------------------------------------------------------------------------------------------ CLI, errors, table
+def test_help_lists_every_task():
+    out = subprocess.run([sys.executable, "-m", "speechssl", "superb", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for t in TASKS:
+        assert f"  {t} " in out
+
+
+def test_missing_label_is_one_line_naming_file_and_utterance(corpus, tmp_path):
+    bad = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(corpus / "train", bad / "train")
+    lines = (bad / "train" / "utt2kw").read_text().splitlines()
+    (bad / "train" / "utt2kw").write_text("\n".join(lines[1:]) + "\n")
+    for s in ("dev", "test"):
+        shutil.copytree(corpus / s, bad / s)
+    r = subprocess.run([sys.executable, "-m", "speechssl", "superb", "--task", "ks", "--upstream", "fbank",
+                        "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "utt2kw" in err[0] and lines[0].split()[0] in err[0], r.stderr
+    # a task's file absent: named
+    (bad / "train" / "utt2kw").unlink()
+    with pytest.raises(UserError, match="utt2kw: no such file"):
+        run_superb("ks", "fbank", tmp_path / "o2", data=bad, progress=False, cache_dir=tmp_path / "c")
+    # phones.ctm without an utterance
+    (bad / "dev" / "utt2phones").unlink()
+    ctm = bad / "dev" / "phones.ctm"
+    utts = read_data_dir(bad / "dev").utt_ids()
+    ctm.write_text("".join(f"{u} 1 0.00 0.10 y\n" for u in utts[1:]))
+    with pytest.raises(UserError, match=f"phones.ctm: no phones for utterance {utts[0]}"):
+        run_superb("pr", "fbank", tmp_path / "o3", data=bad, progress=False, cache_dir=tmp_path / "c")
+
+
+def test_table_across_tasks_and_upstreams(tmp_path):
+    for up, task, metric, val in [("fbank", "pr", "per", 0.5), ("fbank", "sid", "accuracy", 0.25),
+                                  ("random:x/hubert_iter1/best", "pr", "per", 0.4), ("hubert_iter2", "asv", "eer", 0.1)]:
+        d = tmp_path / up.replace("/", "_").replace(":", "_") / task
+        d.mkdir(parents=True)
+        label = {"random:x/hubert_iter1/best": "random:hubert_iter1"}.get(up, up)
+        (d / "results.json").write_text(json.dumps({"task": task, "metric": metric, "upstream_label": label,
+                                                    "test": {metric: val, **({"min_dcf": 0.5} if task == "asv" else {})}}))
+    table = results_table([str(tmp_path / "*" / "*")])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| upstream | PR PER% ↓ | SID acc% ↑ | ASV EER% ↓ | ASV minDCF ↓ |"
+    assert lines[2] == "| fbank | 50.0 | 25.0 | – | – |"
+    assert lines[3] == "| random:hubert_iter1 | 40.0 | – | – | – |"
+    assert lines[4] == "| hubert_iter2 | – | – | 10.0 | 0.500 |"
