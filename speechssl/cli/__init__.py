@@ -26,6 +26,7 @@ _GROUPS = [
     ("units", "unit quality: PNMI, phone and cluster purity"),
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
     ("superb", "SUPERB downstream evaluation: frozen upstream, learned layer weights, task heads"),
+    ("export", "write a checkpoint as a transformers directory or an s3prl checkpoint"),
 ]
 
 
