@@ -1,0 +1,16 @@
+"""Real-corpus preparation for the SUPERB tasks: one module per corpus, each reading the corpus in its released
+layout and writing Kaldi data dirs plus the task's label files under ``OUT/`` (atomically, with ``prepare.json``).
+
+=================================  ==========  ======================================================================
+module                             tasks       writes
+=================================  ==========  ======================================================================
+`librispeech`                      PR, ASR     ``{train,dev,test}/``: text, utt2phones (``--lexicon``)
+`speech_commands`                  KS          ``{train,dev,test,test_official}/``: utt2kw (12 classes), segments
+`voxceleb1`                        SID, ASV    ``sid/{train,dev,test}/``, ``asv/{train,test}/``, ``asv/test/trials``
+`iemocap`                          ER          ``all/``: utt2emo (4 classes), utt2session (folds)
+`fluent_speech_commands`           IC          ``{train,dev,test}/``: text, utt2intent ("action object location")
+=================================  ==========  ======================================================================
+
+Run one as ``python -m speechssl.superb.corpora.<module> --corpus DIR --out DIR`` (what
+``egs/superb/<corpus>/prepare.sh`` does). Nothing here downloads: egs/superb/README.md has the download commands.
+"""

@@ -1,0 +1,151 @@
+"""What every corpus preparer shares: reading list files line by line, resolving the audio they list, durations,
+the atomic output tree, and the ``python -m`` entry point.
+
+A preparer reads a corpus in its released layout and writes ``OUT/<split>/`` Kaldi data dirs (through
+`speechssl.data.write_data_dir`, so every Kaldi check runs before anything is written) plus ``OUT/prepare.json``
+(options and counts). The whole ``OUT`` tree appears by one rename when everything succeeded
+(`speechssl.fileio.atomic_dir`); an existing ``OUT`` is never touched. Problems in the corpus raise one-line
+`CorpusError` / `MissingInputError` naming the file and line (or the utterance) and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from tqdm import tqdm
+
+from speechssl.audio import AudioError, audio_info
+from speechssl.data.kaldi import DataDir, c_sorted, write_data_dir
+from speechssl.errors import MissingInputError, UserError
+from speechssl.fileio import atomic_dir, atomic_write_text
+
+__all__ = [
+    "CorpusError",
+    "need_file",
+    "need_dir",
+    "read_lines",
+    "check_listed_audio",
+    "durations",
+    "floor_slices",
+    "output_tree",
+    "write_split",
+    "write_summary",
+    "token",
+    "run_main",
+]
+
+log = logging.getLogger(__name__)
+
+
+class CorpusError(UserError):
+    """A corpus file that does not look like the released corpus: the message names ``file:line`` and the fix."""
+
+
+def need_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; `MissingInputError` naming ``what`` if it is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingInputError(f"{p}: {what} not found ({'a directory' if p.is_dir() else 'no such file'})")
+    return p
+
+
+def need_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; `MissingInputError` naming ``what`` if it is not a directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise MissingInputError(f"{p}: {what} not found (no such directory)")
+    return p
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end-of-line and trailing blanks) for every non-blank line of a text file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
+    for lineno, bline in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = bline.decode("utf-8").rstrip()
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{bline[e.start]:02x}); is this the right file?") from e
+        if line.strip():
+            yield lineno, line
+
+
+def check_listed_audio(audio: Path, where: str) -> Path:
+    """``audio`` if it is a file, else a `CorpusError` naming the list line ``where`` (``file:line``) that names it."""
+    if not audio.is_file():
+        raise CorpusError(f"{where}: lists audio {audio}, which does not exist; restore the file or remove the line")
+    return audio
+
+
+def durations(sources: Mapping[str, str], where: Mapping[str, str], *, desc: str = "durations") -> dict[str, float]:
+    """Seconds of each key's audio from its header; an unreadable file is an error naming the list line ``where[key]``."""
+    out: dict[str, float] = {}
+    for key in tqdm(c_sorted(sources), desc=desc, unit="file", mininterval=2.0, disable=len(sources) < 2000):
+        try:
+            out[key] = audio_info(sources[key]).duration
+        except AudioError as e:
+            raise CorpusError(f"{where[key]}: {e}") from e
+    return out
+
+
+def floor_slices(total: float, length: float) -> int:
+    """How many whole ``length``-second slices fit in ``total`` seconds (tolerating float error at the end)."""
+    return int(math.floor(total / length + 1e-9))
+
+
+@contextlib.contextmanager
+def output_tree(out: str | os.PathLike) -> Iterator[Path]:
+    """A temp dir that becomes ``out`` by one rename if the block succeeds; ``out`` must not exist yet."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out}: already exists; remove it or choose another --out (a preparation is never merged)")
+    with atomic_dir(out) as tmp:
+        yield tmp
+    log.info("wrote %s", out)
+
+
+def write_split(root: Path, name: str, dd: DataDir) -> int:
+    """Write one split's data dir as ``root/name``; returns its number of utterances."""
+    write_data_dir(dd, root / name)
+    log.info("%s: %d utterances, %d speakers", name, len(dd), len(set(dd.utt2spk.values())))
+    return len(dd)
+
+
+def write_summary(root: Path, corpus: str, options: dict, counts: dict) -> dict:
+    """``root/prepare.json``: which corpus, the options it was prepared with, and the counts per split."""
+    summary = {"corpus": corpus, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+               "counts": counts}
+    atomic_write_text(root / "prepare.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def token(value: str) -> str:
+    """A label value as one whitespace-free token: inner blanks become ``_`` (FSC's ``change language``)."""
+    return "_".join(value.split())
+
+
+def run_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], object],
+             argv: list[str] | None = None) -> int:
+    """Parse, run, and print a `UserError` as one line (exit 1), as the ``speechssl`` command line does."""
+    parser = build_parser()
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
