@@ -99,7 +99,8 @@ def test_pickle_refused_without_trust_pickle_and_loaded_with_it(tmp_path):
     torch.manual_seed(0)
     model = randomised(HubertModel(group_norm()))
     export_s3prl(model, tmp_path / "m.pt")
-    with pytest.raises(UserError, match=r"m\.pt: a pickle checkpoint .*arbitrary code.*trust_pickle=True.*--trust-pickle"):
+    refused = r"m\.pt: a pickle checkpoint .*arbitrary code.*trust_pickle=True.*--trust-pickle"
+    with pytest.raises(UserError, match=refused):
         load(tmp_path / "m.pt")
     up = load(tmp_path / "m.pt", trust_pickle=True)
     w = wav(4000, 1)
@@ -235,14 +236,21 @@ def save_like_fairseq(path, checkpoint, monkeypatch):
     assert "fairseq" not in sys.modules and "omegaconf" not in sys.modules
 
 
-def fairseq_hubert(model_cfg, task_cfg, k, seed):
-    """s3prl's vendored fairseq HubertModel with random weights (norms included) and a k-unit dictionary."""
-    fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+def fairseq_model(arch, model_cfg, task_cfg, k, seed):
+    """s3prl's vendored fairseq HubertModel (with a k-unit dictionary) or Wav2Vec2Model, random weights (norms too)."""
+    if arch == "wav2vec2":
+        fs = pytest.importorskip("s3prl.upstream.wav2vec2.wav2vec2_model")
+        config_class, build = fs.Wav2Vec2Config, lambda cfg, task: fs.Wav2Vec2Model(cfg)
+    else:
+        fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+        config_class = fs.HubertConfig
+        task_class = fs.HubertPretrainingConfig
+        build = lambda cfg, task: fs.HubertModel(  # noqa: E731
+            cfg, task_class(**{key: v for key, v in task.items() if key in task_class.__dataclass_fields__}),
+            [Dictionary([str(i) for i in range(k)]).symbols])
     torch.manual_seed(seed)
-    cfg = fs.HubertConfig(**{key: v for key, v in model_cfg.items() if key in fs.HubertConfig.__dataclass_fields__})
-    task = fs.HubertPretrainingConfig(**{key: v for key, v in task_cfg.items()
-                                         if key in fs.HubertPretrainingConfig.__dataclass_fields__})
-    return randomised(fs.HubertModel(cfg, task, [Dictionary([str(i) for i in range(k)]).symbols]), seed)
+    cfg = config_class(**{key: v for key, v in model_cfg.items() if key in config_class.__dataclass_fields__})
+    return randomised(build(cfg, task_cfg), seed)
 
 
 FAIRSEQ_CASES = {
@@ -255,12 +263,16 @@ FAIRSEQ_CASES = {
     # a CTC fine-tuned checkpoint: the pretrained model under w2v_encoder.w2v_model, its config in w2v_args
     "hubert_ctc_finetuned": dict(extractor_mode="default", layer_norm_first=False, normalize=False, embed=32,
                                  finetuned=True),
+    # wav2vec 2.0 (Large-LV60 layout): quantizer / project_q / final_proj dropped, model_type "wav2vec2"
+    "wav2vec2_large_layout": dict(arch="wav2vec2", extractor_mode="layer_norm", layer_norm_first=True, normalize=True,
+                                  embed=32, finetuned=False),
 }
 
 
 @pytest.mark.parametrize("case", list(FAIRSEQ_CASES))
 def test_fairseq_checkpoint_matches_vendored_fairseq_model(case, tmp_path, monkeypatch):
     c = FAIRSEQ_CASES[case]
+    arch = c.get("arch", "hubert")
     conv = "[(48,10,5)] + [(48,3,2)] + [(48,2,2)]"
     task_cfg = {"_name": "hubert_pretraining", "data": "/data/manifests", "labels": ["km"], "label_dir": "/data/km",
                 "label_rate": 800.0, "sample_rate": 16000, "normalize": c["normalize"], "enable_padding": False,
@@ -273,7 +285,13 @@ def test_fairseq_checkpoint_matches_vendored_fairseq_model(case, tmp_path, monke
                  "layer_norm_first": c["layer_norm_first"], "conv_feature_layers": conv, "conv_bias": False,
                  "logit_temp": 0.1, "target_glu": False, "feature_grad_mult": 0.1, "mask_length": 10,
                  "mask_prob": 0.8, "conv_pos": 16, "conv_pos_groups": 4, "required_seq_len_multiple": 2}
-    fs_model = fairseq_hubert({**model_cfg, "label_rate": 800.0}, task_cfg, k=6, seed=3)
+    if arch == "wav2vec2":
+        task_cfg = {"_name": "audio_pretraining", "data": "/data/manifests", "sample_rate": 16000,
+                    "normalize": c["normalize"], "max_sample_size": 250000, "min_sample_size": 32000}
+        model_cfg = {**{key: v for key, v in model_cfg.items() if key not in ("label_rate", "untie_final_proj")},
+                     "_name": "wav2vec2", "quantize_targets": True, "latent_vars": 8, "latent_groups": 2,
+                     "latent_temp": [2.0, 0.5, 0.999995]}
+    fs_model = fairseq_model(arch, {**model_cfg, "label_rate": 800.0}, task_cfg, k=6, seed=3)
     assert (fs_model.post_extract_proj is None) == (c["embed"] == 48)
     model_cfg["extractor_mode"] = ExtractorModeChoices(c["extractor_mode"])  # an enum node, as fairseq's hydra has it
     cfg = {"_name": None, "common": {"seed": 1337, "fp16": True}, "task": task_cfg, "model": model_cfg,
@@ -290,7 +308,8 @@ def test_fairseq_checkpoint_matches_vendored_fairseq_model(case, tmp_path, monke
     checkpoint = {"args": None, "cfg": omegaconf_like(cfg), "model": state, "criterion": None,
                   "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
                                          "lr_scheduler_state": {"best": None}, "num_updates": 100}],
-                  "task_state": {"dictionaries": [Dictionary([str(i) for i in range(6)])]},
+                  "task_state": {} if arch == "wav2vec2" else {"dictionaries": [
+                      Dictionary(list("ABC") if c["finetuned"] else [str(i) for i in range(6)])]},
                   "extra_state": {"epoch": 2}, "last_optimizer_state": None}
     save_like_fairseq(tmp_path / "checkpoint_best.pt", checkpoint, monkeypatch)
 
@@ -298,8 +317,14 @@ def test_fairseq_checkpoint_matches_vendored_fairseq_model(case, tmp_path, monke
     config = up.model.config
     assert (config.feat_extract_norm, config.do_stable_layer_norm, config.normalize_waveform) == (
         {"default": "group", "layer_norm": "layer"}[c["extractor_mode"]], c["layer_norm_first"], c["normalize"])
-    assert (config.hidden_size, config.num_hidden_layers, config.final_dim, config.layerdrop) == (c["embed"], 3, 24, 0.05)
+    assert (config.hidden_size, config.num_hidden_layers, config.final_dim, config.layerdrop) == (
+        c["embed"], 3, 24, 0.05)
     assert config.conv_layers == [(48, 10, 5), (48, 3, 2), (48, 2, 2)] and up.frame_rate == 800.0
+    assert config.model_type == arch
+    if arch == "wav2vec2":
+        assert any(k.startswith("quantizer.") for k in state)  # the pretraining head really was there
+    elif not c["finetuned"]:
+        assert config.num_classes == [10]  # fairseq's dictionary: 4 special symbols + 6 units
     for n, seed in ((4000, 1), (2999, 2)):
         w = wav(n, seed)
         with torch.no_grad():
@@ -373,7 +398,8 @@ def test_cli_export_writes_both_formats(tmp_path, capsys):
     assert main(["export", "--ckpt", str(tmp_path / "m.pt"), "--to", "hf", str(tmp_path / "hf2")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--trust-pickle" in err and "arbitrary code" in err
-    assert main(["export", "--ckpt", str(tmp_path / "m.pt"), "--trust-pickle", "--to", "hf", str(tmp_path / "hf2")]) == 0
+    assert main(["export", "--ckpt", str(tmp_path / "m.pt"), "--trust-pickle", "--to", "hf",
+                 str(tmp_path / "hf2")]) == 0
     hf2 = transformers.HubertModel.from_pretrained(tmp_path / "hf2").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf2(w[None]).last_hidden_state, out.last_hidden_state, atol=1e-5, rtol=1e-5)
@@ -381,7 +407,8 @@ def test_cli_export_writes_both_formats(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--to", "s3prl", str(tmp_path / "m.pt")]) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--to", "s3prl", "--overwrite", str(tmp_path / "m.pt")]) == 0
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--to", "s3prl", "--overwrite",
+                 str(tmp_path / "m.pt")]) == 0
     assert main(["export", "--ckpt", str(tmp_path / "nope"), "--to", "s3prl", str(tmp_path / "n.pt")]) == 1
     assert "nope: no such checkpoint" in capsys.readouterr().err
     tiny = HubertPretrainModel(hubert_tiny(num_hidden_layers=1))

@@ -25,7 +25,8 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--ckpt", required=True,
                    help="speechssl or transformers checkpoint directory, random:CKPT, or (with --trust-pickle) a "
                         "fairseq / s3prl .pt file")
-    p.add_argument("--to", required=True, choices=sorted(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument("--to", required=True, choices=sorted(FORMATS),
+                   help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pickle checkpoint (fairseq / s3prl .pt); unpickling can run arbitrary code, so "
                         "only for files from a source you trust")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import enum
 import functools
 import os
@@ -237,19 +236,15 @@ _FAIRSEQ_DEFAULTS: dict[str, Any] = {  # fairseq HubertConfig / Wav2Vec2Config d
 }
 
 
-def _has_field(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(HubertConfig)}
-
-
 def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, *, model_type: str = "hubert",
                         num_classes: list[int] | None = None, criterion: dict | None = None,
                         source: str = "checkpoint") -> HubertConfig:
-    """Our :class:`HubertConfig` of a fairseq HuBERT / wav2vec 2.0 model config (fairseq's field names; absent
-    fields take fairseq's defaults), its task config (``normalize``) and, for HuBERT, its criterion
-    (``pred_masked_weight``, ``pred_nomask_weight``, ``loss_weights[0]`` = feature penalty). ``num_classes``:
-    sizes of the label dictionaries (fairseq's include its 4 special symbols). What our encoder cannot
-    represent (another activation, conformer layers, a deeper positional conv) raises ``CheckpointError``
-    naming ``source``."""
+    """Our :class:`HubertConfig` (``model_type`` "hubert" or "wav2vec2") of a fairseq HuBERT / wav2vec 2.0 model
+    config (fairseq's field names; absent fields take fairseq's defaults), its task config (``normalize``) and,
+    for HuBERT, its criterion (``pred_masked_weight``, ``pred_nomask_weight``, ``loss_weights[0]`` = feature
+    penalty). ``num_classes``: sizes of the label dictionaries (fairseq's include its 4 special symbols). What
+    our encoder cannot represent (another activation, conformer layers, a deeper positional conv) raises
+    ``CheckpointError`` naming ``source``."""
     c = {**_FAIRSEQ_DEFAULTS, **{k: v for k, v in model_cfg.items() if v is not None}}
     task_cfg = task_cfg or {}
     unsupported = []
@@ -288,17 +283,13 @@ def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, *, model_
         fields["num_classes"] = [int(k) for k in num_classes]
     criterion = criterion or {}
     if model_type == "hubert":
-        for ours, theirs in (("pred_masked_weight", "pred_masked_weight"), ("pred_nomask_weight", "pred_nomask_weight")):
-            if criterion.get(theirs) is not None:
-                fields[ours] = float(criterion[theirs])
+        for key in ("pred_masked_weight", "pred_nomask_weight"):  # same names in fairseq's hubert criterion
+            if criterion.get(key) is not None:
+                fields[key] = float(criterion[key])
         weights = criterion.get("loss_weights")
         if isinstance(weights, list) and weights and weights[0] is not None:
             fields["feature_penalty_weight"] = float(weights[0])
-    if _has_field("model_type"):
-        fields["model_type"] = model_type
-    elif model_type != "hubert":
-        raise CheckpointError(f"{source}: a {model_type} checkpoint; this speechssl has no model_type "
-                              "in HubertConfig to record it (HuBERT checkpoints only)")
+    fields["model_type"] = model_type
     try:
         return HubertConfig(**fields)
     except (ValueError, TypeError) as e:
@@ -345,9 +336,9 @@ def check_exportable(config: HubertConfig) -> None:
     problems = []
     if config.frontend != "cnn":
         problems.append(f"the {config.frontend!r} frontend (fairseq's HuBERT has the waveform CNN only)")
-    if getattr(config, "model_type", "hubert") != "hubert":
+    if config.model_type != "hubert":
         problems.append(f"model_type {config.model_type!r} (s3prl's converted format written here is HuBERT's)")
-    if not getattr(config, "feat_proj_layer_norm", True):
+    if not config.feat_proj_layer_norm:
         problems.append("feat_proj_layer_norm=False (fairseq always normalises the CNN output)")
     if config.layer_norm_eps != 1e-5:
         problems.append(f"layer_norm_eps={config.layer_norm_eps:g} (fairseq's LayerNorms use 1e-5)")
@@ -376,7 +367,8 @@ _RULES: list[tuple[re.Pattern, str]] = [(re.compile(p), r) for p, r in [
 ]]
 _CONV_NORM = re.compile(r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)")
 # torch.nn.utils.parametrizations.weight_norm names, as a checkpoint saved by newer code may carry them
-_NEW_WEIGHT_NORM = (("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v"))
+_NEW_WEIGHT_NORM = (("parametrizations.weight.original0", "weight_g"),
+                    ("parametrizations.weight.original1", "weight_v"))
 
 
 def fairseq_name(name: str, feat_extract_norm: str = "group") -> str:
@@ -385,7 +377,8 @@ def fairseq_name(name: str, feat_extract_norm: str = "group") -> str:
     name = name[len("hubert."):] if name.startswith("hubert.") else name
     m = _CONV_NORM.fullmatch(name)
     if m:  # fairseq: Sequential(conv, dropout, norm, GELU); its LayerNorm inside TransposeLast's Sequential
-        return f"feature_extractor.conv_layers.{m.group(1)}.{'2.1' if feat_extract_norm == 'layer' else '2'}.{m.group(2)}"
+        norm = "2.1" if feat_extract_norm == "layer" else "2"
+        return f"feature_extractor.conv_layers.{m.group(1)}.{norm}.{m.group(2)}"
     for pattern, replacement in _RULES:
         if pattern.fullmatch(name):
             return pattern.sub(replacement, name)
@@ -400,7 +393,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def to_fairseq_state(model: nn.Module) -> dict[str, Tensor]:
     """The state dict of a :class:`HubertModel` (encoder) or :class:`HubertPretrainModel` (encoder + head) under
     fairseq's HuBERT names: ``fairseq HubertModel.load_state_dict(..., strict=True)`` takes it (a bare encoder:
-    fairseq's head tensors are absent). Tensors are detached CPU copies.
+    fairseq's head tensors are absent). Tensors are detached CPU copies. A model fairseq's HuBERT cannot hold
+    raises ``CheckpointError`` (:func:`check_exportable`).
 
     fairseq has no ``post_extract_proj`` when the CNN's width equals ``hidden_size``; ours must then be the
     identity (else ``CheckpointError``) and is left out."""
@@ -408,6 +402,7 @@ def to_fairseq_state(model: nn.Module) -> dict[str, Tensor]:
     if not isinstance(model, (HubertModel, HubertPretrainModel)):
         raise TypeError(f"expected a HubertModel or HubertPretrainModel, got {type(model).__name__}")
     config = model.config
+    check_exportable(config)
     encoder = model.hubert if isinstance(model, HubertPretrainModel) else model
     prefix = "hubert." if isinstance(model, HubertPretrainModel) else ""
     state = {fairseq_name(k, config.feat_extract_norm): v.detach().to("cpu").clone()
@@ -498,7 +493,8 @@ def _parse(obj: Any, path: Path) -> tuple[dict, dict, dict, str, list[int] | Non
         cfg = _resolve(cfg, cfg)
         model_cfg, task_cfg = cfg.get("model") or {}, cfg.get("task") or {}
         state = obj["model"]
-        if any(str(k).startswith(FINETUNED_PREFIX) for k in state):  # CTC fine-tuned: the pretrained model inside
+        finetuned = any(str(k).startswith(FINETUNED_PREFIX) for k in state)
+        if finetuned:  # CTC fine-tuned: the pretrained model inside
             inner = model_cfg.get("w2v_args")
             if not isinstance(inner, dict) or not inner:
                 raise CheckpointError(f"{path}: a fine-tuned checkpoint without w2v_args (the pretrained model's "
@@ -513,7 +509,9 @@ def _parse(obj: Any, path: Path) -> tuple[dict, dict, dict, str, list[int] | Non
             criterion = None
         else:
             criterion = cfg.get("criterion") if isinstance(cfg.get("criterion"), dict) else None
-        dictionaries = (_plain(obj.get("task_state")) or {}).get("dictionaries") or []
+        # the pretraining task's label dictionaries (a fine-tuned checkpoint's are its CTC targets': not ours)
+        task_state = {} if finetuned else _plain(obj.get("task_state")) or {}
+        dictionaries = task_state.get("dictionaries") or []
         num_classes = [len(d["symbols"]) for d in dictionaries
                        if isinstance(d, dict) and isinstance(d.get("symbols"), list)] or None
         arch = _arch(model_cfg, state, path, default="hubert")
