@@ -182,6 +182,7 @@ def _speech_commands(root: Path) -> tuple[Path, Path]:
     _audio(corpus / "_background_noise_/white_noise.wav", 10.5)  # 10 slices: 0-7 train, 8 dev, 9 test
     _audio(corpus / "_background_noise_/running_tap.wav", 2.3)  # 2 slices: train
     _text(corpus / "_background_noise_/README.md", "noise\n")
+    (corpus / "yes/._0a7c2a8d_nohash_0.wav").write_bytes(b"\x00\x05 macOS resource fork, not audio")
     _text(corpus / "validation_list.txt", "yes/aaaa0001_nohash_0.wav\nbed/bbbb0002_nohash_0.wav\n")
     _text(corpus / "testing_list.txt", "no/cccc0003_nohash_1.wav\n")
     _text(corpus / "README.md", "speech commands\n")
@@ -340,6 +341,9 @@ def test_voxceleb1_bad_input(tmp_path):
     with pytest.raises(MissingInputError, match="iden_split.txt: VoxCeleb1 iden_split.txt not found"):
         prepare_voxceleb1(corpus, tmp_path / "o", asv=False)
     assert not (tmp_path / "o").exists()
+    (tmp_path / "o").mkdir()  # an existing output is refused before the corpus is read
+    with pytest.raises(UserError, match=r"o: already exists; remove it or choose another --out"):
+        prepare_voxceleb1(corpus, tmp_path / "o", asv=False)
 
 
 # ------------------------------------------------------------------------------------------------ IEMOCAP

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from tqdm import tqdm
@@ -29,12 +29,14 @@ from speechssl.fileio import atomic_dir, atomic_write_text
 
 __all__ = [
     "CorpusError",
+    "visible",
     "need_file",
     "need_dir",
     "read_lines",
     "check_listed_audio",
     "durations",
     "floor_slices",
+    "fresh_output",
     "output_tree",
     "write_split",
     "write_summary",
@@ -47,6 +49,11 @@ log = logging.getLogger(__name__)
 
 class CorpusError(UserError):
     """A corpus file that does not look like the released corpus: the message names ``file:line`` and the fix."""
+
+
+def visible(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without hidden entries (``.DS_Store``, macOS ``._*`` resource forks), sorted."""
+    return sorted(p for p in paths if not p.name.startswith("."))
 
 
 def need_file(path: str | os.PathLike, what: str) -> Path:
@@ -103,12 +110,18 @@ def floor_slices(total: float, length: float) -> int:
     return int(math.floor(total / length + 1e-9))
 
 
-@contextlib.contextmanager
-def output_tree(out: str | os.PathLike) -> Iterator[Path]:
-    """A temp dir that becomes ``out`` by one rename if the block succeeds; ``out`` must not exist yet."""
+def fresh_output(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if nothing is there yet (checked before the corpus is read, so a rerun fails at once)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out}: already exists; remove it or choose another --out (a preparation is never merged)")
+    return out
+
+
+@contextlib.contextmanager
+def output_tree(out: str | os.PathLike) -> Iterator[Path]:
+    """A temp dir that becomes ``out`` by one rename if the block succeeds; ``out`` must not exist yet."""
+    out = fresh_output(out)
     with atomic_dir(out) as tmp:
         yield tmp
     log.info("wrote %s", out)

@@ -27,6 +27,7 @@ from speechssl.superb.corpora.common import (
     durations,
     need_dir,
     need_file,
+    fresh_output,
     output_tree,
     run_main,
     token,
@@ -82,6 +83,7 @@ def _read_csv(corpus: Path, path: Path) -> dict[str, tuple[str, Path, str, str, 
 
 def prepare_fluent_speech_commands(corpus_dir: str | Path, out_dir: str | Path, *, with_durations: bool = True) -> dict:
     """Write ``out_dir/{train,dev,test}`` with ``text`` and ``utt2intent``; see the module docstring."""
+    fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "fluent_speech_commands_dataset directory")
     splits = {s: _read_csv(corpus, need_file(corpus / "data" / name, f"FSC {s} list")) for s, name in SPLITS.items()}
     counts: dict[str, dict[str, int]] = {}

@@ -28,9 +28,11 @@ from speechssl.superb.corpora.common import (
     check_listed_audio,
     durations,
     need_dir,
+    fresh_output,
     output_tree,
     read_lines,
     run_main,
+    visible,
     write_split,
     write_summary,
 )
@@ -89,6 +91,7 @@ def fold_utterances(utt2session: dict[str, str], fold: int) -> tuple[list[str], 
 
 def prepare_iemocap(corpus_dir: str | Path, out_dir: str | Path, *, with_durations: bool = True) -> dict:
     """Write ``out_dir/all`` (utt2emo, utt2session); see the module docstring. Returns the summary."""
+    fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "IEMOCAP_full_release directory")
     utts: dict[str, tuple[str, str, Path, str]] = {}
     sessions: dict[str, str] = {}
@@ -96,7 +99,7 @@ def prepare_iemocap(corpus_dir: str | Path, out_dir: str | Path, *, with_duratio
     for k in SESSIONS:
         eval_dir = need_dir(corpus / f"Session{k}" / "dialog" / "EmoEvaluation", f"IEMOCAP Session{k} EmoEvaluation folder")
         wav_dir = need_dir(corpus / f"Session{k}" / "sentences" / "wav", f"IEMOCAP Session{k} sentence wav folder")
-        files = sorted(p for p in eval_dir.glob("*.txt") if not p.name.startswith("."))  # the tarball has ._* files
+        files = visible(eval_dir.glob("*.txt"))  # the tarball carries ._* resource forks
         if not files:
             raise CorpusError(f"{eval_dir}: no <dialog>.txt evaluation files")
         for path in files:

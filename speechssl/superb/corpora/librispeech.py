@@ -28,6 +28,7 @@ from speechssl.superb.corpora.common import (
     check_listed_audio,
     need_dir,
     need_file,
+    fresh_output,
     output_tree,
     read_lines,
     run_main,
@@ -175,6 +176,7 @@ def prepare_librispeech(
     """
     if oov not in ("error", "skip"):
         raise CorpusError(f"--oov must be 'error' or 'skip', got {oov!r}")
+    fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "LibriSpeech corpus directory")
     parts = dict(DEFAULT_PARTS if parts is None else parts)
     lex = read_lexicon(lexicon) if lexicon is not None else None

@@ -44,9 +44,11 @@ from speechssl.superb.corpora.common import (
     floor_slices,
     need_dir,
     need_file,
+    fresh_output,
     output_tree,
     read_lines,
     run_main,
+    visible,
     write_split,
     write_summary,
 )
@@ -106,7 +108,7 @@ def _read_list(corpus: Path, name: str, words: set[str]) -> dict[str, str]:
 def _silence_slices(corpus: Path) -> dict[str, dict[str, _Utt]]:
     """split -> utt -> 1 s slice of a background-noise recording (slice i: train i%10<8, dev 8, test 9)."""
     noise_dir = need_dir(corpus / BACKGROUND, "Speech Commands background noise folder")
-    files = sorted(p for p in noise_dir.iterdir() if p.suffix == ".wav" and not p.name.startswith("."))
+    files = [p for p in visible(noise_dir.iterdir()) if p.suffix == ".wav"]
     if not files:
         raise CorpusError(f"{noise_dir}: no .wav noise recordings; the _silence_ class is cut from them")
     durs = durations({p.stem: str(p) for p in files}, {p.stem: str(p) for p in files})
@@ -141,14 +143,14 @@ def _data_dir(utts: dict[str, _Utt], *, desc: str) -> DataDir:
 
 def _test_set(test_dir: Path) -> dict[str, _Utt]:
     """The official test-set tree: the folder is the class; clips <speaker>_nohash_<n>.wav (others: speaker = class)."""
-    folders = sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in visible(test_dir.iterdir()) if p.is_dir()]
     if not folders:
         raise CorpusError(f"{test_dir}: no class folders; expected the 12 folders of speech_commands_test_set_v0.01")
     utts: dict[str, _Utt] = {}
     for folder in folders:
         if folder.name not in CLASSES:
             raise CorpusError(f"{folder}: not one of the 12 classes ({' '.join(CLASSES)}); is this the v0.01 test set?")
-        for p in sorted(folder.glob("*.wav")):
+        for p in visible(folder.glob("*.wav")):
             if _CLIP.fullmatch(p.name):
                 utt, x = _clip_utt(p, folder.name, folder.name, str(p))
             else:  # _silence_ clips are numbered, not per speaker
@@ -163,9 +165,10 @@ def _test_set(test_dir: Path) -> dict[str, _Utt]:
 
 def prepare_speech_commands(corpus_dir: str | Path, out_dir: str | Path, *, test_set_dir: str | Path | None = None) -> dict:
     """Write ``out_dir/{train,dev,test}`` (and ``test_official`` from ``test_set_dir``); see the module docstring."""
+    fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "Speech Commands v0.01 directory")
     test_dir = need_dir(test_set_dir, "Speech Commands v0.01 test-set directory") if test_set_dir is not None else None
-    words = {p.name for p in corpus.iterdir() if p.is_dir() and p.name != BACKGROUND and not p.name.startswith(".")}
+    words = {p.name for p in visible(corpus.iterdir()) if p.is_dir() and p.name != BACKGROUND}
     missing = [w for w in KEYWORDS if w not in words]
     if missing:
         raise CorpusError(f"{corpus}: keyword folder {missing[0]!r} missing; is this speech_commands_v0.01 extracted?")
@@ -176,7 +179,7 @@ def prepare_speech_commands(corpus_dir: str | Path, out_dir: str | Path, *, test
         raise CorpusError(f"{lists['test'][clip]}: {clip} is also in the validation list ({lists['dev'][clip]})")
     splits: dict[str, dict[str, _Utt]] = {"train": {}, "dev": {}, "test": {}}
     for word in sorted(words):
-        for p in sorted((corpus / word).glob("*.wav")):
+        for p in visible((corpus / word).glob("*.wav")):
             rel = f"{word}/{p.name}"
             split = "dev" if rel in lists["dev"] else "test" if rel in lists["test"] else "train"
             utt, x = _clip_utt(p, word, _word_label(word), lists[split][rel] if split != "train" else str(p))

@@ -36,9 +36,11 @@ from speechssl.superb.corpora.common import (
     durations,
     need_dir,
     need_file,
+    fresh_output,
     output_tree,
     read_lines,
     run_main,
+    visible,
     write_split,
     write_summary,
 )
@@ -68,7 +70,7 @@ class _Resolver:
         self.roots = roots
         self.speaker_root: dict[str, Path] = {}
         for root in reversed(roots):  # the first root wins
-            for d in root.iterdir():
+            for d in visible(root.iterdir()):
                 if d.is_dir():
                     self.speaker_root[d.name] = root
 
@@ -158,6 +160,7 @@ def prepare_voxceleb1(
     with_durations: bool = True,
 ) -> dict:
     """Write ``out_dir/sid/{train,dev,test}`` and (``asv``) ``out_dir/asv/{train,test}`` + ``asv/test/trials``."""
+    fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "VoxCeleb1 directory")
     resolver = _Resolver(_wav_roots(corpus, wav_roots))
     iden = need_file(iden_split if iden_split is not None else corpus / "iden_split.txt", "VoxCeleb1 iden_split.txt")
