@@ -52,7 +52,7 @@ from .checkpoint import CheckpointError, load_model, read_config
 from .config import HubertConfig
 from .hubert import HubertModel, HubertPretrainModel
 
-__all__ = ["load_pickle", "read_pickle", "export_s3prl", "to_fairseq_state", "from_fairseq_state",
+__all__ = ["load_pickle", "read_pickle", "export_s3prl", "check_exportable", "to_fairseq_state", "from_fairseq_state",
            "fairseq_name", "config_from_fairseq", "config_to_fairseq", "parse_conv_layers", "format_conv_layers"]
 
 SAMPLE_RATE = 16000
