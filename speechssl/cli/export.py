@@ -7,21 +7,21 @@ CKPT is anything :func:`speechssl.upstream.load` reads: a speechssl checkpoint d
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from speechssl.errors import UserError
 
 FORMATS = {
-    "hf": "a directory transformers' HubertModel.from_pretrained loads (config.json, model.safetensors, "
-          "preprocessor_config.json)",
+    "hf": "a directory transformers' AutoModel.from_pretrained loads (HubertModel, Wav2Vec2Model or WavLMModel: "
+          "config.json, model.safetensors, preprocessor_config.json)",
     "s3prl": "s3prl's converted HuBERT checkpoint (one .pt file: task_cfg, model_cfg, model_weight, "
              "dictionaries_symbols), for s3prl's hubert_local upstream",
 }
 
 
 def register(subparsers, help_: str) -> None:
-    p = subparsers.add_parser("export", help=help_, description=_export.__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("export", help=help_, description=inspect.cleandoc(_export.__doc__ or ""))
     p.add_argument("--ckpt", required=True,
                    help="speechssl or transformers checkpoint directory, random:CKPT, or (with --trust-pickle) a "
                         "fairseq / s3prl .pt file")
@@ -52,7 +52,7 @@ def _export(args: argparse.Namespace) -> int:
         from speechssl.models import export_hf
 
         export_hf(source, out)
-        print(f"wrote {out} (transformers directory: from_pretrained('{out}'))")
+        print(f"wrote {out} (transformers directory: AutoModel.from_pretrained('{out}'))")
     else:
         from speechssl.models.fairseq import export_s3prl
 
