@@ -36,8 +36,8 @@ def register(subparsers, help_: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Write the encoder of a checkpoint in another toolkit's format. `--to hf`: a transformers directory (waveform-
-    CNN models; HuBERT, wav2vec 2.0 and WavLM encoders as their transformers classes). `--to s3prl`: s3prl's
+    """Write the encoder of a checkpoint in another toolkit's format. `--to hf`: a transformers directory
+    (waveform-CNN models; HuBERT, wav2vec 2.0 and WavLM encoders as their transformers classes). `--to s3prl`: s3prl's
     converted HuBERT checkpoint (waveform-CNN HuBERT; a speechssl checkpoint keeps its pretraining head, other
     sources get s3prl's "no dictionary" head). OUT is written atomically; an existing OUT needs --overwrite."""
     out = Path(args.out)
