@@ -63,11 +63,15 @@ class _ConvLayer(nn.Module):
             self.layer_norm = nn.LayerNorm(out_dim, elementwise_affine=True, eps=eps)
         self.activation = nn.GELU()
 
-    def forward(self, x: Tensor, out_lens: Tensor | None = None) -> Tensor:  # [B, C_in, T] -> [B, C_out, T']
-        """``out_lens`` (group norm only): valid output frames per row; the norm's statistics then come from each
-        row's own valid frames (:func:`_per_row_group_norm`). None: ``nn.GroupNorm`` over all ``T'`` frames."""
+    def forward(self, x: Tensor, out_lens: Tensor | None = None,
+                stats: tuple[Tensor, Tensor] | None = None) -> Tensor:  # [B, C_in, T] -> [B, C_out, T']
+        """Group norm only: ``out_lens``: valid output frames per row, the norm's statistics then come from each
+        row's own valid frames (:func:`_per_row_group_norm`); ``stats``: given ``(mean, var)`` per channel ``[C]``
+        (:meth:`ConvFeatureExtractor.forward_long`). Neither: ``nn.GroupNorm`` over all ``T'`` frames."""
         x = self.conv(x)
-        if self.norm_kind == "group":
+        if self.norm_kind == "group" and stats is not None:
+            x = _group_norm_with(x, stats[0].view(1, -1, 1), stats[1].view(1, -1, 1), self.layer_norm)
+        elif self.norm_kind == "group":
             x = self.layer_norm(x) if out_lens is None else _per_row_group_norm(x, out_lens, self.layer_norm)
         elif self.norm_kind == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
@@ -88,9 +92,14 @@ def _per_row_group_norm(x: Tensor, lens: Tensor, norm: nn.GroupNorm) -> Tensor:
     mean = torch.where(valid, xf, 0.0).sum(-1, keepdim=True) / count  # [B, C, 1]
     centred = torch.where(valid, xf - mean, 0.0)
     var = centred.pow_(2).sum(-1, keepdim=True) / count
-    scale = torch.rsqrt(var + norm.eps) * norm.weight.float().view(1, -1, 1)
-    shift = norm.bias.float().view(1, -1, 1) - mean * scale
-    return torch.addcmul(shift, xf, scale).to(x.dtype)
+    return _group_norm_with(x, mean, var, norm)
+
+
+def _group_norm_with(x: Tensor, mean: Tensor, var: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` in float32 (``mean``, ``var`` broadcast over ``x``)."""
+    scale = torch.rsqrt(var.float() + norm.eps) * norm.weight.float().view(1, -1, 1)
+    shift = norm.bias.float().view(1, -1, 1) - mean.float() * scale
+    return torch.addcmul(shift, x.float(), scale).to(x.dtype)
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -141,6 +150,56 @@ class ConvFeatureExtractor(nn.Module):
             lens = (torch.div(lens - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
             x = layer(x, lens if self.per_row_norm and layer.norm_kind == "group" else None)
         return x.transpose(1, 2)
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        """``(samples, stride)``: output frame ``t`` reads samples ``[t * stride, t * stride + samples)``."""
+        field, stride = 1, 1
+        for kernel, s in self.kernels_strides:
+            field += (kernel - 1) * stride
+            stride *= s
+        return field, stride
+
+    @torch.no_grad()
+    def forward_long(self, wav: Tensor, window: int = 30 * 16000) -> Tensor:
+        """``[S]`` -> ``[T, C]``: the frames of ``forward(wav[None])`` for one (long) waveform, computed about
+        ``window`` samples at a time, so memory holds one window's activations instead of the whole utterance's
+        (the Base CNN needs ~0.4 kB per sample at once). The convs are unpadded and local: output frames
+        ``[t0, t1)`` are exactly those of samples ``[t0 * stride, (t1 - 1) * stride + field)``. The group norm
+        takes the whole utterance's statistics (what ``forward`` takes for a lone row), from a first pass of
+        conv 0 (float64 sums). Equal to ``forward`` to float rounding; no gradient."""
+        field, stride = self.receptive_field
+        total = int(self.num_frames(wav.shape[-1]))
+        per = max(1, (window - field) // stride + 1)
+        first = self.conv_layers[0]
+        stats = self._group_norm_stats(wav, window) if first.norm_kind == "group" and total > 0 else None
+        out = []
+        for t0 in range(0, total, per):
+            t1 = min(total, t0 + per)
+            x = wav[t0 * stride: (t1 - 1) * stride + field].reshape(1, 1, -1)
+            for i, layer in enumerate(self.conv_layers):
+                x = layer(x, stats=stats if i == 0 else None)
+            out.append(x[0].transpose(0, 1))
+        if not out:
+            return wav.new_zeros(0, self.output_dim)
+        return torch.cat(out)
+
+    def _group_norm_stats(self, wav: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        """Mean and (biased) variance per channel of conv 0's output over a whole waveform, ``window`` samples at
+        a time."""
+        kernel, stride = self.kernels_strides[0]
+        conv = self.conv_layers[0].conv
+        frames = (wav.shape[-1] - kernel) // stride + 1
+        per = max(1, window // stride)
+        s1 = torch.zeros(conv.out_channels, dtype=torch.float64, device=wav.device)
+        s2 = torch.zeros_like(s1)
+        for f0 in range(0, frames, per):
+            f1 = min(frames, f0 + per)
+            y = conv(wav[f0 * stride: (f1 - 1) * stride + kernel].reshape(1, 1, -1))[0].double()
+            s1 += y.sum(-1)
+            s2 += y.square().sum(-1)
+        mean = s1 / frames
+        return mean, (s2 / frames - mean.square()).clamp(min=0)
 
     def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, S]`` float waveforms (zero beyond ``wav_lens``) -> ``([B, T, C], frame_lens [B])``."""
