@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from speechssl import upstream
+from speechssl.errors import UserError
 from speechssl.models import HubertPretrainModel, hubert_tiny, save_model
 
 
@@ -88,3 +89,36 @@ def test_random_init_seeded_untrained_and_rng_neutral(ckpt, tmp_path):
     hs_b, _ = b([wav])
     for h, h_b in zip(hs, hs_b):
         torch.testing.assert_close(h, h_b, atol=0, rtol=0)
+
+
+def test_parse_layers():
+    assert upstream.parse_layers("all", 4) == [0, 1, 2, 3] == upstream.parse_layers(None, 4)
+    assert upstream.parse_layers("3,0,3", 4) == [0, 3] == upstream.parse_layers([3, 0], 4)
+    with pytest.raises(UserError, match=r"--layers '4': ckpt has hidden states 0\.\.3"):
+        upstream.parse_layers("4", 4, "ckpt")
+    with pytest.raises(UserError, match="comma-separated integers"):
+        upstream.parse_layers("6;9", 13)
+    with pytest.raises(UserError, match="hidden states"):
+        upstream.parse_layers("", 13)
+
+
+def test_group_norm_upstream_is_batch_independent(tmp_path):
+    """Base layout (group-norm CNN): rows of a padded batch equal each utterance alone (the model's own default,
+    whole-batch statistics as fairseq / transformers, does not)."""
+    from speechssl.models import HubertModel, hubert_base
+
+    torch.manual_seed(0)
+    model = HubertModel(hubert_base(conv_layers=[(32, 10, 5), (32, 3, 2)], hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_conv_pos_embeddings=8,
+                                    num_conv_pos_embedding_groups=2))
+    wavs = [torch.randn(1600), torch.randn(12000)]
+    lens = torch.tensor([1600, 12000])
+    batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+    with torch.no_grad():
+        default, frames = model.eval()(batch, lens)
+    up = upstream.Upstream(model)
+    hs, _ = up(batch, lens)
+    alone, _ = up([wavs[0]])
+    n = int(frames[0])
+    torch.testing.assert_close(hs[-1][0, :n], alone[-1][0], atol=1e-4, rtol=1e-4)
+    assert float((default[-1][0, :n] - alone[-1][0]).abs().max()) > 1e-2

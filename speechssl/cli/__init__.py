@@ -27,6 +27,7 @@ _GROUPS = [
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
     ("superb", "SUPERB downstream evaluation: frozen upstream, learned layer weights, task heads"),
     ("export", "write a checkpoint as a transformers directory or an s3prl checkpoint"),
+    ("extract", "hidden states of any checkpoint's layers into feature stores"),
 ]
 
 

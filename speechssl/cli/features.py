@@ -1,4 +1,5 @@
 """`speechssl features ...`: dump MFCC / fbank of a data dir into a sharded store, and describe a store.
+(A checkpoint's hidden layers: `speechssl extract`.)
 
 Each verb parses its arguments and calls one library function in `speechssl.features`.
 """
@@ -15,16 +16,9 @@ from speechssl.errors import UserError
 def _dump(args: argparse.Namespace) -> int:
     from speechssl.features.dump import dump_features
 
-    if args.kind == "hidden":
-        if args.ckpt is None or args.layer is None:
-            raise UserError("--kind hidden needs --ckpt CKPT and --layer L")
-        from speechssl.upstream import dump_hidden
-
-        dump_hidden(args.data, args.out, args.ckpt, args.layer, nshard=args.nshard, rank=args.rank,
-                    device=args.device, overwrite=args.overwrite)
-        return 0
-    if args.ckpt is not None or args.layer is not None:
-        raise UserError("--ckpt/--layer go with --kind hidden")
+    if args.kind == "hidden" or args.ckpt is not None or args.layer is not None:
+        raise UserError("hidden-layer features moved to `speechssl extract --upstream CKPT --data DIR --layers L "
+                        "--out DIR` (store: DIR/layer_L)")
 
     complete = dump_features(
         args.data,
@@ -61,7 +55,8 @@ def register(subparsers, help_: str) -> None:
 
     v = verbs.add_parser(
         "dump",
-        help="compute MFCC (39-d, HuBERT iteration 1), 80-d fbank or a checkpoint layer for a data dir into a sharded store",
+        help="compute MFCC (39-d, HuBERT iteration 1) or 80-d fbank for a data dir into a sharded store "
+             "(a checkpoint's layers: speechssl extract)",
         description="Shards are contiguous ranges of the sorted utterance list. Without --rank, every shard is "
         "dumped in turn (under torchrun: shards $RANK, $RANK+$WORLD_SIZE, ...); finished shards with the same "
         "header are skipped, unfinished ones redone.",
@@ -69,10 +64,9 @@ def register(subparsers, help_: str) -> None:
     v.add_argument("--data", required=True, metavar="DIR", help="Kaldi data dir")
     v.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
     v.add_argument("--kind", choices=("mfcc", "fbank", "hidden"), default="mfcc",
-                   help="hidden: hidden states of --layer of checkpoint --ckpt (iteration >= 2 targets)")
-    v.add_argument("--ckpt", default=None, metavar="DIR", help="checkpoint directory (--kind hidden)")
-    v.add_argument("--layer", type=int, default=None,
-                   help="hidden state index, 0 = encoder input .. num_layers = output (--kind hidden)")
+                   help="mfcc or fbank (hidden: retired, use `speechssl extract`)")
+    v.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)  # retired with --kind hidden: named in the error
+    v.add_argument("--layer", type=int, default=None, help=argparse.SUPPRESS)
     v.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     v.add_argument("--rank", type=int, default=None,
                    help="the one shard to dump (default: torchrun's $RANK share, else every missing shard)")

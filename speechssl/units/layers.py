@@ -6,7 +6,8 @@
   the sample is then planned exactly as ``kmeans fit`` would draw it from a one-shard store of that layer
   (:func:`~speechssl.units.kmeans.sample_indices`, same seed for every layer, as separate fits would use);
 * **pass 1** runs the model once per utterance (batch of one, :func:`speechssl.upstream.layers_extractor`: the
-  numbers are those of ``upstream.layer_extractor`` and so of a ``features dump`` of the layer) and feeds one
+  numbers are those of ``upstream.layer_extractor`` and so of ``speechssl extract --max-duration 0``; batched
+  extraction differs by float rounding only) and feeds one
   :class:`~speechssl.units.kmeans.StreamSampler` per layer (float16, as the layer stores are). Memory is the
   samples: ``n x dim x 2 B`` per layer, printed before starting; ``--max-frames`` caps ``n``;
 * **fit**: :func:`~speechssl.units.fit.fit_sample` per layer on its sample (the code of ``kmeans fit``);
@@ -53,28 +54,11 @@ from speechssl.units.fit import Assigner, FitOptions, fit_sample, memory_estimat
 from speechssl.units.labels import framing_from_features
 from speechssl.units.quality import PhoneUnitCounts, quality_from_counts
 from speechssl.units.sampling import StreamSampler, sample_indices, sample_size
-from speechssl.upstream import layer_feature_meta, layers_extractor
+from speechssl.upstream import layer_feature_meta, layers_extractor, parse_layers
 
 __all__ = ["layer_feature_meta", "parse_layers", "select_utterances", "evaluate_layers", "plot_layers"]
 
 log = logging.getLogger(__name__)
-
-
-def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str = "") -> list[int]:
-    """``all`` / None -> every hidden state 0..num_layers-1; ``"0,3,6"`` or a list -> those (sorted, unique)."""
-    if spec is None or spec == "all":
-        return list(range(num_layers))
-    if isinstance(spec, str):
-        try:
-            layers = [int(p) for p in spec.split(",") if p.strip()]
-        except ValueError:
-            raise UserError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
-    else:
-        layers = [int(p) for p in spec]
-    bad = [layer for layer in layers if not 0 <= layer < num_layers]
-    if bad or not layers:
-        raise UserError(f"--layers {spec!r}: {source or 'the checkpoint'} has hidden states 0..{num_layers - 1}")
-    return sorted(set(layers))
 
 
 def select_utterances(utt_ids: Sequence[str], *, max_utts: int | None = None, subset_frac: float | None = None,

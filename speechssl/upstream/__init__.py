@@ -11,10 +11,16 @@ encoder output, s3prl's convention: 13 for Base) and the valid frames per row. D
 a :class:`~speechssl.models.hubert.HubertModel` of the checkpoint's config, freshly initialised under
 ``torch.manual_seed(seed)`` (the global RNG is left as it was), no weights loaded.
 
+Batch independence: a row of a zero-padded batch gives the hidden states of its utterance run alone (to float
+rounding, <= 1e-4). The transformer masks padded frames; the fbank and layer-norm frontends are per-row; the
+group-norm waveform CNN (Base) takes its statistics over each row's own valid frames here
+(:func:`speechssl.models.frontend.set_per_row_norm`; fairseq and transformers let padding into them).
+
 Callers go through :class:`Upstream` (``num_frames``, ``framing``, ``frame_rate``, ``hidden_sizes``, ``device``),
 never its ``.model``. :func:`layers_extractor` / :func:`layer_extractor` give one utterance's hidden states as
-numpy arrays (``units layers``, ``kmeans label_with``); :func:`dump_hidden` writes a layer into a feature store
-(``features dump --kind hidden``) with the header :func:`layer_feature_meta`.
+numpy arrays (``units layers``, ``kmeans label_with``). Layers of a whole data dir go into feature stores through
+:mod:`speechssl.upstream.extract` (``speechssl extract``: batched, sharded, resumable, optionally chunked), with
+the header :func:`layer_feature_meta`.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from torch import Tensor, nn
 from speechssl.audio import SAMPLE_RATE
 from speechssl.errors import MissingInputError, UserError
 from speechssl.models.checkpoint import load_model, read_config
+from speechssl.models.frontend import ConvFeatureExtractor, lengths_to_mask, set_per_row_norm
 from speechssl.models.hubert import HubertModel
 
 __all__ = ["Upstream", "load", "random_init", "checkpoint_sha1", "layer_extractor", "layers_extractor",
-           "layer_feature_meta", "dump_hidden", "RANDOM_PREFIX"]
+           "layer_feature_meta", "parse_layers", "RANDOM_PREFIX"]
 
 RANDOM_PREFIX = "random:"  # load("random:CKPT") == random_init("CKPT")
 
@@ -55,11 +62,12 @@ def checkpoint_sha1(path: str | Path) -> str:
 
 
 class Upstream(nn.Module):
-    """A frozen encoder mapping a batch of 16 kHz waveforms to every layer's hidden states."""
+    """A frozen encoder mapping a batch of 16 kHz waveforms to every layer's hidden states; each row's equal to
+    its utterance's alone (group norm statistics per row, padded frames masked)."""
 
     def __init__(self, model: HubertModel, source: str = ""):
         super().__init__()
-        self.model = model.eval()
+        self.model = set_per_row_norm(model.eval())
         self.source = source
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -108,7 +116,9 @@ class Upstream(nn.Module):
     @torch.no_grad()
     def forward(self, wavs: Sequence[Tensor] | Tensor, wavs_len: Tensor | None = None,
                 num_layers: int | None = None) -> tuple[list[Tensor], Tensor]:
-        """``wavs``: a list of 1-D waveforms, or a padded ``[B, S]`` batch with ``wavs_len``."""
+        """``wavs``: a list of 1-D waveforms, or a zero-padded ``[B, S]`` batch with ``wavs_len`` (samples per row).
+        ``num_layers``: run only the first ``num_layers`` transformer layers (hidden states ``0..num_layers``, equal
+        to those of a full run). Row ``b``'s first ``lens[b]`` frames do not depend on the other rows."""
         if isinstance(wavs, (list, tuple)):
             if wavs_len is not None:
                 raise ValueError("wavs_len is given by the list itself; pass a padded tensor to use wavs_len")
@@ -119,6 +129,30 @@ class Upstream(nn.Module):
         wavs_len = (wavs_len if wavs_len is not None else torch.full((wavs.shape[0],), wavs.shape[1])).to(device)
         hidden, lens = self.model(wavs, wavs_len, num_layers=num_layers)
         return hidden, lens
+
+
+    @torch.no_grad()
+    def frontend(self, wav: Tensor, window_seconds: float = 30.0) -> Tensor:
+        """``[S]`` -> ``[T, hidden_size]``: one utterance's projected frontend features (the encoder's input),
+        over the whole utterance as :meth:`forward` computes them, with the waveform CNN run
+        ``window_seconds`` at a time (:meth:`~speechssl.models.frontend.ConvFeatureExtractor.forward_long`: memory
+        of one window). With :meth:`encode`, the two halves of :meth:`forward` (chunked inference)."""
+        model = self.model
+        wav = wav.reshape(-1).float().to(self.device)
+        if isinstance(model.feature_extractor, ConvFeatureExtractor):
+            if model.config.normalize_waveform:  # as HubertModel.extract_features, over the whole utterance
+                wav = (wav - wav.mean()) / torch.sqrt(wav.var(unbiased=False) + 1e-5)
+            features = model.feature_extractor.forward_long(wav, int(window_seconds * SAMPLE_RATE))
+        else:
+            features = model.extract_features(wav[None])[0][0]
+        return model.feature_projection(features[None])[0]
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, frame_lens: Tensor | None = None, num_layers: int | None = None) -> list[Tensor]:
+        """Hidden states (as :meth:`forward`'s) of encoder inputs ``x`` ``[B, T, hidden_size]`` (from
+        :meth:`frontend`; ``frame_lens``: valid frames per row, None = all)."""
+        valid = None if frame_lens is None else lengths_to_mask(frame_lens.to(x.device), x.shape[1])
+        return self.model.encoder(x, valid, num_layers=num_layers)
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # fairseq / s3prl checkpoints: torch.save pickles
@@ -191,6 +225,24 @@ def random_init(path: str | Path, *, seed: int = 0, device: str | torch.device =
     return Upstream(model, source=f"{RANDOM_PREFIX}{path}").to(device)
 
 
+def parse_layers(spec: str | Sequence[int] | None, num_layers: int, source: str = "") -> list[int]:
+    """``all`` / None -> every hidden state 0..num_layers-1; ``"0,3,6"`` or a list -> those (sorted, unique).
+    Anything else, or a layer outside 0..num_layers-1: a one-line UserError naming ``source``."""
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        try:
+            layers = [int(p) for p in spec.split(",") if p.strip()]
+        except ValueError:
+            raise UserError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+    else:
+        layers = [int(p) for p in spec]
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {spec!r}: {source or 'the checkpoint'} has hidden states 0..{num_layers - 1}")
+    return sorted(set(layers))
+
+
 def layers_extractor(upstream: Upstream, layers: Sequence[int], *, dtype=np.float16,
                      max_seconds: float = 60.0) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
     """``fn(wav) -> {layer: [T, D]}``: hidden states of ``layers`` (0 = encoder input, ``num_layers - 1`` = output)
@@ -222,15 +274,15 @@ def layer_extractor(upstream: Upstream, layer: int, *, dtype=np.float16,
                     max_seconds: float = 60.0) -> Callable[[np.ndarray], np.ndarray]:
     """``fn(wav) -> [T, D]``: hidden states of ``layer`` (:func:`layers_extractor` of one layer).
 
-    Feeds ``features.dump_with`` and ``kmeans label_with``: iteration 2 labels come from a model layer without the
-    features room importing models.
+    Feeds ``kmeans label_with``: iteration 2 labels come from a model layer without the features room importing
+    models.
     """
     extract = layers_extractor(upstream, [layer], dtype=dtype, max_seconds=max_seconds)
     return lambda wav: extract(wav)[layer]
 
 
 def layer_feature_meta(upstream: Upstream, layer: int, ckpt_sha1: str, dtype: str = "float16") -> dict[str, Any]:
-    """Feature-store header of hidden layer ``layer`` (what :func:`dump_hidden` records, and what ``units layers``
+    """Feature-store header of hidden layer ``layer`` (what ``speechssl extract`` records, and what ``units layers``
     evaluates as): kind ``hubert_l<L>``, model frame rate, framing, checkpoint SHA-1."""
     meta: dict[str, Any] = {
         "kind": f"hubert_l{layer}",
@@ -242,19 +294,3 @@ def layer_feature_meta(upstream: Upstream, layer: int, ckpt_sha1: str, dtype: st
     if upstream.framing is not None:
         meta["framing"] = upstream.framing
     return meta
-
-
-def dump_hidden(data_dir, out_dir, ckpt, layer: int, *, nshard: int | None = 1, rank: int | None = None,
-                device: str = "cpu", overwrite: bool = False, dtype: str = "float16") -> None:
-    """Hidden states of ``layer`` of checkpoint ``ckpt`` for every utterance of ``data_dir`` into a feature store
-    (``features dump --kind hidden``), written by the features room's ``dump_with`` like every other dump.
-
-    The header is :func:`layer_feature_meta`, the same one ``units layers`` evaluates, so k-means fitted on this
-    store and labels assigned from it describe exactly the features ``units layers`` reported on.
-    """
-    from speechssl.features.dump import dump_with
-
-    up = load(ckpt, device=device)
-    meta = layer_feature_meta(up, layer, checkpoint_sha1(ckpt), dtype=dtype)
-    fn = layer_extractor(up, layer, dtype=np.dtype(dtype))
-    dump_with(data_dir, out_dir, fn, meta, nshard=nshard, rank=rank, overwrite=overwrite)
