@@ -145,19 +145,18 @@ if in_stage 8; then
     [ -n "$alignments" ] && best_opts+=(--layers-json "$exp/hubert_iter1/layers/layers.json")
     layer=$(speechssl units best-layer "${best_opts[@]}")
   fi
-  hidden=$dump/hidden_iter1_L$layer
-  for s in $train_set $dev_set; do  # each set dumped once: train feeds the k-means fit and its labels
+  hidden=$dump/hidden_iter1_L$layer  # speechssl extract writes $hidden/$s/layer_$layer (one store per layer)
+  for s in $train_set $dev_set; do  # each set extracted once: train feeds the k-means fit and its labels
     if stage_pending "$hidden/$s"; then
-      log "stage 8: layer $layer of iteration 1 for $s -> $hidden/$s"
-      speechssl features dump --data "$data/$s" --kind hidden --ckpt "$ckpt1" --layer "$layer" \
-        --nshard "$nj" --out "$hidden/$s"
+      log "stage 8: layer $layer of iteration 1 for $s -> $hidden/$s/layer_$layer"
+      speechssl extract --upstream "$ckpt1" --data "$data/$s" --layers "$layer" --nshard "$nj" --out "$hidden/$s"
       touch "$hidden/$s/.done"
     fi
   done
   km=$exp/kmeans_iter1_L${layer}_k$k2
   if stage_pending "$km"; then
     log "stage 8: k-means k=$k2 on layer $layer of iteration 1"
-    speechssl kmeans fit --feats "$hidden/$train_set" --k "$k2" --sample-frac "$sample_frac" \
+    speechssl kmeans fit --feats "$hidden/$train_set/layer_$layer" --k "$k2" --sample-frac "$sample_frac" \
       --max-frames "$max_frames" --out "$km"
     touch "$km/.done"
   fi
@@ -165,7 +164,7 @@ if in_stage 8; then
     out=$dump/labels_iter2/$s
     if stage_pending "$out"; then
       log "stage 8: iteration-2 labels for $s -> $out"
-      speechssl kmeans label --feats "$hidden/$s" --km "$km" --nshard "$nj" --out "$out"
+      speechssl kmeans label --feats "$hidden/$s/layer_$layer" --km "$km" --nshard "$nj" --out "$out"
       touch "$out/.done"
     fi
   done
