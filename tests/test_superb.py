@@ -118,6 +118,28 @@ def test_conv_interface_shapes_and_depth(num_layers, depth):
         conv(torch.randn(num_layers + 1, 3, 5, 8))
 
 
+def test_bilstm_equals_packed_bidirectional_lstm():
+    """The head's two unidirectional LSTMs (backward one on per-row reversed input) = torch's packed BiLSTM."""
+    from torch import nn
+
+    from speechssl.superb.heads import BiLSTM
+
+    torch.manual_seed(0)
+    m = BiLSTM(8, 5, proj_dim=0, hidden=6, num_layers=1, dropout=0.0)
+    ref = nn.LSTM(8, 6, bidirectional=True, batch_first=True)
+    with torch.no_grad():
+        for n in ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]:
+            getattr(ref, n).copy_(getattr(m.fwd[0], n))
+            getattr(ref, n + "_reverse").copy_(getattr(m.bwd[0], n))
+    x, lens = torch.randn(3, 7, 8), torch.tensor([7, 4, 2])
+    packed = nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
+    y, _ = nn.utils.rnn.pad_packed_sequence(ref(packed)[0], batch_first=True, total_length=7)
+    torch.testing.assert_close(m(x, lens)[0], m.out(y), atol=1e-6, rtol=1e-5)
+    down = BiLSTM(8, 5, proj_dim=4, hidden=6, num_layers=2, downsample=2)
+    out, out_lens = down(x, lens)
+    assert out.shape == (3, 4, 5) and out_lens.tolist() == [4, 2, 1]
+
+
 def test_layer_weights_saved(tmp_path):
     ws = WeightedSum(3, 4)
     info = save_layer_weights(ws, [0, 1, 2], tmp_path, title="x")

@@ -46,6 +46,7 @@ class HeadConfig:
     hidden: int = 1024           # asr: LSTM units per direction
     num_layers: int = 2          # asr: BiLSTM layers
     dropout: float = 0.2         # asr: between and after the LSTMs
+    downsample: int = 1          # asr: concatenate k consecutive frames before the LSTMs (s3prl sample_rate)
     tdnn: list[list[int]] = field(default_factory=lambda: [[512, 5, 1], [512, 3, 2], [512, 3, 3], [512, 1, 1],
                                                            [1500, 1, 1]])  # asv: (channels, kernel, dilation)
     emb_dim: int = 512           # asv: x-vector size

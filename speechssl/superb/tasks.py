@@ -248,7 +248,7 @@ class SpeechRecognition(_CTCTask):
     def build_head(self, in_dim: int) -> nn.Module:
         h = self.cfg.head
         return BiLSTM(in_dim, len(self.vocab), proj_dim=h.proj_dim, hidden=h.hidden, num_layers=h.num_layers,
-                      dropout=h.dropout)
+                      dropout=h.dropout, downsample=h.downsample)
 
     def evaluate(self, head, batches, split):
         refs, hyps = [], []

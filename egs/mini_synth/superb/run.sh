@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# mini_synth SUPERB: PR, ASR, KS, SID, ASV and IC on the hubert recipe's corpus for four upstreams — fbank
+# (SUPERB's spectral baseline), the untrained model of iteration 1's config (random init), and the iteration-1 and
+# iteration-2 checkpoints — then one markdown table (exp/table.md).
+#   ./run.sh                          # after ../hubert/run.sh
+#   ./run.sh --upstreams "fbank mfcc" --tasks "pr sid"
+#   ./run.sh --stage 2                # only the table
+# Heads, steps and batches are sized so the whole stage takes <= 6 minutes on 2 CPU cores (conf/*.yaml say how
+# they differ from SUPERB's). Finished runs are reused (--resume), so a rerun only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=100
+hubert=../hubert          # the hubert recipe: its data/ and exp/hubert_iter{1,2}/best
+tasks="pr asr ks sid asv ic"
+upstreams=""              # default: fbank random:ITER1 ITER1 ITER2 (the checkpoints that exist)
+train_every=3             # train on every 3rd training utterance (40 of the 120 minutes) to fit the budget
+exp=exp
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--tasks 'pr asr ks sid asv ic']
+          [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N] [--exp DIR]
+  stage 0: training subset + speaker-verification trials; 1: every task x upstream; 2: the table."
+. ../../../tools/parse_options.sh
+
+data=$hubert/data
+ckpt1=$hubert/exp/hubert_iter1/best
+ckpt2=$hubert/exp/hubert_iter2/best
+[ -f "$data/corpus.json" ] || { echo "$0: $data/corpus.json missing: run $hubert/run.sh first" >&2; exit 1; }
+if [ -z "$upstreams" ]; then
+  upstreams=fbank
+  [ -f "$ckpt1/config.json" ] && upstreams="$upstreams random:$ckpt1 $ckpt1"
+  [ -f "$ckpt2/config.json" ] && upstreams="$upstreams $ckpt2"
+  [ -f "$ckpt1/config.json" ] || echo "$0: no $ckpt1: only the fbank baseline (run $hubert/run.sh first)" >&2
+fi
+log() { echo "$(date '+%F %T') [superb] $*"; }
+
+if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ ! -f "$exp/data/.done" ]; then
+  log "stage 0: every ${train_every}th training utterance -> $exp/data/train; trials for dev and test_spk"
+  rm -rf "$exp/data"
+  mkdir -p "$exp/data"
+  awk -v n="$train_every" 'NR % n == 1 {print $1}' "$data/train/utt2spk" > "$exp/data/train.list"
+  speechssl data subset "$data/train" "$exp/data/train" --utt-list "$exp/data/train.list"
+  awk 'NR == FNR {keep[$1]; next} $1 in keep' "$exp/data/train.list" "$data/train/phones.ctm" \
+    > "$exp/data/train/phones.ctm"
+  speechssl superb trials --data "$data/dev" --out "$exp/data/trials_dev"
+  speechssl superb trials --data "$data/test_spk" --out "$exp/data/trials_test_spk"
+  touch "$exp/data/.done"
+fi
+
+name_of() {  # directory name of an upstream: fbank, random_hubert_iter1, hubert_iter1, ...
+  case "$1" in
+    random:*) echo "random_$(basename "$(dirname "${1#random:}")")" ;;
+    fbank|mfcc|fbank:*|mfcc:*) echo "${1/:/_}" ;;
+    *) basename "$(dirname "$1")" ;;
+  esac
+}
+
+if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  start=$(date +%s)
+  for up in $upstreams; do
+    for task in $tasks; do
+      out=$exp/$(name_of "$up")/$task
+      [ -f "$out/results.json" ] && continue
+      log "stage 1: $task on $up -> $out"
+      opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test")
+      [ "$task" = asv ] && opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test_spk"
+                                 --dev-trials "$exp/data/trials_dev" --test-trials "$exp/data/trials_test_spk")
+      speechssl superb --task "$task" --upstream "$up" "${opts[@]}" --conf "conf/$task.yaml" \
+        --cache-dir "$exp/feature_cache" --out "$out" --resume
+    done
+  done
+  log "stage 1 took $(( $(date +%s) - start )) s"
+fi
+
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  speechssl superb table "$exp/*/*/results.json" --out "$exp/table.md"
+  log "table: $exp/table.md"
+fi
