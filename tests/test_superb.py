@@ -231,6 +231,16 @@ def test_every_task_trains_and_scores(task, corpus, tmp_path):
         assert len(r["folds"]) == 2 and {f["session"] for f in r["folds"]} == {"Ses01", "Ses02"}
 
 
+def test_run_without_cache_matches_cached_run(corpus, tmp_path):
+    """--cache none (upstream every step) trains on the same numbers up to float16 storage: same dev history."""
+    kw = dict(data=corpus, overrides=_SMALL, max_steps=8, lr_sweep=[1e-2], progress=False)
+    disk = run_superb("ks", "fbank:nocmvn", tmp_path / "disk", cache_dir=tmp_path / "c", **kw)
+    live = run_superb("ks", "fbank:nocmvn", tmp_path / "live", cache="none", **kw)
+    assert live["cache"] == "none" and not (tmp_path / "feature_cache").exists()
+    assert live["test"]["accuracy"] == pytest.approx(disk["test"]["accuracy"], abs=0.1)
+    assert live["sweep"][0]["best_step"] == disk["sweep"][0]["best_step"]
+
+
 def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
     """A metric that can fail: 4 speakers with distinct pitch are separable from mean-pooled raw fbank; with
     per-utterance CMVN (SUPERB's FBANK) the pooled projection is the same for every utterance: chance."""
@@ -302,13 +312,15 @@ def test_missing_label_is_one_line_naming_file_and_utterance(corpus, tmp_path):
 
 
 def test_table_across_tasks_and_upstreams(tmp_path):
-    for up, task, metric, val in [("fbank", "pr", "per", 0.5), ("fbank", "sid", "accuracy", 0.25),
-                                  ("random:x/hubert_iter1/best", "pr", "per", 0.4), ("hubert_iter2", "asv", "eer", 0.1)]:
+    runs = [("fbank", "pr", "per", 0.5), ("fbank", "sid", "accuracy", 0.25),
+            ("random:x/hubert_iter1/best", "pr", "per", 0.4), ("hubert_iter2", "asv", "eer", 0.1)]
+    for up, task, metric, val in runs:
         d = tmp_path / up.replace("/", "_").replace(":", "_") / task
         d.mkdir(parents=True)
         label = {"random:x/hubert_iter1/best": "random:hubert_iter1"}.get(up, up)
+        test = {metric: val, **({"min_dcf": 0.5} if task == "asv" else {})}
         (d / "results.json").write_text(json.dumps({"task": task, "metric": metric, "upstream_label": label,
-                                                    "test": {metric: val, **({"min_dcf": 0.5} if task == "asv" else {})}}))
+                                                    "test": test}))
     table = results_table([str(tmp_path / "*" / "*")])
     lines = table.strip().splitlines()
     assert lines[0] == "| upstream | PR PER% ↓ | SID acc% ↑ | ASV EER% ↓ | ASV minDCF ↓ |"

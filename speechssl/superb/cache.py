@@ -106,7 +106,8 @@ def data_fingerprint(dd: DataDir) -> str:
     return h.hexdigest()
 
 
-def cache_dir_for(cache_root: str | Path, label: str, upstream_sha1: str, layers: Sequence[int], data_sha1: str) -> Path:
+def cache_dir_for(cache_root: str | Path, label: str, upstream_sha1: str, layers: Sequence[int],
+                  data_sha1: str) -> Path:
     """The cache directory of one (upstream, layers, data) triple."""
     key = hashlib.sha1(json.dumps({"v": CACHE_VERSION, "upstream": upstream_sha1, "layers": list(layers),
                                    "data": data_sha1, "dtype": "float16"}).encode()).hexdigest()[:16]

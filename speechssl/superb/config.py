@@ -113,7 +113,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_superb_config(task: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SuperbConfig:
+def load_superb_config(task: str, path: str | Path | None = None,
+                       overrides: list[str] | tuple[str, ...] = ()) -> SuperbConfig:
     """``default_config(task)``, then the YAML file (any subset of the keys), then ``key=value`` overrides."""
     if task not in TASKS:
         raise UserError(f"task {task!r}: choose from {', '.join(TASKS)}")

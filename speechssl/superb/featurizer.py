@@ -106,7 +106,8 @@ def build_featurizer(kind: str, num_layers: int, dim: int, *, layer_norm: bool =
     raise UserError(f"featurizer.kind {kind!r}: choose from {', '.join(KINDS)}")
 
 
-def save_layer_weights(featurizer: nn.Module, layers: Sequence[int], out_dir: str | Path, *, title: str = "") -> dict[str, Any]:
+def save_layer_weights(featurizer: nn.Module, layers: Sequence[int], out_dir: str | Path, *,
+                       title: str = "") -> dict[str, Any]:
     """``OUT/layer_weights.json`` (``{"kind", "layers", "weights" | null, "title"}``) and, for a weighted sum,
     ``OUT/layer_weights.png`` (a bar per layer). Returns the JSON dict."""
     out_dir = Path(out_dir)

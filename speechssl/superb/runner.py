@@ -27,7 +27,6 @@ import glob
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -148,6 +147,7 @@ class HeadTrainer:
     seed: int = 0
     progress: bool = True
     tensorboard: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         src = self.sources["train"]
@@ -155,6 +155,8 @@ class HeadTrainer:
         self.featurizer = build_featurizer(self.cfg.featurizer.kind, len(src.layers), src.dim,
                                            layer_norm=self.cfg.featurizer.layer_norm)
         self.head = self.task.build_head(self.featurizer.out_dim)
+        self.featurizer.to(self.device)
+        self.head.to(self.device)
         params = list(self.featurizer.parameters()) + list(self.head.parameters())
         o = self.cfg.optim
         cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
@@ -168,7 +170,7 @@ class HeadTrainer:
     # -- features
     def features(self, split: str, exs: Sequence[Example]) -> tuple[Tensor, Tensor]:
         layers, lens = self.sources[split].get([e.utt for e in exs])
-        return self.featurizer(layers), lens
+        return self.featurizer(layers.to(self.device, non_blocking=True)), lens.to(self.device)
 
     def eval_batches(self, split: Split) -> Iterator[tuple[list[Example], Tensor, Tensor]]:
         durs = [e.duration for e in split.examples]
@@ -196,6 +198,8 @@ class HeadTrainer:
     def save(self) -> Path:
         tensors, meta = _optim_to_flat(self.opt)
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.device(self.device).type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         out = self.run_dir / f"ckpt-{self.step}"
         if out.exists():
             shutil.rmtree(out)
@@ -220,6 +224,8 @@ class HeadTrainer:
         t = load_file(str(ckpt / "state.safetensors"))
         _optim_from_flat(self.opt, t, state["optimizer"])
         torch.set_rng_state(t["rng.torch"])
+        if "rng.cuda" in t and torch.device(self.device).type == "cuda":
+            torch.cuda.set_rng_state(t["rng.cuda"], self.device)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.history, self.best = state["history"], state["best"]
 
@@ -317,11 +323,11 @@ class HeadTrainer:
 
 def train_head(task: Task, cfg: SuperbConfig, train: Split, dev: Split, sources: dict[str, FeatureSource], lr: float,
                run_dir: Path, *, seed: int = 0, resume: bool = False, progress: bool = True,
-               tensorboard: bool = False) -> HeadTrainer:
+               tensorboard: bool = False, device: str = "cpu") -> HeadTrainer:
     """Train one lr to the end (or pick up its finished result); returns the trainer (best head not loaded).
     ``task`` must be fitted on ``train`` already (its vocabularies size the head)."""
     trainer = HeadTrainer(task, cfg, train, dev, sources, lr, run_dir, seed=seed, progress=progress,
-                          tensorboard=tensorboard)
+                          tensorboard=tensorboard, device=device)
     trainer.result = trainer.run(resume=resume)
     return trainer
 
@@ -417,7 +423,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         raise UserError(f"--cache {cache!r}: choose disk or none")
     out = Path(out)
     if (out / "results.json").is_file() and not resume:
-        raise UserError(f"{out}/results.json exists: this run is finished (pass --resume to reuse it, or another --out)")
+        raise UserError(f"{out}/results.json exists: this run is finished (--resume reuses it; or another --out)")
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     dirs = resolve_splits(data, train, dev, test, task=task)
@@ -452,7 +458,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         fold_results = []
         for held, splits in folds:
             r = _sweep(t_obj, cfg, splits, {"train": src, "dev": src, "test": src}, sweep, out / f"fold_{held}", seed,
-                       resume, progress, tensorboard)
+                       resume, progress, tensorboard, device)
             r["session"] = held
             fold_results.append(r)
         test_metrics = {k: float(np.mean([f["test"][k] for f in fold_results])) for k in fold_results[0]["test"]}
@@ -464,7 +470,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         splits = {}
         for name in SPLITS:
             splits[name] = t_obj.make_split(name, dirs[name], dds[name], durs[name])
-        r = _sweep(t_obj, cfg, splits, sources, sweep, out, seed, resume, progress, tensorboard)
+        r = _sweep(t_obj, cfg, splits, sources, sweep, out, seed, resume, progress, tensorboard, device)
         test_metrics, dev_metrics = r["test"], r["dev"]
         chosen = r
         data_info = {k: {"path": str(dirs[k]), "utterances": len(splits[k].examples), "skipped": splits[k].skipped}
@@ -484,7 +490,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
 
 
 def _sweep(task: Task, cfg: SuperbConfig, splits: dict[str, Split], sources: dict[str, Any], sweep: Sequence[float],
-           out: Path, seed: int, resume: bool, progress: bool, tensorboard: bool) -> dict[str, Any]:
+           out: Path, seed: int, resume: bool, progress: bool, tensorboard: bool, device: str) -> dict[str, Any]:
     """Train every lr, pick the best dev score, evaluate its best head on test."""
     task.fit(splits["train"])
     for name in ("dev", "test"):
@@ -492,7 +498,7 @@ def _sweep(task: Task, cfg: SuperbConfig, splits: dict[str, Split], sources: dic
     trainers = []
     for lr in sweep:
         tr = train_head(task, cfg, splits["train"], splits["dev"], sources, lr, out / f"lr_{lr:g}", seed=seed,
-                        resume=resume, progress=progress, tensorboard=tensorboard)
+                        resume=resume, progress=progress, tensorboard=tensorboard, device=device)
         trainers.append(tr)
     scored = [(tr, tr.result["best"]["dev"][task.metric]) for tr in trainers if tr.result["best"]]
     if not scored:

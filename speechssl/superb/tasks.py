@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from speechssl.data.kaldi import DataDir, c_sorted
 from speechssl.errors import MissingInputError, UserError
 from speechssl.superb import metrics
-from speechssl.superb.config import HeadConfig, SuperbConfig
+from speechssl.superb.config import SuperbConfig
 from speechssl.superb.heads import AMSoftmax, BiLSTM, FrameLinear, MeanPoolLinear, XVector
 
 __all__ = ["Example", "Split", "Task", "make_task", "read_trials", "make_trials", "SILENCE_PHONES"]
@@ -145,9 +145,9 @@ class _CTCTask(Task):
         seqs = [[index[t] for t in self.tokens(y)] for y in targets]
         logits, out_lens = head(x, lens)
         lp = logits.log_softmax(-1).transpose(0, 1)   # [T, B, V]
-        flat = torch.tensor([i for s in seqs for i in s], dtype=torch.long)
-        tlens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-        return F.ctc_loss(lp, flat, out_lens, tlens, blank=0, reduction="mean", zero_infinity=True)
+        flat = torch.tensor([i for s in seqs for i in s], dtype=torch.long, device=lp.device)
+        tlens = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=lp.device)
+        return F.ctc_loss(lp, flat, out_lens.to(lp.device), tlens, blank=0, reduction="mean", zero_infinity=True)
 
     def decode(self, head: nn.Module, x: Tensor, lens: Tensor) -> list[list[str]]:
         logits, out_lens = head(x, lens)
@@ -307,13 +307,13 @@ class _Classification(Task):
     def build_head(self, in_dim: int) -> nn.Module:
         return MeanPoolLinear(in_dim, [len(c) for c in self.classes], proj_dim=self.cfg.head.proj_dim)
 
-    def _targets(self, targets: list[tuple[str, ...]]) -> list[Tensor]:
+    def _targets(self, targets: list[tuple[str, ...]], device: torch.device) -> list[Tensor]:
         index = [{c: i for i, c in enumerate(cl)} for cl in self.classes]
-        return [torch.tensor([index[i][t[i]] for t in targets]) for i in range(self.fields)]
+        return [torch.tensor([index[i][t[i]] for t in targets], device=device) for i in range(self.fields)]
 
     def loss(self, head, x, lens, targets):
         logits = head(x, lens)
-        return sum(F.cross_entropy(lg, y) for lg, y in zip(logits, self._targets(targets)))
+        return sum(F.cross_entropy(lg, y) for lg, y in zip(logits, self._targets(targets, x.device)))
 
     def evaluate(self, head, batches, split):
         preds, labels = [], []
@@ -444,7 +444,7 @@ class SpeakerVerification(Task):
 
     def loss(self, head, x, lens, targets):
         index = {s: i for i, s in enumerate(self.speakers)}
-        y = torch.tensor([index[t] for t in targets])
+        y = torch.tensor([index[t] for t in targets], device=x.device)
         return head.amsoftmax(head.xvector(x, lens), y)
 
     def evaluate(self, head, batches, split):

@@ -102,7 +102,8 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--upstream", help="checkpoint | random:CKPT | fbank (default: untrained mini_synth iteration-1 model)")
+    p.add_argument("--upstream",
+                   help="checkpoint | random:CKPT | fbank (default: untrained mini_synth iteration-1 model)")
     p.add_argument("--data", default=str(ROOT / "egs/mini_synth/hubert/data/dev"))
     p.add_argument("--task", default="sid")
     p.add_argument("--steps", type=int, default=30)
