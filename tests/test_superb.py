@@ -163,9 +163,9 @@ def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp
 
     dd = read_data_dir(corpus / "train")
     up = load_upstream(str(ckpt))
-    cached = build_cache(str(ckpt), dd, "all", tmp_path / "cache", upstream=up, progress=False)
+    cached = build_cache(str(ckpt), corpus / "train", "all", tmp_path / "cache", upstream=up, progress=False)
     assert cached.layers == [0, 1, 2] and (cached.cache_dir / "cache.json").is_file()
-    again = build_cache(str(ckpt), dd, "all", tmp_path / "cache", progress=False)   # found, not re-extracted
+    again = build_cache(str(ckpt), corpus / "train", "all", tmp_path / "cache", progress=False)  # found, reused
     assert again.cache_dir == cached.cache_dir
     live = LiveFeatures(up, dd, cached.layers)
     ids = dd.utt_ids()[:5]
@@ -190,11 +190,11 @@ def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp
 
 def test_cache_resumes_unfinished_shards(corpus, tmp_path):
     dd = read_data_dir(corpus / "train")
-    c = build_cache("fbank", dd, "all", tmp_path / "c", shard_utts=16, progress=False)
+    c = build_cache("fbank", corpus / "train", "all", tmp_path / "c", shard_utts=16, progress=False)
     (c.cache_dir / "cache.json").unlink()
     (c.cache_dir / "layer_0" / "shard.1.done").unlink()
     before = (c.cache_dir / "layer_0" / "shard.0.bin").stat().st_mtime_ns
-    c2 = build_cache("fbank", dd, "all", tmp_path / "c", shard_utts=16, progress=False)
+    c2 = build_cache("fbank", corpus / "train", "all", tmp_path / "c", shard_utts=16, progress=False)
     assert (c2.cache_dir / "layer_0" / "shard.0.bin").stat().st_mtime_ns == before   # finished shard kept
     assert len(c2.readers[0]) == len(dd)
 
@@ -254,7 +254,7 @@ def test_head_resume_is_exact(corpus, ckpt, tmp_path):
     cfg = load_superb_config("asr", None, _SMALL + _TASK_OVERRIDES["asr"] + ["optim.max_steps=6", "head.dropout=0.3",
                                                                            "optim.save_every=3"])
     dd = {n: read_data_dir(corpus / n) for n in ("train", "dev")}
-    src = {n: build_cache(str(ckpt), dd[n], "all", tmp_path / "cache", progress=False) for n in dd}
+    src = {n: build_cache(str(ckpt), corpus / n, "all", tmp_path / "cache", progress=False) for n in dd}
 
     def trainer(run_dir):
         task = make_task(cfg)

@@ -13,8 +13,8 @@ logged before anything is written (and a cache larger than the free space is ref
 utterances are cut into shards of ``shard_utts`` (C-sorted, contiguous: :func:`speechssl.sharding.shard_range`),
 a shard finished in every layer is skipped on a rerun, an unfinished one redone.
 
-This module writes the stores through ``FeatureWriter`` itself (``speechssl.upstream`` had no multi-layer
-extraction function when it was written); the layout is the per-layer ``OUT/layer_<L>/`` one.
+The stores are written by ``speechssl.upstream.extract.extract_with`` (``speechssl extract``'s function: the one
+way hidden layers are dumped), so a cache layer is an ordinary feature store of kind ``hubert_l<L>``.
 
 Both feature sources give the same thing: ``source.get(utt_ids) -> (layers [L, B, T, D] float32, lens [B])``.
 :class:`CachedFeatures` reads the stores; :class:`LiveFeatures` loads audio and runs the upstream (``--cache none``:
@@ -36,17 +36,15 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from speechssl.audio import SAMPLE_RATE, audio_info, is_pipe
-from speechssl.data.kaldi import DataDir, load_utterance
+from speechssl.data.kaldi import DataDir, load_utterance, read_data_dir
 from speechssl.errors import UserError
-from speechssl.features.store import FeatureReader, FeatureWriter, shard_done
+from speechssl.features.store import FeatureReader
 from speechssl.fileio import atomic_write_text
-from speechssl.sharding import shard_range
 
 __all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "build_cache", "cache_dir_for", "data_fingerprint",
-           "utterance_durations", "resolve_layers", "disk_estimate", "extract_batches"]
+           "utterance_durations", "disk_estimate", "forward_layers"]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -59,22 +57,6 @@ class FeatureSource(Protocol):
 
     def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``([L, B, T, D] float32, lens [B])`` for these utterances (zero-padded past each length)."""
-
-
-def resolve_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
-    """``"all"`` -> every layer; ``"0,3,6"`` or a list -> those (sorted, unique, range-checked)."""
-    if isinstance(spec, str):
-        if spec.strip() == "all":
-            return list(range(num_layers))
-        try:
-            spec = [int(x) for x in spec.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"layers {spec!r}: expected 'all' or comma-separated layer numbers like 0,3,6") from None
-    layers = sorted({int(x) for x in spec})
-    bad = [x for x in layers if not 0 <= x < num_layers]
-    if bad or not layers:
-        raise UserError(f"layers {bad or spec}: the upstream has layers 0..{num_layers - 1}")
-    return layers
 
 
 def utterance_durations(dd: DataDir) -> dict[str, float]:
@@ -118,22 +100,6 @@ def cache_dir_for(cache_root: str | Path, label: str, upstream_sha1: str, layers
 def disk_estimate(total_seconds: float, frame_rate: float, dims: Sequence[int], bytes_per_value: int = 2) -> int:
     """Bytes of a float16 cache of ``dims`` layers over ``total_seconds`` of audio."""
     return int(total_seconds * frame_rate * sum(dims) * bytes_per_value)
-
-
-def extract_batches(durations: Sequence[float], max_seconds: float) -> list[list[int]]:
-    """Indices grouped for extraction: sorted by duration, padded audio per batch <= ``max_seconds`` (always at
-    least one utterance; ``max_seconds`` 0: one utterance per forward)."""
-    order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and durations[i] * (len(cur) + 1) > max_seconds:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def _pad_stack(per_utt: list[np.ndarray]) -> tuple[Tensor, Tensor]:
@@ -210,38 +176,38 @@ def forward_layers(upstream: nn.Module, wavs: list[Tensor], layers: Sequence[int
     return x, lens
 
 
-def build_cache(upstream_spec: str, dd: DataDir, layers: str | Sequence[int], cache_root: str | Path, *,
-                upstream: nn.Module | None = None, device: str = "cpu", batch_seconds: float = 0.0,
+def build_cache(upstream_spec: str, data_dir: str | os.PathLike, layers: str | Sequence[int], cache_root: str | Path,
+                *, upstream: nn.Module | None = None, device: str = "cpu", max_duration: float | None = None,
                 shard_utts: int = 256, label: str | None = None, progress: bool = True) -> CachedFeatures:
-    """Extract ``layers`` of ``upstream_spec`` for every utterance of ``dd`` into the cache (or find it done).
+    """Extract ``layers`` of ``upstream_spec`` for every utterance of the data dir into the cache (or find it done).
 
-    ``upstream``: an already loaded upstream of that spec (else loaded here, only when something must be
-    extracted or ``layers`` is ``"all"``). ``batch_seconds``: padded audio per forward (0: one utterance per
-    forward, which makes the stored numbers independent of batching). Returns the reader of the finished cache.
+    The stores are written by :func:`speechssl.upstream.extract.extract_with` (the one way layers are dumped:
+    duration-sorted batches of at most ``max_duration`` padded seconds, rows independent of their batch,
+    sharded and resumable) into ``<cache dir>/layer_<L>/``; ``nshard = ceil(utterances / shard_utts)``.
+    ``upstream``: the loaded upstream of that spec (else loaded here). Returns the reader of the finished cache.
     """
+    from speechssl.upstream import parse_layers
+    from speechssl.upstream.extract import extract_with
+
     from speechssl.superb.upstreams import load_upstream, upstream_fingerprint, upstream_label
 
+    dd = read_data_dir(data_dir)
     fp = upstream_fingerprint(upstream_spec)
-    if isinstance(layers, str) or upstream is not None:
-        upstream = upstream if upstream is not None else load_upstream(upstream_spec, device=device)
-        layer_list = resolve_layers(layers, upstream.num_layers)
-    else:
-        layer_list = sorted({int(x) for x in layers})
+    up = upstream if upstream is not None else load_upstream(upstream_spec, device=device)
+    layer_list = parse_layers(layers, up.num_layers, up.source)
     data_sha1 = data_fingerprint(dd)
     out = cache_dir_for(cache_root, label or upstream_label(upstream_spec), fp["sha1"], layer_list, data_sha1)
     if (out / "cache.json").is_file():
         log.info("feature cache %s: complete, reused", out)
         return CachedFeatures(out)
-    if upstream is None:
-        upstream = load_upstream(upstream_spec, device=device)
     utt_ids = dd.utt_ids()
     if not utt_ids:
-        raise UserError("data dir has no utterances")
+        raise UserError(f"{data_dir}: data dir has no utterances")
     durs = utterance_durations(dd)
-    dims = [int(upstream.hidden_sizes[x]) for x in layer_list]
+    dims = [int(up.hidden_sizes[x]) for x in layer_list]
     if len(set(dims)) != 1:
         raise UserError(f"{upstream_spec}: layers {layer_list} differ in width {dims}; select layers of one width")
-    need = disk_estimate(sum(durs.values()), float(upstream.frame_rate), dims)
+    need = disk_estimate(sum(durs.values()), float(up.frame_rate), dims)
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     log.info("feature cache %s: %s, layers %s, %d utterances (%.2f h): about %.2f GB on disk (float16), %.1f GB free",
@@ -250,37 +216,13 @@ def build_cache(upstream_spec: str, dd: DataDir, layers: str | Sequence[int], ca
         raise UserError(f"{out}: the feature cache needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is "
                         "free; use --cache none (upstream every step) or another --cache-dir")
     nshard = max(1, math.ceil(len(utt_ids) / shard_utts))
-    meta_base = {"frame_rate": float(upstream.frame_rate), "dtype": "float16", "dim": dims[0]}
-    todo = [r for r in range(nshard) if not all(shard_done(out / f"layer_{x}", r) for x in layer_list)]
-    if len(todo) < nshard:
-        log.info("feature cache %s: %d of %d shards already extracted (resuming)", out, nshard - len(todo), nshard)
-    bar = tqdm(total=sum(shard_range(len(utt_ids), nshard, r)[1] - shard_range(len(utt_ids), nshard, r)[0]
-                         for r in todo), desc=f"cache {out.name}", unit="utt", disable=not progress,
-               dynamic_ncols=True)
-    for r in todo:
-        start, end = shard_range(len(utt_ids), nshard, r)
-        ids = utt_ids[start:end]
-        writers = [FeatureWriter(out / f"layer_{x}", r, nshard, {
-            **meta_base, "kind": f"superb_l{x}",
-            "source": {"upstream": fp, "layer": x, "data_sha1": data_sha1}}, overwrite=True) for x in layer_list]
-        try:
-            for batch in extract_batches([durs[u] for u in ids], batch_seconds):
-                wavs = [torch.from_numpy(load_utterance(dd.utterance(ids[i]), SAMPLE_RATE)) for i in batch]
-                x, lens = forward_layers(upstream, wavs, layer_list)
-                for b, i in enumerate(batch):
-                    for li, w in enumerate(writers):
-                        w.add(ids[i], x[li, b, : int(lens[b])].numpy().astype(np.float16))
-                bar.update(len(batch))
-            for w in writers:
-                w.close()
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
-    bar.close()
+    complete = extract_with(up, fp["sha1"], data_dir, out, layer_list, max_duration=max_duration, dtype="float16",
+                            nshard=nshard, progress=progress)
+    if not complete:
+        raise UserError(f"{out}: some shards are still being extracted by another process; rerun when it is done")
     info = {"version": CACHE_VERSION, "upstream": fp, "layers": layer_list, "dim": dims[0],
-            "frame_rate": float(upstream.frame_rate), "dtype": "float16", "data_sha1": data_sha1,
-            "num_utts": len(utt_ids), "seconds": round(sum(durs.values()), 3), "bytes_estimate": need,
-            "nshard": nshard}
+            "frame_rate": float(up.frame_rate), "dtype": "float16", "data_sha1": data_sha1,
+            "data_dir": str(data_dir), "num_utts": len(utt_ids), "seconds": round(sum(durs.values()), 3),
+            "bytes_estimate": need, "nshard": nshard}
     atomic_write_text(out / "cache.json", json.dumps(info, indent=1) + "\n")
     return CachedFeatures(out)

@@ -43,11 +43,11 @@ from speechssl.config import to_dict
 from speechssl.data.kaldi import DataDir, read_data_dir
 from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_dir, atomic_write_text
-from speechssl.superb.cache import FeatureSource, LiveFeatures, _pad_stack, build_cache, resolve_layers, \
-    utterance_durations
+from speechssl.superb.cache import FeatureSource, LiveFeatures, _pad_stack, build_cache, utterance_durations
 from speechssl.superb.config import SuperbConfig, load_superb_config
 from speechssl.superb.featurizer import build_featurizer, save_layer_weights
 from speechssl.superb.tasks import Example, Split, Task, er_folds, make_task
+from speechssl.upstream import parse_layers
 from speechssl.superb.upstreams import SPECTRAL, load_upstream, upstream_fingerprint, upstream_label
 
 __all__ = ["run_superb", "train_head", "duration_batches", "resolve_splits", "results_table", "HeadTrainer"]
@@ -412,7 +412,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
                max_steps: int | None = None, seed: int = 0, cache: str = "disk", cache_dir: str | Path | None = None,
                resume: bool = False, device: str = "cpu", dev_trials: str | Path | None = None,
                test_trials: str | Path | None = None, progress: bool = True, tensorboard: bool = False,
-               extract_batch_seconds: float = 0.0) -> dict[str, Any]:
+               extract_max_duration: float | None = None) -> dict[str, Any]:
     """One task on one upstream, the lr picked on dev, reported on test; writes ``OUT/results.json`` (returned)."""
     t_start = time.time()
     overrides = list(overrides)
@@ -439,14 +439,14 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
     # features: one source per data dir (the cache covers the whole dir, shared by every task on it)
     fp = upstream_fingerprint(upstream)
     up = load_upstream(upstream, device=device)
-    layers = resolve_layers(cfg.featurizer.layers, up.num_layers)
+    layers = parse_layers(cfg.featurizer.layers, up.num_layers, up.source)
     t_cache = time.time()
     sources: dict[str, Any] = {}
     root = Path(cache_dir) if cache_dir else out.parent / "feature_cache"
     for key, dd in dds.items():
         if cache == "disk":
-            sources[key] = build_cache(upstream, dd, layers, root, upstream=up, device=device,
-                                       batch_seconds=extract_batch_seconds, progress=progress)
+            sources[key] = build_cache(upstream, dirs[key], layers, root, upstream=up, device=device,
+                                       max_duration=extract_max_duration, progress=progress)
         else:
             sources[key] = LiveFeatures(up, dd, layers)
     cache_seconds = time.time() - t_cache

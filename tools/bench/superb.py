@@ -55,7 +55,7 @@ def _trainer(args, source_kind: str):
     import torch
 
     from speechssl.data.kaldi import read_data_dir
-    from speechssl.superb.cache import LiveFeatures, build_cache, resolve_layers
+    from speechssl.superb.cache import LiveFeatures, build_cache
     from speechssl.superb.config import load_superb_config
     from speechssl.superb.runner import HeadTrainer
     from speechssl.superb.tasks import make_task
@@ -63,9 +63,10 @@ def _trainer(args, source_kind: str):
 
     dd = read_data_dir(args.data)
     up = load_upstream(args.upstream, device=args.device)
-    layers = resolve_layers("all", up.num_layers)
+    layers = list(range(up.num_layers))
     if source_kind == "cached":
-        src = build_cache(args.upstream, dd, layers, args.cache_dir, upstream=up, device=args.device, progress=False)
+        src = build_cache(args.upstream, args.data, layers, args.cache_dir, upstream=up, device=args.device,
+                          progress=False)
     else:
         src = LiveFeatures(up, dd, layers)
     cfg = load_superb_config(args.task, None, [f"optim.max_duration={args.max_duration}", "optim.eval_every=1000000",
@@ -120,12 +121,10 @@ def main() -> None:
         tmp = Path(tmp)
         if args.upstream is None:
             args.upstream = _default_upstream(tmp)
-        from speechssl.data.kaldi import read_data_dir
         from speechssl.superb.cache import build_cache
 
         t0 = time.perf_counter()
-        cache = build_cache(args.upstream, read_data_dir(args.data), "all", tmp / "cache", device=args.device,
-                            progress=False)
+        cache = build_cache(args.upstream, args.data, "all", tmp / "cache", device=args.device, progress=False)
         build_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in cache.cache_dir.rglob("*") if f.is_file())
         results = {}
