@@ -5,6 +5,9 @@
 #   ./run.sh                          # after ../hubert/run.sh
 #   ./run.sh --upstreams "fbank mfcc" --tasks "pr sid"
 #   ./run.sh --stage 2                # only the table
+#   ./run.sh --upstreams "fbank fbank:nocmvn random:../hubert/exp/hubert_iter1/best ../hubert/exp/hubert_iter1/best"
+#     (fbank:nocmvn: fbank without per-utterance CMVN, the informative spectral baseline for the mean-pooled
+#      SID / KS / IC heads, which SUPERB's CMVN'd fbank leaves with nothing but the class prior)
 # Heads, steps and batches are sized so the whole stage takes <= 6 minutes on 2 CPU cores (conf/*.yaml say how
 # they differ from SUPERB's). Finished runs are reused (--resume), so a rerun only does what is missing.
 set -euo pipefail
@@ -13,18 +16,20 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 hubert=../hubert          # the hubert recipe: its data/ and exp/hubert_iter{1,2}/best
+ckpt1=""                  # iteration-1 checkpoint (default $hubert/exp/hubert_iter1/best)
+ckpt2=""                  # iteration-2 checkpoint (default $hubert/exp/hubert_iter2/best)
 tasks="pr asr ks sid asv ic"
 upstreams=""              # default: fbank random:ITER1 ITER1 ITER2 (the checkpoints that exist)
 train_every=3             # train on every 3rd training utterance (40 of the 120 minutes) to fit the budget
 exp=exp
-help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--tasks 'pr asr ks sid asv ic']
-          [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N] [--exp DIR]
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--ckpt1 DIR] [--ckpt2 DIR]
+          [--tasks 'pr asr ks sid asv ic'] [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N] [--exp DIR]
   stage 0: training subset + speaker-verification trials; 1: every task x upstream; 2: the table."
 . ../../../tools/parse_options.sh
 
 data=$hubert/data
-ckpt1=$hubert/exp/hubert_iter1/best
-ckpt2=$hubert/exp/hubert_iter2/best
+ckpt1=${ckpt1:-$hubert/exp/hubert_iter1/best}
+ckpt2=${ckpt2:-$hubert/exp/hubert_iter2/best}
 [ -f "$data/corpus.json" ] || { echo "$0: $data/corpus.json missing: run $hubert/run.sh first" >&2; exit 1; }
 if [ -z "$upstreams" ]; then
   upstreams=fbank
@@ -58,6 +63,7 @@ name_of() {  # directory name of an upstream: fbank, random_hubert_iter1, hubert
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   start=$(date +%s)
   for up in $upstreams; do
+    up_start=$(date +%s)
     for task in $tasks; do
       out=$exp/$(name_of "$up")/$task
       [ -f "$out/results.json" ] && continue
@@ -68,6 +74,7 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
       speechssl superb --task "$task" --upstream "$up" "${opts[@]}" --conf "conf/$task.yaml" \
         --cache-dir "$exp/feature_cache" --out "$out" --resume
     done
+    log "stage 1: $up took $(( $(date +%s) - up_start )) s"
   done
   log "stage 1 took $(( $(date +%s) - start )) s"
 fi
