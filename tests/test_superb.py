@@ -241,6 +241,20 @@ def test_run_without_cache_matches_cached_run(corpus, tmp_path):
     assert live["sweep"][0]["best_step"] == disk["sweep"][0]["best_step"]
 
 
+def test_asr_with_sentencepiece_units(corpus, tmp_path):
+    r = run_superb("asr", "fbank", tmp_path / "bpe", data=corpus, max_steps=4, progress=False,
+                   overrides=_SMALL + _TASK_OVERRIDES["asr"] + ["head.units=bpe", "head.bpe_vocab=16"],
+                   cache_dir=tmp_path / "cache")
+    assert r["test"]["wer"] >= 0.0 and math.isfinite(r["test"]["cer"])
+    state = json.loads(next((tmp_path / "bpe").glob("lr_*/ckpt-*/state.json")).read_text())["task_state"]
+    assert "spm_model" in state
+    task = make_task(load_superb_config("asr", None, ["head.units=bpe"]))
+    task.load_state(state)   # the saved sentencepiece model tokenises and detokenises exactly
+    for text in ["YES NO", "DOWN YES", "UP DOWN"]:
+        toks = task.tokens(text)
+        assert toks and set(toks) <= set(state["vocab"]) and task.detok(toks) == text
+
+
 def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
     """A metric that can fail: 4 speakers with distinct pitch are separable from mean-pooled raw fbank; with
     per-utterance CMVN (SUPERB's FBANK) the pooled projection is the same for every utterance: chance."""

@@ -64,15 +64,17 @@ def run(args) -> int:
     words = list(args.overrides)
     if words and words[0] in ("table", "trials"):
         return _table(words[1:], args.out) if words[0] == "table" else _trials(args)
-    missing = [o for o in ("task", "upstream", "out") if getattr(args, o) is None]
-    if missing:
-        raise UserError(f"missing --{' --'.join(missing)} (speechssl superb --help lists the tasks)")
     if args.print_config:
+        if args.task is None:
+            raise UserError("--print-config needs --task (speechssl superb --help lists the tasks)")
         from speechssl.config import to_yaml
         from speechssl.superb.config import load_superb_config
 
         sys.stdout.write(to_yaml(load_superb_config(args.task, args.conf, words)))
         return 0
+    missing = [o for o in ("task", "upstream", "out") if getattr(args, o) is None]
+    if missing:
+        raise UserError(f"missing --{' --'.join(missing)} (speechssl superb --help lists the tasks)")
     sweep = None
     if args.lr_sweep:
         try:

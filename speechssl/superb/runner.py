@@ -530,14 +530,15 @@ def results_table(patterns: Sequence[str]) -> str:
     """One markdown table (rows: spectral baselines, random-init models, then the other upstreams in first-seen
     order; columns: the tasks present) from ``results.json``
     files found by ``patterns`` (globs of result files or of run dirs). Figures in percent; a later file for the
-    same (upstream, task) replaces an earlier one."""
+    same (upstream, task) replaces an earlier one. A matched directory without a ``results.json`` is searched
+    below for them."""
     files: list[Path] = []
     for pat in patterns:
-        for p in sorted(glob.glob(str(pat), recursive=True)) or []:
-            p = Path(p)
-            p = p / "results.json" if p.is_dir() else p
-            if p.is_file() and p not in files:
-                files.append(p)
+        for match in sorted(glob.glob(str(pat), recursive=True)):
+            p = Path(match)
+            found = [p] if p.is_file() else [p / "results.json"] if (p / "results.json").is_file() \
+                else sorted(p.rglob("results.json"))   # a dir of runs (EXP/<upstream>/<task>/results.json)
+            files += [f for f in found if f not in files]
     if not files:
         raise UserError(f"no results.json found by {' '.join(patterns)}")
     cells: dict[tuple[str, str], float] = {}

@@ -218,7 +218,7 @@ class SpeechRecognition(_CTCTask):
             spm.SentencePieceTrainer.train(sentence_iterator=iter([ex.target for ex in train.examples]),
                                            model_writer=model, vocab_size=self.cfg.head.bpe_vocab,
                                            model_type="unigram", character_coverage=1.0, bos_id=-1, eos_id=-1,
-                                           minloglevel=2)
+                                           hard_vocab_limit=False, minloglevel=2)
             self._spm_proto, self._spm = model.getvalue(), None
         super().fit(train)
 

@@ -40,7 +40,7 @@ fi
 log() { echo "$(date '+%F %T') [superb] $*"; }
 
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ ! -f "$exp/data/.done" ]; then
-  log "stage 0: every ${train_every}th training utterance -> $exp/data/train; trials for dev and test_spk"
+  log "stage 0: 1 training utterance in ${train_every} -> $exp/data/train; trials for dev and test_spk"
   rm -rf "$exp/data"
   mkdir -p "$exp/data"
   awk -v n="$train_every" 'NR % n == 1 {print $1}' "$data/train/utt2spk" > "$exp/data/train.list"
