@@ -29,8 +29,8 @@ transformer on windows of ``chunk_seconds`` overlapping by ``overlap_seconds`` (
 at least the positional conv's width), and each frame is taken from the window whose centre region holds it
 (:func:`plan_windows`). Hidden state 0 is then exact; deeper layers are an approximation, since attention is
 global (a frame of the whole utterance sees every other frame, one in a window only the window's). Measured
-deviations (random and trained models, 53 s recordings) are in ``docs/CONTRACTS.md``; the header records
-``source.chunk`` (frames and overlap).
+deviations (a random Base and a trained tiny model, 60 s recordings): ``tools/bench/README.md`` (extract); the
+header records ``source.chunk`` (frames and overlap).
 """
 
 from __future__ import annotations
