@@ -162,7 +162,8 @@ def _collapse_layers(trainer: Trainer) -> None:
 
 
 def _constant(mod, args, out):
-    return torch.ones_like(out)
+    # layers return (hidden states, position bias); only the hidden states collapse
+    return (torch.ones_like(out[0]),) + tuple(out[1:])
 
 
 def test_collapsed_run_fires_a_warning_naming_the_layer(tmp_path, corpus, caplog):

@@ -86,13 +86,13 @@ def test_layers_json_and_plot(case):
 
 
 def test_layer_equals_separate_fit_label_quality(case, tmp_path):
-    """Layer 1 dumped to a store (the recipe's `features dump --kind hidden`), then kmeans fit + label +
+    """Layer 1 dumped to a store (the recipe's `speechssl extract`), then kmeans fit + label +
     units quality: the same numbers."""
     up = upstream.load(case["ckpt"])
     sha1 = upstream.checkpoint_sha1(case["ckpt"])
-    store = tmp_path / "l1"
-    assert main(["features", "dump", "--data", str(case["data"]), "--kind", "hidden", "--ckpt", str(case["ckpt"]),
-                 "--layer", "1", "--out", str(store)]) == 0
+    assert main(["extract", "--upstream", str(case["ckpt"]), "--data", str(case["data"]), "--layers", "1",
+                 "--out", str(tmp_path / "hidden"), "--max-duration", "0"]) == 0
+    store = tmp_path / "hidden" / "layer_1"
     source = FeatureReader(store).meta["source"]
     assert {k: source[k] for k in ("checkpoint_sha1", "layer")} == layer_feature_meta(up, 1, sha1)["source"]
     reference = upstream.layer_extractor(up, 1)

@@ -21,7 +21,7 @@ from speechssl.errors import UserError
 # (module under speechssl.cli, one-line help)
 _GROUPS = [
     ("data", "Kaldi data dirs: validate, fix, convert to/from lhotse, durations, filtering"),
-    ("features", "MFCC / fbank / hidden-layer features into a sharded, memory-mapped store"),
+    ("features", "MFCC / fbank features into a sharded, memory-mapped store"),
     ("kmeans", "k-means pseudo-labels: fit on a streamed sample, label every utterance"),
     ("units", "unit quality: PNMI, phone and cluster purity"),
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),

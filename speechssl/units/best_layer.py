@@ -10,7 +10,7 @@ One rule, two sources:
   (6 layers -> 3, 24 -> 12). A label-free alternative, the layer with the highest effective rank in the collapse
   watch, is not used: rank measures spread, not phonetic content, and is highest near the input.
 
-Layer indices are hidden-state indices as in ``features dump --kind hidden``: 0 is the encoder input, ``i`` the
+Layer indices are hidden-state indices as in ``speechssl extract``: 0 is the encoder input, ``i`` the
 output of transformer layer ``i``.
 """
 
