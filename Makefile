@@ -17,6 +17,7 @@ DEMO_OPTS = optim.max_minutes=$(DEMO_MINUTES) optim.max_steps=$$(( $(DEMO_MINUTE
 demo: install
 	cd egs/mini_synth/hubert && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh \
 	  --iter1-opts "$(DEMO_OPTS)" --iter2-opts "$(DEMO_OPTS)"
+	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh
 
 test: install
 	$(PY) -m pytest tests
@@ -25,4 +26,4 @@ bench: install
 	$(PY) tools/bench/features.py
 
 clean:
-	rm -rf $(VENV) egs/mini_synth/hubert/{data,dump,exp}
+	rm -rf $(VENV) egs/mini_synth/hubert/{data,dump,exp} egs/mini_synth/superb/exp

@@ -20,10 +20,10 @@ from speechssl.audio import save_audio
 from speechssl.data.kaldi import read_data_dir
 from speechssl.errors import UserError
 from speechssl.models import HubertModel, hubert_tiny, save_model
-from speechssl.superb.cache import LiveFeatures, build_cache
+from speechssl.superb.cache import LiveFeatures, PooledFeatures, build_cache
 from speechssl.superb.config import TASKS, load_superb_config
 from speechssl.superb.featurizer import HierarchicalConv, WeightedSum, conv_depth, save_layer_weights
-from speechssl.superb.runner import HeadTrainer, duration_batches, results_table, run_superb
+from speechssl.superb.runner import HeadTrainer, duration_batches, pools_first, results_table, run_superb
 from speechssl.superb.tasks import make_task, make_trials
 
 WORDS = ["YES", "NO", "UP", "DOWN"]
@@ -188,6 +188,38 @@ def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.parametrize("task", ["sid", "ic"])
+def test_pooled_means_train_the_same_head(task, corpus, ckpt, tmp_path):
+    """Mean-pool heads behind the weighted sum train on per-utterance layer means: the same losses and weights as
+    on every frame (the head is linear up to the mean), not merely a similar model."""
+    cfg = load_superb_config(task, None, _SMALL + ["optim.max_steps=5", "optim.eval_every=5", "optim.save_every=5"])
+    assert pools_first(make_task(cfg), cfg)
+    assert not pools_first(make_task(cfg), load_superb_config(task, None, ["featurizer.layer_norm=true"]))
+    assert not pools_first(make_task(load_superb_config("pr")), load_superb_config("pr"))
+    src = {n: build_cache(str(ckpt), corpus / n, "all", tmp_path / "cache", progress=False) for n in ("train", "dev")}
+    runs = []
+    for sources in (src, {n: PooledFeatures(s) for n, s in src.items()}):
+        t = make_task(cfg)
+        splits = {n: t.make_split(n, corpus / n, read_data_dir(corpus / n), read_data_dir(corpus / n).utt2dur)
+                  for n in ("train", "dev")}
+        t.fit(splits["train"])
+        tr = HeadTrainer(t, cfg, splits["train"], splits["dev"], sources, 1e-2, tmp_path / f"run{len(runs)}", seed=1,
+                         progress=False)
+        tr.run()
+        runs.append(tr)
+    full, pooled = runs
+    assert len(full.losses) == 5
+    np.testing.assert_allclose(pooled.losses, full.losses, rtol=1e-5)
+    for a, b in zip(list(full.featurizer.parameters()) + list(full.head.parameters()),
+                    list(pooled.featurizer.parameters()) + list(pooled.head.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert pooled.evaluate(pooled.dev) == full.evaluate(full.dev)
+    ids = read_data_dir(corpus / "dev").utt_ids()[:2]
+    (x, lens), (frames, n) = PooledFeatures(src["dev"]).get(ids), src["dev"].get(ids)
+    assert x.shape[2] == 1 and lens.tolist() == [1, 1]
+    torch.testing.assert_close(x[:, 1, 0], frames[:, 1, : int(n[1])].mean(1))
+
+
 def test_cache_resumes_unfinished_shards(corpus, tmp_path):
     dd = read_data_dir(corpus / "train")
     c = build_cache("fbank", corpus / "train", "all", tmp_path / "c", shard_utts=16, progress=False)
@@ -327,17 +359,18 @@ def test_missing_label_is_one_line_naming_file_and_utterance(corpus, tmp_path):
 
 def test_table_across_tasks_and_upstreams(tmp_path):
     runs = [("fbank", "pr", "per", 0.5), ("fbank", "sid", "accuracy", 0.25),
-            ("random:x/hubert_iter1/best", "pr", "per", 0.4), ("hubert_iter2", "asv", "eer", 0.1)]
+            ("random:x/hubert_iter1/best", "pr", "per", 0.4), ("hubert_iter2", "asv", "eer", 0.1),
+            ("hubert_iter2", "asr", "wer", 0.9)]
     for up, task, metric, val in runs:
         d = tmp_path / up.replace("/", "_").replace(":", "_") / task
         d.mkdir(parents=True)
         label = {"random:x/hubert_iter1/best": "random:hubert_iter1"}.get(up, up)
-        test = {metric: val, **({"min_dcf": 0.5} if task == "asv" else {})}
+        test = {metric: val, **({"min_dcf": 0.5} if task == "asv" else {}), **({"cer": 0.3} if task == "asr" else {})}
         (d / "results.json").write_text(json.dumps({"task": task, "metric": metric, "upstream_label": label,
                                                     "test": test}))
     table = results_table([str(tmp_path / "*" / "*")])
     lines = table.strip().splitlines()
-    assert lines[0] == "| upstream | PR PER% ↓ | SID acc% ↑ | ASV EER% ↓ | ASV minDCF ↓ |"
-    assert lines[2] == "| fbank | 50.0 | 25.0 | – | – |"
-    assert lines[3] == "| random:hubert_iter1 | 40.0 | – | – | – |"
-    assert lines[4] == "| hubert_iter2 | – | – | 10.0 | 0.500 |"
+    assert lines[0] == "| upstream | PR PER% ↓ | ASR WER% ↓ | ASR CER% ↓ | SID acc% ↑ | ASV EER% ↓ | ASV minDCF ↓ |"
+    assert lines[2] == "| fbank | 50.0 | – | – | 25.0 | – | – |"
+    assert lines[3] == "| random:hubert_iter1 | 40.0 | – | – | – | – | – |"
+    assert lines[4] == "| hubert_iter2 | – | 90.0 | 30.0 | – | 10.0 | 0.500 |"

@@ -43,7 +43,7 @@ from speechssl.errors import UserError
 from speechssl.features.store import FeatureReader
 from speechssl.fileio import atomic_write_text
 
-__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "build_cache", "cache_dir_for", "data_fingerprint",
+__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "PooledFeatures", "build_cache", "cache_dir_for", "data_fingerprint",
            "utterance_durations", "disk_estimate", "forward_layers"]
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,33 @@ class CachedFeatures:
                                 "after it was built?)")
             per_utt.append(np.stack([r[utt] for r in self.readers]))
         return _pad_stack(per_utt)
+
+
+class PooledFeatures:
+    """Each utterance's per-layer time mean, as a one-frame utterance: ``get`` -> ``([L, B, 1, D], ones [B])``.
+
+    For heads that are linear up to a mean over time (mean-pool + linear: KS, SID, ER, IC) behind a linear featurizer
+    (weighted sum without per-layer norm), ``mean_t(P(sum_l w_l h_lt)) = P(sum_l w_l mean_t h_lt)``: the same model,
+    the same batches (still drawn by each utterance's duration) and, up to float rounding, the same losses, while a
+    step costs a few hundred vectors instead of every frame. The means are computed once per utterance and kept.
+    """
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.layers, self.dim, self.frame_rate = source.layers, source.dim, source.frame_rate
+        self._means: dict[str, Tensor] = {}
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self.source
+
+    def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+        todo = [u for u in dict.fromkeys(utt_ids) if u not in self._means]
+        if todo:
+            x, lens = self.source.get(todo)
+            sums = x.sum(2)   # zero-padded past each length
+            for b, u in enumerate(todo):
+                self._means[u] = sums[:, b] / float(lens[b])
+        return torch.stack([self._means[u] for u in utt_ids], 1).unsqueeze(2), torch.ones(len(utt_ids), dtype=torch.long)
 
 
 class LiveFeatures:

@@ -43,7 +43,8 @@ from speechssl.config import to_dict
 from speechssl.data.kaldi import DataDir, read_data_dir
 from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_dir, atomic_write_text
-from speechssl.superb.cache import FeatureSource, LiveFeatures, _pad_stack, build_cache, utterance_durations
+from speechssl.superb.cache import (FeatureSource, LiveFeatures, PooledFeatures, _pad_stack, build_cache,
+                                    utterance_durations)
 from speechssl.superb.config import SuperbConfig, load_superb_config
 from speechssl.superb.featurizer import build_featurizer, save_layer_weights
 from speechssl.superb.tasks import Example, Split, Task, er_folds, make_task
@@ -406,6 +407,12 @@ class _Union:
 
 
 # ------------------------------------------------------------------------------------------------ one run
+def pools_first(task: Task, cfg: SuperbConfig) -> bool:
+    """Whether the head may train on per-utterance means (:class:`speechssl.superb.cache.PooledFeatures`): a
+    mean-pool head behind a featurizer that is linear in the frames (weighted sum, no per-layer norm)."""
+    return task.pools_first and cfg.featurizer.kind == "weighted_sum" and not cfg.featurizer.layer_norm
+
+
 def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | None = None,
                train: str | Path | None = None, dev: str | Path | None = None, test: str | Path | None = None,
                conf: str | Path | None = None, overrides: Sequence[str] = (), lr_sweep: Sequence[float] | None = None,
@@ -450,11 +457,16 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         else:
             sources[key] = LiveFeatures(up, dd, layers)
     cache_seconds = time.time() - t_cache
+    pooled = pools_first(t_obj, cfg)
+    if pooled:
+        log.info("superb %s: mean-pool head behind a linear featurizer: trained on per-utterance layer means", task)
 
     sweep = list(lr_sweep) if lr_sweep else [cfg.optim.lr]
     if task == "er":
         folds = _er_fold_splits(t_obj, cfg, dirs, dds, durs)
         src = _Union(list(sources.values()))
+        if pooled:
+            src = PooledFeatures(src)
         fold_results = []
         for held, splits in folds:
             r = _sweep(t_obj, cfg, splits, {"train": src, "dev": src, "test": src}, sweep, out / f"fold_{held}", seed,
@@ -467,6 +479,8 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
                   "layer_weights": fold_results[0]["layer_weights"]}
         data_info = {k: {"path": str(dirs[k]), "utterances": len(dds[k])} for k in dirs}
     else:
+        if pooled:
+            sources = {k: PooledFeatures(v) for k, v in sources.items()}
         splits = {}
         for name in SPLITS:
             splits[name] = t_obj.make_split(name, dirs[name], dds[name], durs[name])
@@ -480,7 +494,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         "upstream": upstream, "upstream_label": upstream_label(upstream), "upstream_sha1": fp["sha1"],
         "test": test_metrics, "dev": dev_metrics, "lr": chosen["lr"], "sweep": chosen.get("sweep"),
         "folds": chosen.get("folds"), "layers": layers, "layer_weights": chosen.get("layer_weights"),
-        "seed": seed, "cache": cache, "data": data_info, "config": to_dict(cfg),
+        "seed": seed, "cache": cache, "pooled_means": pooled, "data": data_info, "config": to_dict(cfg),
         "timing": {"features_s": round(cache_seconds, 2), "total_s": round(time.time() - t_start, 2)},
     }
     atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
@@ -521,9 +535,11 @@ def _sweep(task: Task, cfg: SuperbConfig, splits: dict[str, Split], sources: dic
 
 
 # ------------------------------------------------------------------------------------------------ table
-_COLUMNS = [("pr", "per", "PR PER% ↓"), ("asr", "wer", "ASR WER% ↓"), ("ks", "accuracy", "KS acc% ↑"),
-            ("sid", "accuracy", "SID acc% ↑"), ("asv", "eer", "ASV EER% ↓"), ("er", "accuracy", "ER acc% ↑"),
-            ("ic", "accuracy", "IC acc% ↑")]
+# (task, test metric, header); every figure in percent except minDCF. ASR's CER beside its WER: on a small
+# corpus the WER of a briefly trained head stays near 100 % while the CER already ranks the upstreams.
+_COLUMNS = [("pr", "per", "PR PER% ↓"), ("asr", "wer", "ASR WER% ↓"), ("asr", "cer", "ASR CER% ↓"),
+            ("ks", "accuracy", "KS acc% ↑"), ("sid", "accuracy", "SID acc% ↑"), ("asv", "eer", "ASV EER% ↓"),
+            ("er", "accuracy", "ER acc% ↑"), ("ic", "accuracy", "IC acc% ↑"), ("asv", "min_dcf", "ASV minDCF ↓")]
 
 
 def results_table(patterns: Sequence[str]) -> str:
@@ -541,25 +557,20 @@ def results_table(patterns: Sequence[str]) -> str:
             files += [f for f in found if f not in files]
     if not files:
         raise UserError(f"no results.json found by {' '.join(patterns)}")
-    cells: dict[tuple[str, str], float] = {}
+    cells: dict[tuple[str, str, str], float] = {}
     rows: list[str] = []
     for f in files:
         r = json.loads(f.read_text())
         label = r["upstream_label"]
         if label not in rows:
             rows.append(label)
-        cells[(label, r["task"])] = r["test"][r["metric"]]
-        if r["task"] == "asv" and "min_dcf" in r["test"]:
-            cells[(label, "asv_dcf")] = r["test"]["min_dcf"]
+        for key, value in r["test"].items():
+            cells[(label, r["task"], key)] = value
     rows.sort(key=lambda r: 0 if r in SPECTRAL else 1 if r.startswith("random:") else 2)  # baselines first (stable)
-    tasks = [c for c in _COLUMNS if any((row, c[0]) in cells for row in rows)]
-    head = ["upstream"] + [c[2] for c in tasks]
-    if any((row, "asv_dcf") in cells for row in rows):
-        head.append("ASV minDCF ↓")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cols = [c for c in _COLUMNS if any((row, c[0], c[1]) in cells for row in rows)]
+    lines = ["| " + " | ".join(["upstream"] + [c[2] for c in cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for row in rows:
-        vals = [f"{100 * cells[(row, t)]:.1f}" if (row, t) in cells else "–" for t, _, _ in tasks]
-        if len(head) > len(tasks) + 1:
-            vals.append(f"{cells[(row, 'asv_dcf')]:.3f}" if (row, "asv_dcf") in cells else "–")
+        vals = ["–" if (row, t, k) not in cells else f"{cells[(row, t, k)]:.3f}" if k == "min_dcf"
+                else f"{100 * cells[(row, t, k)]:.1f}" for t, k, _ in cols]
         lines.append("| " + " | ".join([row] + vals) + " |")
     return "\n".join(lines) + "\n"
