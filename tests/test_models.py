@@ -412,3 +412,30 @@ def test_normalize_waveform_is_per_utterance():
     n = int(fl[1])
     torch.testing.assert_close(scaled[-1][:, :n], hs[-1][:, :n], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(hs[-1][1, :n], alone[-1][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,stride,padding,bias", [
+    (1, 16, 10, 5, 0, False),    # Base CNN layer 0 (waveform)
+    (16, 16, 3, 2, 0, True),     # Base CNN layers 1-4 (conv_bias: Large)
+    (16, 8, 2, 2, 0, False),     # Base CNN layers 5-6
+    (80, 32, 3, 2, 1, True),     # fbank frontend (padding kernel // 2)
+    (4, 4, 5, 1, 2, True),
+])
+def test_conv1d_matmul_equals_conv1d_with_gradients(c_in, c_out, kernel, stride, padding, bias):
+    """The frontend's convs run as one matmul over unfolded windows: same values and gradients as nn.Conv1d."""
+    from speechssl.models.frontend import conv1d_matmul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias)
+    for frames in (kernel - 2 * padding, 57, 400):
+        x = torch.randn(3, c_in, frames, requires_grad=True)
+        ours, ref = conv1d_matmul(conv, x), conv(x)
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(ours, [x, conv.weight], g)
+        refs = torch.autograd.grad(ref, [x, conv.weight], g)
+        for a, b in zip(grads, refs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError):   # shorter than the kernel: nn.Conv1d's own error
+        conv1d_matmul(conv, torch.randn(1, c_in, kernel - 2 * padding - 1))
