@@ -111,3 +111,39 @@ def test_rerun_skips_finished_stages(recipe_run):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage 2: fbank" not in proc.stdout and "stage 6: HuBERT" not in proc.stdout
+
+
+def _superb_copy(top: Path) -> Path:
+    job = top / "egs" / "mini_synth" / "superb"
+    shutil.copytree(ROOT / "egs" / "mini_synth" / "superb", job, ignore=shutil.ignore_patterns("exp*"))
+    return job
+
+
+def test_superb_recipe_runs_four_upstreams_in_two_lanes(recipe_run):
+    """egs/mini_synth/superb on the tiny recipe's checkpoints: fbank, random init, iterations 1 and 2 in two lanes,
+    every results.json and one table (PR and ASV: frame-level and the test_spk trials); a lane that fails makes the stage fail."""
+    hubert, _ = recipe_run
+    job = _superb_copy(hubert.parents[2])  # beside the hubert job, so ../../../tools resolves
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    common = ["--hubert", str(hubert), "--data", str(hubert / "data_tiny"),
+              "--ckpt1", str(hubert / "exp_tiny/hubert_iter1/best"), "--ckpt2", str(hubert / "exp_tiny/hubert_iter2/best"),
+              "--train-every", "1", "--nj", "2",
+              "--superb-opts", "--max-steps 2 --no-progress optim.eval_every=2 optim.save_every=2"]
+    proc = subprocess.run(["bash", "run.sh", *common, "--tasks", "pr asv"], cwd=job, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(2 lanes x " in proc.stdout
+    names = ["fbank", "random_hubert_iter1", "hubert_iter1", "hubert_iter2"]
+    for name in names:
+        for task in ("pr", "asv"):
+            res = json.loads((job / "exp" / name / task / "results.json").read_text())
+            assert res["task"] == task and res["test"], (name, task)
+    rows = [ln for ln in (job / "exp/table.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["fbank", "random:hubert_iter1", "hubert_iter1", "hubert_iter2"]
+
+    # one lane fails (a checkpoint that does not exist), the other finishes its upstream: the stage exits non-zero
+    proc = subprocess.run(["bash", "run.sh", *common, "--stop-stage", "1", "--exp", "exp_fail", "--tasks", "sid",
+                           "--upstreams", f"fbank {hubert}/exp_tiny/nowhere/best"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "stage 1 failed" in proc.stdout
+    assert (job / "exp_fail/fbank/sid/results.json").is_file()
