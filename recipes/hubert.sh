@@ -14,9 +14,10 @@ dev_set=dev
 dump=dump                # features and labels
 exp=exp                  # k-means models, checkpoints, reports
 nj=2                     # shards for feature dumping / labelling
-feats1=mfcc              # iteration-1 target features: mfcc (39-d, the paper's) or fbank (80-d)
-cmvn1=none               # their per-utterance CMVN: none, mean or meanvar
-k1=100                   # iteration 1: k-means on those features
+feats1=mfcc              # iteration-1 target sets, FEAT[:CMVN] each (FEAT mfcc: 39-d, the paper's, or fbank: 80-d;
+                         # CMVN per utterance: mean or meanvar, none without); several = one k-means and one
+                         # prediction head each (the paper's cluster ensembles), e.g. "fbank:meanvar mfcc"
+k1=100                   # iteration 1: k-means on each of those features
 k2=100                   # iteration 2: k-means on a hidden layer of the iteration-1 model
 sample_frac=0.1
 max_frames=2000000
@@ -33,7 +34,8 @@ help_message="Usage: $0 [options]
   --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC/fbank, 3 k-means iter1, 4 labels iter1, 5 unit quality,
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
-  --feats1 mfcc|fbank --cmvn1 none|mean|meanvar   iteration-1 target features (default: MFCC, as the paper)
+  --feats1 'FEAT[:CMVN] ...'   iteration-1 target sets (FEAT mfcc|fbank, CMVN mean|meanvar; default: mfcc, as the
+                               paper); several: one k-means each and a target set each (cluster ensemble)
   --k1 K --k2 K --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
   --alignments CTM|''|none     phone CTM of the train set; without it stages 5, 7 and 10 are skipped
   --layer L|auto               hidden layer for iteration-2 labels; auto: best PNMI of stage 7 (needs alignments),
@@ -49,9 +51,10 @@ stage_pending() {  # stage_pending OUT_DIR : succeeds (the stage must run) while
 }
 in_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 
-pretrain_iteration() {  # pretrain_iteration STAGE N CONF OPTS LABEL_DIR [INIT_CKPT] : HuBERT iteration N -> exp/hubert_iterN
-  local stage_no=$1 it=$2 conf=$3 opts=$4 labels=$5 init=${6:-}
-  local out=$exp/hubert_iter$it
+pretrain_iteration() {  # pretrain_iteration STAGE N CONF OPTS K 'LABEL_ROOT ...' [INIT_CKPT] : HuBERT iteration N -> exp/hubert_iterN
+  local stage_no=$1 it=$2 conf=$3 opts=$4 k=$5 labels=$6 init=${7:-}  # one target set (k classes) per label root
+  local out=$exp/hubert_iter$it l tr=() dv=() nc=()
+  for l in $labels; do tr+=("$l/$train_set"); dv+=("$l/$dev_set"); nc+=("$k"); done
   stage_pending "$out" || return 0
   log "stage $stage_no: HuBERT iteration $it -> $out"
   local init_opt=()
@@ -59,8 +62,8 @@ pretrain_iteration() {  # pretrain_iteration STAGE N CONF OPTS LABEL_DIR [INIT_C
   # shellcheck disable=SC2086
   speechssl pretrain --config "$conf" --resume auto exp_dir="$out" \
     data.train="$train" data.dev="$dev" \
-    data.train_labels="[$labels/$train_set]" data.dev_labels="[$labels/$dev_set]" \
-    "${init_opt[@]}" $opts
+    data.train_labels="[$(IFS=,; echo "${tr[*]}")]" data.dev_labels="[$(IFS=,; echo "${dv[*]}")]" \
+    model.num_classes="[$(IFS=,; echo "${nc[*]}")]" "${init_opt[@]}" $opts
   touch "$out/.done"
 }
 
@@ -72,70 +75,77 @@ layer_report() {  # layer_report STAGE N : PNMI by layer of iteration N's best c
     return 0
   fi
   stage_pending "$out" || return 0
-  log "stage $stage_no: what each layer of iteration $it learned (PNMI by layer, k=$k2, beside an untrained model and $f1 units)"
+  log "stage $stage_no: what each layer of iteration $it learned (PNMI by layer, k=$k2, beside an untrained model and ${sets1[0]} units)"
   # shellcheck disable=SC2086
   speechssl units layers --ckpt "$exp/hubert_iter$it/best" --data "$train" --alignments "$alignments" \
-    --k "$k2" --spectral "$dump/$f1/$train_set" $layers_opts --out "$out"
+    --k "$k2" --spectral "$dump/${sets1[0]}/$train_set" $layers_opts --out "$out"
   touch "$out/.done"
 }
 
 [ "$alignments" = none ] && alignments=
 train=$data/$train_set
 dev=$data/$dev_set
-case "$feats1" in mfcc|fbank) ;; *) echo "$0: --feats1 must be mfcc or fbank, got '$feats1'" >&2; exit 1;; esac
-case "$cmvn1" in none|mean|meanvar) ;; *) echo "$0: --cmvn1 must be none, mean or meanvar, got '$cmvn1'" >&2; exit 1;; esac
-f1=$feats1                           # name of the iteration-1 feature store and k-means dir: mfcc, fbank_cmvn-meanvar
-cmvn_opt=()
-[ "$cmvn1" != none ] && f1=${feats1}_cmvn-$cmvn1 && cmvn_opt=(--cmvn "$cmvn1")
+sets1=()    # names of the iteration-1 feature stores, k-means dirs and label roots: mfcc, fbank_cmvn-meanvar, ...
+for f in $feats1; do
+  case "$f" in mfcc|fbank|mfcc:none|fbank:none) sets1+=("${f%:none}") ;;
+    mfcc:mean|mfcc:meanvar|fbank:mean|fbank:meanvar) sets1+=("${f%%:*}_cmvn-${f#*:}") ;;
+    *) echo "$0: --feats1: '$f' is not FEAT[:CMVN] with FEAT mfcc|fbank and CMVN none|mean|meanvar" >&2; exit 1 ;;
+  esac
+done
+[ "${#sets1[@]}" -ge 1 ] || { echo "$0: --feats1 is empty" >&2; exit 1; }
+labels1=""  # iteration-1 label roots, one per target set
+for f1 in "${sets1[@]}"; do labels1="$labels1 $dump/labels_iter1_$f1"; done
 
 if in_stage 1; then
   log "stage 1: validate data dirs and read every audio header (a bad file is named here, not hours later)"
   for d in "$train" "$dev"; do speechssl data validate --audio --nj "$nj" "$d"; done
 fi
 
-if in_stage 2; then
-  for s in $train_set $dev_set; do
-    out=$dump/$f1/$s
-    if stage_pending "$out"; then
-      log "stage 2: $feats1 (CMVN: $cmvn1, 100 Hz) for $s -> $out"
-      speechssl features dump --data "$data/$s" --kind "$feats1" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
-      touch "$out/.done"
-    fi
-  done
-fi
+for f1 in "${sets1[@]}"; do  # stages 2-5 for each iteration-1 target set
+  feat=${f1%%_cmvn-*}; cmvn=none; cmvn_opt=()
+  [ "$f1" != "$feat" ] && cmvn=${f1#*_cmvn-} && cmvn_opt=(--cmvn "$cmvn")
+  km=$exp/kmeans_${f1}_k$k1
+  if in_stage 2; then
+    for s in $train_set $dev_set; do
+      out=$dump/$f1/$s
+      if stage_pending "$out"; then
+        log "stage 2: $feat (CMVN: $cmvn, 100 Hz) for $s -> $out"
+        speechssl features dump --data "$data/$s" --kind "$feat" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
+        touch "$out/.done"
+      fi
+    done
+  fi
 
-if in_stage 3; then
-  out=$exp/kmeans_${f1}_k$k1
-  if stage_pending "$out"; then
-    log "stage 3: k-means k=$k1 on $f1 of $train_set -> $out"
+  if in_stage 3 && stage_pending "$km"; then
+    log "stage 3: k-means k=$k1 on $f1 of $train_set -> $km"
     speechssl kmeans fit --feats "$dump/$f1/$train_set" --k "$k1" --sample-frac "$sample_frac" \
-      --max-frames "$max_frames" --out "$out"
-    touch "$out/.done"
+      --max-frames "$max_frames" --out "$km"
+    touch "$km/.done"
   fi
-fi
 
-if in_stage 4; then
-  for s in $train_set $dev_set; do
-    out=$dump/labels_iter1/$s
-    if stage_pending "$out"; then
-      log "stage 4: iteration-1 labels for $s -> $out"
-      speechssl kmeans label --feats "$dump/$f1/$s" --km "$exp/kmeans_${f1}_k$k1" --nshard "$nj" --out "$out"
-      touch "$out/.done"
+  if in_stage 4; then
+    for s in $train_set $dev_set; do
+      out=$dump/labels_iter1_$f1/$s
+      if stage_pending "$out"; then
+        log "stage 4: iteration-1 labels ($f1 units) for $s -> $out"
+        speechssl kmeans label --feats "$dump/$f1/$s" --km "$km" --nshard "$nj" --out "$out"
+        touch "$out/.done"
+      fi
+    done
+  fi
+
+  if in_stage 5; then
+    if [ -z "$alignments" ]; then
+      log "stage 5: no alignments, no quality report of the $f1 units"
+    else
+      log "stage 5: quality of the $f1 units against $alignments"
+      speechssl units quality --labels "$dump/labels_iter1_$f1/$train_set" --alignments "$alignments" \
+        --out "$km/quality.json" --plot "$km/quality.png"
     fi
-  done
-fi
-
-if in_stage 5; then
-  if [ -z "$alignments" ]; then
-    log "stage 5: no alignments, no quality report of the $f1 units"
-  else
-    log "stage 5: quality of the $f1 units against $alignments"
-    speechssl units quality --labels "$dump/labels_iter1/$train_set" --alignments "$alignments" \
-      --out "$exp/kmeans_${f1}_k$k1/quality.json" --plot "$exp/kmeans_${f1}_k$k1/quality.png"
   fi
-fi
+done
 
-in_stage 6 && pretrain_iteration 6 1 "$iter1_conf" "$iter1_opts" "$dump/labels_iter1"
+in_stage 6 && pretrain_iteration 6 1 "$iter1_conf" "$iter1_opts" "$k1" "$labels1"
 in_stage 7 && layer_report 7 1
 
 if in_stage 8; then
@@ -173,7 +183,7 @@ fi
 if in_stage 9; then
   init=""
   $iter2_init && init=$exp/hubert_iter1/best
-  pretrain_iteration 9 2 "$iter2_conf" "$iter2_opts" "$dump/labels_iter2" "$init"
+  pretrain_iteration 9 2 "$iter2_conf" "$iter2_opts" "$k2" "$dump/labels_iter2" "$init"
 fi
 in_stage 10 && layer_report 10 2
 log "done (stages $stage..$stop_stage)"

@@ -59,11 +59,17 @@ def recipe_run_no_alignments(tmp_path_factory, recipe_run):
 def test_every_stage_left_its_output(recipe_run):
     job, _ = recipe_run
     for d in ["dump_tiny/fbank_cmvn-meanvar/train", "dump_tiny/fbank_cmvn-meanvar/dev", "exp_tiny/kmeans_fbank_cmvn-meanvar_k100",
-              "dump_tiny/labels_iter1/train", "exp_tiny/hubert_iter1", "exp_tiny/hubert_iter1/layers",
+              "dump_tiny/mfcc/train", "dump_tiny/mfcc/dev", "exp_tiny/kmeans_mfcc_k100",
+              "dump_tiny/labels_iter1_fbank_cmvn-meanvar/train", "dump_tiny/labels_iter1_mfcc/dev", "exp_tiny/hubert_iter1", "exp_tiny/hubert_iter1/layers",
               "dump_tiny/labels_iter2/train", "exp_tiny/hubert_iter2", "exp_tiny/hubert_iter2/layers"]:
         assert (job / d / ".done").is_file(), d
-    quality = json.loads((job / "exp_tiny/kmeans_fbank_cmvn-meanvar_k100/quality.json").read_text())
-    assert 0.0 < quality["pnmi"] < 1.0
+    for km in ("kmeans_fbank_cmvn-meanvar_k100", "kmeans_mfcc_k100"):  # one quality report per target set
+        quality = json.loads((job / "exp_tiny" / km / "quality.json").read_text())
+        assert 0.0 < quality["pnmi"] < 1.0
+    # iteration 1 learns both target sets (the cluster ensemble); iteration 2 the one hidden-layer set
+    cfg1 = json.loads((job / "exp_tiny/hubert_iter1/best/config.json").read_text())
+    assert cfg1["model"]["num_classes"] == [100, 100]
+    assert [lab["features"]["kind"] for lab in cfg1["extra"]["labels"]] == ["fbank", "mfcc"]
     layers = json.loads((job / "exp_tiny/hubert_iter1/layers/layers.json").read_text())
     assert layers["best_layer"] == max(layers["layers"], key=lambda r: r["pnmi"])["layer"]
     # iteration-2 labels come from the best layer at the model's 50 Hz frame rate
@@ -84,7 +90,7 @@ def test_each_set_dumped_once_per_layer(recipe_run):
 def test_recipe_runs_without_alignments(recipe_run_no_alignments):
     job, proc = recipe_run_no_alignments
     assert "stage 0" not in proc.stdout  # the corpus was reused
-    for d in ["dump_tiny/fbank_cmvn-meanvar/train", "exp_tiny/kmeans_fbank_cmvn-meanvar_k100", "dump_tiny/labels_iter1/dev",
+    for d in ["dump_tiny/fbank_cmvn-meanvar/train", "exp_tiny/kmeans_fbank_cmvn-meanvar_k100", "dump_tiny/labels_iter1_mfcc/dev",
               "exp_tiny/hubert_iter1", "dump_tiny/labels_iter2/train", "dump_tiny/labels_iter2/dev",
               "exp_tiny/hubert_iter2"]:
         assert (job / d / ".done").is_file(), d

@@ -233,7 +233,7 @@ def test_user_kaldi_dir_runs_through_stages_1_to_8(user_corpus):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "audio readable (header check)" in proc.stdout
-    for d in ["dump/mfcc/train", "dump/mfcc/dev", "exp/kmeans_mfcc_k100", "dump/labels_iter1/train",
+    for d in ["dump/mfcc/train", "dump/mfcc/dev", "exp/kmeans_mfcc_k100", "dump/labels_iter1_mfcc/train",
               "exp/hubert_iter1", "dump/labels_iter2/train", "dump/labels_iter2/dev"]:
         assert (job / d / ".done").is_file(), d
     for s in ("train", "dev"):
