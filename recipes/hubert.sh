@@ -67,6 +67,18 @@ pretrain_iteration() {  # pretrain_iteration STAGE N CONF OPTS K 'LABEL_ROOT ...
   touch "$out/.done"
 }
 
+label_sets() {  # label_sets STAGE WHAT FEATS KM OUT_ROOT : k-means labels of the train and dev sets -> OUT_ROOT/<set>
+  local stage_no=$1 what=$2 feats=$3 km=$4 root=$5 s out  # FEATS: the feature store, {set} standing for the set
+  for s in $train_set $dev_set; do
+    out=$root/$s
+    if stage_pending "$out"; then
+      log "stage $stage_no: $what for $s -> $out"
+      speechssl kmeans label --feats "${feats//\{set\}/$s}" --km "$km" --nshard "$nj" --out "$out"
+      touch "$out/.done"
+    fi
+  done
+}
+
 layer_report() {  # layer_report STAGE N : PNMI by layer of iteration N's best checkpoint (skipped without alignments)
   local stage_no=$1 it=$2
   local out=$exp/hubert_iter$it/layers
@@ -123,16 +135,7 @@ for f1 in "${sets1[@]}"; do  # stages 2-5 for each iteration-1 target set
     touch "$km/.done"
   fi
 
-  if in_stage 4; then
-    for s in $train_set $dev_set; do
-      out=$dump/labels_iter1_$f1/$s
-      if stage_pending "$out"; then
-        log "stage 4: iteration-1 labels ($f1 units) for $s -> $out"
-        speechssl kmeans label --feats "$dump/$f1/$s" --km "$km" --nshard "$nj" --out "$out"
-        touch "$out/.done"
-      fi
-    done
-  fi
+  in_stage 4 && label_sets 4 "iteration-1 labels ($f1 units)" "$dump/$f1/{set}" "$km" "$dump/labels_iter1_$f1"
 
   if in_stage 5; then
     if [ -z "$alignments" ]; then
@@ -170,14 +173,7 @@ if in_stage 8; then
       --max-frames "$max_frames" --out "$km"
     touch "$km/.done"
   fi
-  for s in $train_set $dev_set; do
-    out=$dump/labels_iter2/$s
-    if stage_pending "$out"; then
-      log "stage 8: iteration-2 labels for $s -> $out"
-      speechssl kmeans label --feats "$hidden/$s/layer_$layer" --km "$km" --nshard "$nj" --out "$out"
-      touch "$out/.done"
-    fi
-  done
+  label_sets 8 "iteration-2 labels" "$hidden/{set}/layer_$layer" "$km" "$dump/labels_iter2"
 fi
 
 if in_stage 9; then

@@ -147,6 +147,17 @@ def token(value: str) -> str:
     return "_".join(value.split())
 
 
+def corpus_parser(name: str, doc: str | None, corpus_help: str, *, durations: bool = False) -> argparse.ArgumentParser:
+    """The ``NAME prepare`` parser every corpus shares: ``--corpus``, ``--out`` and, with ``durations``,
+    ``--no-durations``; the description is the module docstring's first paragraph."""
+    p = argparse.ArgumentParser(prog=f"{name} prepare", description=(doc or "").split("\n\n")[0])
+    p.add_argument("--corpus", required=True, help=corpus_help)
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    if durations:
+        p.add_argument("--no-durations", action="store_true", help="skip reading every wav header for utt2dur")
+    return p
+
+
 def run_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], object],
              argv: list[str] | None = None) -> int:
     """Parse, run, and print a `UserError` as one line (exit 1), as the ``speechssl`` command line does."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from speechssl.data.kaldi import DataDir
 from speechssl.superb.corpora.common import (
+    corpus_parser,
     CorpusError,
     check_listed_audio,
     durations,
@@ -103,10 +104,7 @@ def prepare_fluent_speech_commands(corpus_dir: str | Path, out_dir: str | Path, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fluent_speech_commands prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="fluent_speech_commands_dataset directory")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--no-durations", action="store_true", help="skip reading every wav header for utt2dur")
+    p = corpus_parser("fluent_speech_commands", __doc__, "fluent_speech_commands_dataset directory", durations=True)
     return p
 
 

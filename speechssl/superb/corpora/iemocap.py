@@ -24,6 +24,7 @@ from pathlib import Path
 
 from speechssl.data.kaldi import DataDir, c_sorted
 from speechssl.superb.corpora.common import (
+    corpus_parser,
     CorpusError,
     check_listed_audio,
     durations,
@@ -127,10 +128,7 @@ def prepare_iemocap(corpus_dir: str | Path, out_dir: str | Path, *, with_duratio
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iemocap prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="IEMOCAP_full_release directory")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--no-durations", action="store_true", help="skip reading every wav header for utt2dur")
+    p = corpus_parser("iemocap", __doc__, "IEMOCAP_full_release directory", durations=True)
     return p
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechssl.superb.corpora.common import (
+    corpus_parser,
     CorpusError,
     check_listed_audio,
     need_dir,
@@ -189,9 +190,7 @@ def prepare_librispeech(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="librispeech prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="the LibriSpeech/ directory holding the parts")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p = corpus_parser("librispeech", __doc__, "the LibriSpeech/ directory holding the parts")
     p.add_argument("--lexicon", default=None, help="CMUdict / librispeech-lexicon.txt; writes utt2phones (PR)")
     p.add_argument("--oov", choices=("error", "skip"), default="error", help="a transcript word missing from the lexicon")
     for split, part in DEFAULT_PARTS.items():

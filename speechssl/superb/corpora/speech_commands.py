@@ -38,6 +38,7 @@ from pathlib import Path
 
 from speechssl.data.kaldi import DataDir
 from speechssl.superb.corpora.common import (
+    corpus_parser,
     CorpusError,
     check_listed_audio,
     durations,
@@ -200,10 +201,8 @@ def prepare_speech_commands(corpus_dir: str | Path, out_dir: str | Path, *, test
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speech_commands prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="extracted speech_commands_v0.01.tar.gz")
+    p = corpus_parser("speech_commands", __doc__, "extracted speech_commands_v0.01.tar.gz")
     p.add_argument("--test-set", default=None, help="extracted speech_commands_test_set_v0.01.tar.gz (SUPERB's test)")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
     return p
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from speechssl.data.kaldi import DataDir
 from speechssl.fileio import atomic_write_text
 from speechssl.superb.corpora.common import (
+    corpus_parser,
     CorpusError,
     check_listed_audio,
     durations,
@@ -195,14 +196,11 @@ def prepare_voxceleb1(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="voxceleb1 prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", required=True, help="VoxCeleb1 directory (wav trees + protocol files)")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p = corpus_parser("voxceleb1", __doc__, "VoxCeleb1 directory (wav trees + protocol files)", durations=True)
     p.add_argument("--iden-split", default=None, help="default CORPUS/iden_split.txt")
     p.add_argument("--trials", default=None, help="default CORPUS/veri_test2.txt, else CORPUS/veri_test.txt")
     p.add_argument("--no-asv", action="store_true", help="SID only: no trial list needed")
     p.add_argument("--wav-root", action="append", default=None, help="a directory of idNNNNN folders (repeatable; searched first)")
-    p.add_argument("--no-durations", action="store_true", help="skip reading every wav header for utt2dur")
     return p
 
 
