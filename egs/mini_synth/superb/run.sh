@@ -82,7 +82,7 @@ run_upstream() {  # every task for one upstream, in order
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   # Upstreams are independent (each has its own feature cache), so they run in $nj lanes of
-  # $(nproc)/$nj threads each: on 2 cores two 1-thread lanes finish the stage ~1.4x sooner than one 2-thread
+  # $(nproc)/$nj threads each: on 2 cores two 1-thread lanes finish the stage ~1.2x sooner than one 2-thread
   # process (the small heads do not scale to 2 threads). Lane i takes upstreams i, i+nj, ...
   start=$(date +%s)
   read -r -a ups <<< "$upstreams"
