@@ -15,7 +15,8 @@ dump=dump                # features and labels
 exp=exp                  # k-means models, checkpoints, reports
 nj=2                     # shards for feature dumping / labelling
 feats1=mfcc              # iteration-1 target sets, FEAT[:CMVN] each (FEAT mfcc: 39-d, the paper's, or fbank: 80-d;
-                         # CMVN per utterance: mean or meanvar, none without); several = one k-means and one
+                         # CMVN per utterance: mean or meanvar, per speaker: spk-mean or spk-meanvar, none
+                         # without); several = one k-means and one
                          # prediction head each (the paper's cluster ensembles), e.g. "fbank:meanvar mfcc"
 k1=100                   # iteration 1: k-means on each of those features
 k2=100                   # iteration 2: k-means on a hidden layer of the iteration-1 model
@@ -34,7 +35,8 @@ help_message="Usage: $0 [options]
   --stage N / --stop-stage N   run stages N..M (1 validate, 2 MFCC/fbank, 3 k-means iter1, 4 labels iter1, 5 unit quality,
                                6 pretrain iter1, 7 per-layer units, 8 labels iter2, 9 pretrain iter2, 10 per-layer units iter2)
   --data DIR --train-set NAME --dev-set NAME --dump DIR --exp DIR --nj N
-  --feats1 'FEAT[:CMVN] ...'   iteration-1 target sets (FEAT mfcc|fbank, CMVN mean|meanvar; default: mfcc, as the
+  --feats1 'FEAT[:CMVN] ...'   iteration-1 target sets (FEAT mfcc|fbank, CMVN per utterance mean|meanvar or per
+                               speaker spk-mean|spk-meanvar; default: mfcc, as the
                                paper); several: one k-means each and a target set each (cluster ensemble)
   --k1 K --k2 K --iter1-conf YAML --iter2-conf YAML --iter1-opts 'k=v ...'
   --alignments CTM|''|none     phone CTM of the train set; without it stages 5, 7 and 10 are skipped
@@ -100,8 +102,10 @@ dev=$data/$dev_set
 sets1=()    # names of the iteration-1 feature stores, k-means dirs and label roots: mfcc, fbank_cmvn-meanvar, ...
 for f in $feats1; do
   case "$f" in mfcc|fbank|mfcc:none|fbank:none) sets1+=("${f%:none}") ;;
-    mfcc:mean|mfcc:meanvar|fbank:mean|fbank:meanvar) sets1+=("${f%%:*}_cmvn-${f#*:}") ;;
-    *) echo "$0: --feats1: '$f' is not FEAT[:CMVN] with FEAT mfcc|fbank and CMVN none|mean|meanvar" >&2; exit 1 ;;
+    mfcc:mean|mfcc:meanvar|fbank:mean|fbank:meanvar|mfcc:spk-mean|mfcc:spk-meanvar|fbank:spk-mean|fbank:spk-meanvar)
+      sets1+=("${f%%:*}_cmvn-${f#*:}") ;;
+    *) echo "$0: --feats1: '$f' is not FEAT[:CMVN] with FEAT mfcc|fbank and CMVN none|mean|meanvar|spk-mean|spk-meanvar" >&2
+       exit 1 ;;
   esac
 done
 [ "${#sets1[@]}" -ge 1 ] || { echo "$0: --feats1 is empty" >&2; exit 1; }

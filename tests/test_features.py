@@ -316,6 +316,36 @@ def test_dump_matches_unbatched_and_reruns_only_missing(tmp_path, segments):
     np.testing.assert_allclose(r2[u], reference_feats(data, cmvn=True)[u], rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("kind,mode", [("mfcc", "spk-meanvar"), ("fbank", "spk-mean")])
+def test_dump_speaker_cmvn_against_numpy_whatever_the_sharding(tmp_path, kind, mode):
+    """Per-speaker CMVN (Kaldi's compute-cmvn-stats --spk2utt | apply-cmvn [| add-deltas]): each utterance is
+    normalised by the statistics of all frames of its speaker, including utterances in other shards."""
+    from speechssl.features.dump import dump_features
+    from speechssl.features.store import FeatureReader
+
+    data = make_data_dir(tmp_path)  # spk0: 3 utterances, spk1: 2
+    statics = reference_feats(data, kind, **({"deltas": False} if kind == "mfcc" else {}))
+    want = {}
+    for spk in ("spk0", "spk1"):
+        utts = [u for u in statics if u.startswith(spk + "-")]
+        frames = np.concatenate([statics[u] for u in utts]).astype(np.float64)
+        mean, std = frames.mean(0), frames.std(0)
+        for u in utts:
+            y = statics[u] - mean
+            y = y / std if mode == "spk-meanvar" else y
+            want[u] = fairseq_deltas_numpy(y) if kind == "mfcc" else y
+    for nshard in (1, 4):  # 4: spk0's utterances lie in two shards
+        out = tmp_path / f"feats{nshard}"
+        dump_features(data, out, kind=kind, nshard=nshard, cmvn=mode)
+        r = FeatureReader(out)
+        assert r.meta["source"]["options"]["cmvn"] == mode and r.dim == (39 if kind == "mfcc" else 80)
+        for u, w in want.items():
+            np.testing.assert_allclose(r[u], w, rtol=0, atol=5e-4)
+    # a speaker's statistics differ from the utterance's own: per-utterance CMVN gives other numbers
+    own = reference_feats(data, kind, cmvn="meanvar" if mode == "spk-meanvar" else "mean")
+    assert max(np.abs(own[u] - want[u]).max() for u in want) > 0.05
+
+
 def test_dump_by_rank_and_torchrun_env(tmp_path, monkeypatch):
     from speechssl.features.dump import dump_features, resolve_shards
     from speechssl.features.store import FeatureReader, FeatureStoreError

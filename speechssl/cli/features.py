@@ -70,8 +70,9 @@ def register(subparsers, help_: str) -> None:
     v.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     v.add_argument("--rank", type=int, default=None,
                    help="the one shard to dump (default: torchrun's $RANK share, else every missing shard)")
-    v.add_argument("--cmvn", nargs="?", const="mean", choices=("mean", "meanvar"), default=None,
-                   help="per-utterance CMVN of the static features (--cmvn = mean; --cmvn meanvar)")
+    v.add_argument("--cmvn", nargs="?", const="mean", choices=("mean", "meanvar", "spk-mean", "spk-meanvar"),
+                   default=None, help="CMVN of the static features: per utterance (--cmvn = mean; --cmvn meanvar) "
+                   "or per speaker of utt2spk (spk-mean, spk-meanvar; Kaldi's compute-cmvn-stats --spk2utt)")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     v.add_argument("--overwrite", action="store_true", help="redo shards finished with a different header")
     v.add_argument("--batch-seconds", type=float, default=None,

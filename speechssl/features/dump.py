@@ -28,7 +28,7 @@ from tqdm import tqdm
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
 from speechssl.errors import UserError
-from speechssl.features.kaldi import fbank, mfcc, num_frames
+from speechssl.features.kaldi import add_deltas, fbank, mfcc, num_frames
 from speechssl.features.store import (
     FeatureStoreError,
     FeatureWriter,
@@ -42,7 +42,7 @@ from speechssl.features.store import (
 from speechssl.sharding import ids_sha1, resolve_shards, shard_range
 
 __all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS",
-           "dump_meta", "shard_finished"]
+           "dump_meta", "shard_finished", "speaker_cmvn", "CMVN_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,14 @@ KINDS = ("mfcc", "fbank")
 BatchFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
+CMVN_MODES = ("mean", "meanvar", "spk-mean", "spk-meanvar")
+
+
 def feature_meta(kind: str, cmvn: bool | str = False) -> dict[str, Any]:
     """Store meta for the built-in kinds: everything that determines the numbers (but not the device)."""
-    cmvn_mode = {False: None, True: "mean", "mean": "mean", "meanvar": "meanvar", None: None}.get(cmvn, "bad")  # type: ignore[call-overload]
-    if cmvn_mode == "bad":
-        raise UserError(f"cmvn must be False, True/'mean' or 'meanvar', got {cmvn!r}")
+    cmvn_mode = {False: None, True: "mean", None: None}.get(cmvn, cmvn)  # type: ignore[call-overload]
+    if cmvn_mode is not None and cmvn_mode not in CMVN_MODES:
+        raise UserError(f"cmvn must be False, True/'mean', 'meanvar', 'spk-mean' or 'spk-meanvar', got {cmvn!r}")
     common = {
         "sample_rate": SAMPLE_RATE,
         "frame_length_ms": 25.0,
@@ -203,9 +206,12 @@ def _dump(
     overwrite: bool,
     chunk_seconds: float,
     workers: int,
+    shard_post: Callable[[list[Utterance]], Callable[[Utterance, np.ndarray], np.ndarray]] | None = None,
 ) -> bool:
     """Shared driver of ``dump_features`` and ``dump_with``: this process's shards (``resolve_shards``), then
-    True if every shard of the store is finished."""
+    True if every shard of the store is finished. ``shard_post(shard's utterances)``, if given, returns a
+    function ``(utterance, features) -> features`` applied to each utterance of that shard before it is written
+    (per-speaker CMVN)."""
     utt_ids = dd.utt_ids()
     if not utt_ids:
         raise UserError("data dir has no utterances")
@@ -217,6 +223,7 @@ def _dump(
             continue
         start, end = shard_range(len(utt_ids), nshard, r)
         utts = [dd.utterance(u) for u in utt_ids[start:end]]
+        post = shard_post(utts) if shard_post is not None else None
         with FeatureWriter(out_dir, r, nshard, meta, overwrite=overwrite) as writer, tqdm(
             total=len(utts), desc=f"features shard {r}/{nshard}", unit="utt", dynamic_ncols=True
         ) as bar:
@@ -229,7 +236,7 @@ def _dump(
                         )
                 feats = batch_fn([w for _, w in chunk])
                 for (u, wav), f in zip(chunk, feats):
-                    f = np.asarray(f)
+                    f = np.asarray(f) if post is None else post(u, np.asarray(f))
                     if f.ndim != 2:
                         raise ValueError(f"utt {u.utt_id}: feature function returned shape {f.shape}, expected [T, D]")
                     writer.add(u.utt_id, f)
@@ -260,14 +267,68 @@ def dump_features(
     the torchrun worker's shards, else every shard); returns True once every shard is finished. Audio is read
     with ``workers`` threads and features are computed in padded batches of at most ``batch_seconds`` of audio on
     ``device`` (default: 10 s on CPU, 300 s on GPU, see ``default_batch_seconds``).
+
+    ``cmvn``: ``"mean"``/``"meanvar"`` normalise each utterance by its own statistics; ``"spk-mean"``/
+    ``"spk-meanvar"`` by its speaker's (utt2spk), as Kaldi's ``compute-cmvn-stats --spk2utt | apply-cmvn`` does.
+    Both act on the static features, before MFCC deltas. Per-speaker statistics are summed over every utterance
+    of the speakers in a shard, wherever they lie, so the numbers do not depend on ``nshard``.
     """
     meta = feature_meta(kind, cmvn)
-    cmvn_arg: bool | str = meta["source"]["options"]["cmvn"] or False
+    mode = meta["source"]["options"]["cmvn"]
     dd = read_data_dir(data_dir)
-    extract = batch_extractor(kind, cmvn=cmvn_arg, device=device, batch_seconds=batch_seconds)
     chunk_seconds = max(60.0, 4 * (batch_seconds or default_batch_seconds(device)))  # audio held in RAM at once
-    return _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
-                 workers=workers)
+    if mode is None or not mode.startswith("spk-"):
+        extract = batch_extractor(kind, cmvn=mode or False, device=device, batch_seconds=batch_seconds)
+        return _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
+                     workers=workers)
+    statics = batch_extractor(kind, device=device, batch_seconds=batch_seconds, deltas=False)
+
+    def shard_post(utts: list[Utterance]) -> Callable[[Utterance, np.ndarray], np.ndarray]:
+        norm = speaker_cmvn(dd, {u.speaker for u in utts}, statics, variance=mode == "spk-meanvar",
+                            chunk_seconds=chunk_seconds, workers=workers)
+
+        def post(u: Utterance, x: np.ndarray) -> np.ndarray:
+            shift, scale = norm[u.speaker]
+            y = ((x.astype(np.float64) - shift) * scale).astype(np.float32)
+            if kind == "mfcc":
+                y = add_deltas(torch.from_numpy(y), order=2, window=2, mode="fairseq").numpy()
+            return y
+
+        return post
+
+    return _dump(dd, Path(out_dir), statics, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
+                 workers=workers, shard_post=shard_post)
+
+
+def speaker_cmvn(
+    dd: DataDir,
+    speakers: set[str],
+    statics: BatchFn,
+    *,
+    variance: bool,
+    chunk_seconds: float = 60.0,
+    workers: int = 2,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{speaker: (mean, scale)}`` over every frame of every utterance of ``speakers`` (``statics`` gives the
+    features): ``(x - mean) * scale`` is the speaker's CMVN. ``scale`` is ``1 / std`` (variance floored at 1e-10,
+    as ``apply_cmvn``) with ``variance``, else ones."""
+    utts = [dd.utterance(u) for u in dd.utt_ids() if dd.utt2spk[u] in speakers]
+    sums: dict[str, list] = {}
+    for chunk in _load_chunks(utts, chunk_seconds, workers):
+        for (u, _), x in zip(chunk, statics([w for _, w in chunk])):
+            x = np.asarray(x, dtype=np.float64)
+            acc = sums.setdefault(u.speaker, [0, 0.0, 0.0])
+            acc[0] += len(x)
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + (x * x).sum(0)
+    out = {}
+    for spk, (n, s1, s2) in sums.items():
+        if n == 0:
+            raise UserError(f"speaker {spk}: no frames to compute CMVN statistics from")
+        mean = s1 / n
+        var = np.maximum(s2 / n - mean * mean, 0.0)
+        out[spk] = (mean, 1.0 / np.sqrt(np.maximum(var, 1e-10)) if variance else np.ones_like(mean))
+    return out
 
 
 def dump_with(
