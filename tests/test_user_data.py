@@ -4,6 +4,7 @@ data dir with segments, 8 kHz and 48 kHz recordings and wav.scp pipes runs throu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -228,14 +229,30 @@ def test_user_kaldi_dir_runs_through_stages_1_to_8(user_corpus):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         ["bash", "../recipes/hubert.sh", "--stage", "1", "--stop-stage", "8", "--data", "data", "--nj", "2",
-         "--alignments", "none", "--sample-frac", "1", "--iter1-opts", TRAIN_OPTS],
+         "--alignments", "none", "--sample-frac", "1", "--iter1-opts", TRAIN_OPTS,
+         "--feats1", "mfcc fbank:spk-meanvar"],
         cwd=job, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "audio readable (header check)" in proc.stdout
     for d in ["dump/mfcc/train", "dump/mfcc/dev", "exp/kmeans_mfcc_k100", "dump/labels_iter1_mfcc/train",
-              "exp/hubert_iter1", "dump/labels_iter2/train", "dump/labels_iter2/dev"]:
+              "dump/fbank_cmvn-spk-meanvar/train", "exp/kmeans_fbank_cmvn-spk-meanvar_k100",
+              "dump/labels_iter1_fbank_cmvn-spk-meanvar/dev", "exp/hubert_iter1", "dump/labels_iter2/train",
+              "dump/labels_iter2/dev"]:
         assert (job / d / ".done").is_file(), d
+    # the per-speaker CMVN set: every speaker's frames, in whichever shard, have zero mean and unit variance (the 8 kHz
+    # speaker's mel bins above 4 kHz are constant, so they stay 0)
+    from speechssl.features.store import FeatureReader
+
+    fb = FeatureReader(job / "dump/fbank_cmvn-spk-meanvar/train")
+    assert fb.meta["source"]["options"]["cmvn"] == "spk-meanvar" and fb.meta["nshard"] == 2
+    for spk in ("spkA", "spkB"):
+        frames = np.concatenate([fb[u] for u in fb.ids if dd.utt2spk[u] == spk]).astype(np.float64)
+        np.testing.assert_allclose(frames.mean(0), 0.0, atol=1e-3)
+        std = frames.std(0)
+        assert np.all((np.abs(std - 1.0) < 1e-3) | (std < 1e-3)) and (np.abs(std - 1.0) < 1e-3).sum() >= 60, std
+    cfg = json.loads((job / "exp/hubert_iter1/best/config.json").read_text())
+    assert cfg["model"]["num_classes"] == [100, 100]
     for s in ("train", "dev"):
         lines = (job / f"dump/labels_iter2/{s}/text.km").read_text().splitlines()
         assert sorted(ln.split()[0] for ln in lines) == read_data_dir(job / "data" / s).utt_ids()
