@@ -321,7 +321,7 @@ def test_dump_speaker_cmvn_against_numpy_whatever_the_sharding(tmp_path, kind, m
     """Per-speaker CMVN (Kaldi's compute-cmvn-stats --spk2utt | apply-cmvn [| add-deltas]): each utterance is
     normalised by the statistics of all frames of its speaker, including utterances in other shards."""
     from speechssl.features.dump import dump_features
-    from speechssl.features.store import FeatureReader
+    from speechssl.features.store import FeatureReader, FeatureStoreError
 
     data = make_data_dir(tmp_path)  # spk0: 3 utterances, spk1: 2
     statics = reference_feats(data, kind, **({"deltas": False} if kind == "mfcc" else {}))
@@ -344,6 +344,12 @@ def test_dump_speaker_cmvn_against_numpy_whatever_the_sharding(tmp_path, kind, m
     # a speaker's statistics differ from the utterance's own: per-utterance CMVN gives other numbers
     own = reference_feats(data, kind, cmvn="meanvar" if mode == "spk-meanvar" else "mean")
     assert max(np.abs(own[u] - want[u]).max() for u in want) > 0.05
+    # the speakers are in the header: after utt2spk changes, the finished store is refused, not reused
+    utts = sorted(want)
+    (data / "utt2spk").write_text("".join(f"{u} spk\n" for u in utts))
+    (data / "spk2utt").write_text("spk " + " ".join(utts) + "\n")
+    with pytest.raises(FeatureStoreError, match="different header.*utt2spk_sha1"):
+        dump_features(data, tmp_path / "feats1", kind=kind, nshard=1, cmvn=mode)
 
 
 def test_dump_by_rank_and_torchrun_env(tmp_path, monkeypatch):

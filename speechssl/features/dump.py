@@ -281,6 +281,8 @@ def dump_features(
         extract = batch_extractor(kind, cmvn=mode or False, device=device, batch_seconds=batch_seconds)
         return _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
                      workers=workers)
+    # the speakers are part of what determines the numbers: a store dumped under another utt2spk is redone/refused
+    meta["source"]["options"]["utt2spk_sha1"] = ids_sha1([f"{u} {dd.utt2spk[u]}" for u in dd.utt_ids()])
     statics = batch_extractor(kind, device=device, batch_seconds=batch_seconds, deltas=False)
 
     def shard_post(utts: list[Utterance]) -> Callable[[Utterance, np.ndarray], np.ndarray]:
