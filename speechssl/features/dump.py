@@ -166,10 +166,11 @@ def _load_chunks(utts: list[Utterance], chunk_seconds: float, workers: int) -> I
 def dump_meta(meta: dict[str, Any], utt_ids: Sequence[str], nshard: int) -> dict[str, Any]:
     """The store-level header every shard of a dump of ``utt_ids`` (the data dir's sorted list) records: ``meta``
     normalised as :class:`FeatureWriter` stores it, plus ``source.data`` (number of utterances and
-    :func:`~speechssl.sharding.ids_sha1` of the list, so shards of a changed data dir are never combined)."""
+    :func:`~speechssl.sharding.ids_sha1` of the list, so shards of a changed data dir are never combined), added to
+    any ``source.data`` keys ``meta`` has (per-speaker CMVN: ``utt2spk_sha1``)."""
     meta = dict(meta)
     source = dict(meta.get("source") or {})
-    source["data"] = {"num_utts": len(utt_ids), "utts_sha1": ids_sha1(utt_ids)}
+    source["data"] = {**(source.get("data") or {}), "num_utts": len(utt_ids), "utts_sha1": ids_sha1(utt_ids)}
     meta["source"] = source
     return _normalise_meta(meta, nshard)
 
@@ -281,8 +282,9 @@ def dump_features(
         extract = batch_extractor(kind, cmvn=mode or False, device=device, batch_seconds=batch_seconds)
         return _dump(dd, Path(out_dir), extract, meta, nshard, rank, overwrite, chunk_seconds=chunk_seconds,
                      workers=workers)
-    # the speakers are part of what determines the numbers: a store dumped under another utt2spk is redone/refused
-    meta["source"]["options"]["utt2spk_sha1"] = ids_sha1([f"{u} {dd.utt2spk[u]}" for u in dd.utt_ids()])
+    # the speakers decide the numbers: a store dumped under another utt2spk is refused (or redone). Like the utterance
+    # list, they belong to the data (source.data), not to the kind of features a k-means model accepts.
+    meta["source"]["data"] = {"utt2spk_sha1": ids_sha1([f"{u} {dd.utt2spk[u]}" for u in dd.utt_ids()])}
     statics = batch_extractor(kind, device=device, batch_seconds=batch_seconds, deltas=False)
 
     def shard_post(utts: list[Utterance]) -> Callable[[Utterance, np.ndarray], np.ndarray]:
