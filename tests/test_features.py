@@ -405,9 +405,10 @@ def test_dump_errors_name_the_utterance_and_leave_no_shard(tmp_path):
     from speechssl.features.dump import dump_features
 
     data = make_data_dir(tmp_path, durations=(1.0, 0.02, 1.0))
-    with pytest.raises(ValueError, match=r"utt spk1-utt01 .*shorter than one 25 ms frame"):
-        dump_features(data, tmp_path / "f", nshard=1)
-    assert not list((tmp_path / "f").glob("*.done")) and not list((tmp_path / "f").glob("*.tmp*"))
+    for cmvn, out in ((False, "f"), ("spk-meanvar", "f_spk")):  # spk1's only utterance: no frames for its statistics
+        with pytest.raises(ValueError, match=r"utt spk1-utt01 .*shorter than one 25 ms frame"):
+            dump_features(data, tmp_path / out, nshard=1, cmvn=cmvn)
+        assert not list((tmp_path / out).glob("*.done")) and not list((tmp_path / out).glob("*.tmp*"))
     with pytest.raises(ValueError, match="unknown feature kind"):
         dump_features(data, tmp_path / "g", kind="plp")
 

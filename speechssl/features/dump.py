@@ -272,7 +272,9 @@ def dump_features(
     ``cmvn``: ``"mean"``/``"meanvar"`` normalise each utterance by its own statistics; ``"spk-mean"``/
     ``"spk-meanvar"`` by its speaker's (utt2spk), as Kaldi's ``compute-cmvn-stats --spk2utt | apply-cmvn`` does.
     Both act on the static features, before MFCC deltas. Per-speaker statistics are summed over every utterance
-    of the speakers in a shard, wherever they lie, so the numbers do not depend on ``nshard``.
+    of the speakers in a shard, wherever they lie, so the numbers do not depend on ``nshard``. That pass reads the
+    audio and computes the static features once more (cheap beside reading; holding a shard's features in RAM
+    instead would not scale to a large corpus).
     """
     meta = feature_meta(kind, cmvn)
     mode = meta["source"]["options"]["cmvn"]
@@ -327,8 +329,8 @@ def speaker_cmvn(
             acc[2] = acc[2] + (x * x).sum(0)
     out = {}
     for spk, (n, s1, s2) in sums.items():
-        if n == 0:
-            raise UserError(f"speaker {spk}: no frames to compute CMVN statistics from")
+        if n == 0:  # every utterance shorter than a frame: the dump names the first one, as for any too-short utterance
+            continue
         mean = s1 / n
         var = np.maximum(s2 / n - mean * mean, 0.0)
         out[spk] = (mean, 1.0 / np.sqrt(np.maximum(var, 1e-10)) if variance else np.ones_like(mean))

@@ -16,11 +16,11 @@ iter1_opts=""
 iter2_opts=""
 iter2_init=true   # iteration 2 continues from iteration 1's encoder (20 CPU minutes each; the paper restarts)
 feats1=""         # iteration-1 targets: two k-means sets, one on 80-d fbank, one on the paper's MFCC, each with its own
-                  # prediction head (the paper's cluster ensembles). The fbank CMVN follows the channel: the default
-                  # corpus draws reverb, band limits, noise and gain per utterance, so per utterance ("fbank:meanvar mfcc"); the
-                  # clean corpus has one channel per speaker, so per speaker as Kaldi does ("fbank:spk-meanvar mfcc";
-                  # units PNMI 0.546 vs 0.488 per utterance there, 0.208 vs 0.317 on the default corpus). Best layer
-                  # after 600 updates: 1.13x / 1.12x the untrained model (default / clean), vs 1.11x / 1.07x on
+                  # prediction head (the paper's cluster ensembles). The fbank CMVN follows the channel. The default
+                  # corpus draws reverb, band limits, noise and gain per utterance: per utterance ("fbank:meanvar
+                  # mfcc"). The clean corpus has one channel per speaker: per speaker, as Kaldi does ("fbank:spk-meanvar
+                  # mfcc"; units PNMI 0.546 vs 0.488 per utterance there, 0.208 vs 0.317 on the default corpus). Best
+                  # layer after 600 updates: 1.13x / 1.12x the untrained model (default / clean), vs 1.11x / 1.07x on
                   # per-utterance fbank units alone (README)
 alignments=corpus # phone CTM for the quality reports: corpus = the generated data/train/phones.ctm; none (or '') = run
                   # as on a corpus without alignments (no stages 5, 7, 10; iteration-2 units from the middle layer)
