@@ -26,7 +26,7 @@ from typing import Mapping, Sequence, TypeVar
 
 from speechssl.errors import UserError
 
-__all__ = ["TorchrunEnv", "torchrun_env", "resolve_shards", "shard_range", "shard_items", "ids_sha1"]
+__all__ = ["TorchrunEnv", "torchrun_env", "resolve_shards", "shard_range", "shard_items", "ids_sha1", "wait_for_all_ranks"]
 
 T = TypeVar("T")
 
@@ -106,3 +106,28 @@ def ids_sha1(ids: Sequence[str]) -> str:
     for u in ids:
         h.update(u.encode("utf-8") + b"\n")
     return h.hexdigest()
+
+
+def wait_for_all_ranks(timeout_hours: float = 24.0) -> None:
+    """Under ``torchrun`` with several processes, return only when every process has got here (a gloo barrier over
+    torchrun's ``MASTER_ADDR``/``MASTER_PORT``); otherwise at once.
+
+    A sharded verb's workers finish their shards at different times, and ``torchrun`` only waits a few minutes
+    (its exit barrier) for the other nodes' workers. Ending every sharded verb here makes a launch return on all
+    nodes together, when every shard is written and the last finisher has merged, so that the recipe's next stage
+    (on any node) reads complete outputs. A worker that fails makes ``torchrun`` stop the others."""
+    env = torchrun_env()
+    if env is None or env.world <= 1:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        return
+    dist.init_process_group("gloo", timeout=timedelta(hours=timeout_hours))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -7,13 +7,14 @@ holds the experiment dir, seed, device, logging and validation cadence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from speechssl.errors import UserError
 from speechssl.models.config import HubertConfig
 
-__all__ = ["DataConfig", "OptimConfig", "CheckpointConfig", "PretrainConfig"]
+__all__ = ["DataConfig", "OptimConfig", "CheckpointConfig", "PretrainConfig", "split_batch"]
 
 
 @dataclass
@@ -52,6 +53,11 @@ class OptimConfig:
     max_minutes: float | None = None  # wall-clock budget for training (summed over resumes); stop at whichever first
     clip_norm: float = 10.0  # 0: no clipping (the norm is still logged)
     accum_grad: int = 1
+    # seconds of audio per update over all processes (the paper's Base: 32 GPUs x 87.5 s = 2800). When set, the
+    # trainer derives accum_grad and data.max_duration from the world size: accum_grad = ceil(batch_seconds /
+    # (world x data.max_duration)), data.max_duration = batch_seconds / (world x accum_grad), so the update is the
+    # same on 8 GPUs or 64 (data.max_duration is then the most one process holds per micro-batch)
+    batch_seconds: float | None = None
     bf16: bool | None = None  # None: on where supported (CUDA bf16, CPU with AMX / AVX512-BF16)
     max_bad_steps: int = 20  # non-finite gradient steps are skipped; abort after this many
 
@@ -60,6 +66,11 @@ class OptimConfig:
             raise UserError("need max_steps >= 1, warmup_steps >= 0, accum_grad >= 1")
         if self.lr <= 0 or self.clip_norm < 0 or self.max_bad_steps < 0:
             raise UserError("need lr > 0, clip_norm >= 0, max_bad_steps >= 0")
+        if self.batch_seconds is not None and not self.batch_seconds > 0:
+            raise UserError(f"optim.batch_seconds must be > 0 seconds (or null), got {self.batch_seconds}")
+        if self.batch_seconds is not None and self.accum_grad != 1:
+            raise UserError(f"optim.batch_seconds={self.batch_seconds:g} derives optim.accum_grad from the number of "
+                            f"processes; leave accum_grad at 1 (got {self.accum_grad}) or set batch_seconds=null")
 
 
 @dataclass
@@ -95,3 +106,10 @@ class PretrainConfig:
             raise UserError(f"collapse_watch_frames must be >= 0 (0: off), got {self.collapse_watch_frames}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def split_batch(batch_seconds: float, world: int, max_duration: float) -> tuple[int, float]:
+    """``(accum_grad, max_duration)`` that make ``world x max_duration x accum_grad == batch_seconds`` with the
+    fewest micro-batches whose ``max_duration`` stays within the given one (``optim.batch_seconds``)."""
+    accum = max(1, math.ceil(batch_seconds / (world * max_duration) - 1e-9))
+    return accum, batch_seconds / (world * accum)

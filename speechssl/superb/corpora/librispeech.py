@@ -136,28 +136,36 @@ def _phones(transcripts: list[Transcript], lexicon: dict[str, list[str]], oov: s
     return out
 
 
-def _prepare_part(corpus: Path, part: str, out: Path, lexicon: dict[str, list[str]] | None, oov: str, num_jobs: int) -> int:
+def _prepare_part(corpus: Path, part: str, out: Path, lexicon: dict[str, list[str]] | None, oov: str, num_jobs: int,
+                  manifests: bool = False) -> int:
+    """One split from ``part``: a LibriSpeech part name, or several joined by commas (``train-clean-100,
+    train-clean-360,train-other-500`` is train-960)."""
     from lhotse import CutSet, RecordingSet, SupervisionSet
     from lhotse.recipes import prepare_librispeech as lhotse_prepare_librispeech
     from lhotse.utils import fastcopy
 
-    from speechssl.data.lhotse_io import lhotse_to_data_dir
+    from speechssl.data.lhotse_io import data_dir_to_lhotse, lhotse_to_data_dir
 
-    part_dir = need_dir(corpus / part, f"LibriSpeech part {part!r}")
-    transcripts = read_transcripts(part_dir)
+    names = [p for p in part.split(",") if p]
+    if not names or len(set(names)) != len(names):
+        raise CorpusError(f"LibriSpeech parts {part!r}: give one part or several distinct ones, comma-separated")
+    transcripts = [t for name in names for t in read_transcripts(need_dir(corpus / name, f"LibriSpeech part {name!r}"))]
     phones = _phones(transcripts, lexicon, oov) if lexicon is not None else None
-    manifests = lhotse_prepare_librispeech(corpus, dataset_parts=[part], output_dir=None, num_jobs=num_jobs)[part]
-    recs, sups = manifests["recordings"], manifests["supervisions"]
+    found = lhotse_prepare_librispeech(corpus, dataset_parts=names, output_dir=None, num_jobs=num_jobs)
+    recs = RecordingSet.from_recordings(r for name in names for r in found[name]["recordings"])
+    sups = SupervisionSet.from_segments(s for name in names for s in found[name]["supervisions"])
     want = {t.utt_id for t in transcripts}
     got = {s.id for s in sups}
     if got != want:  # read_transcripts checked every line, so this is lhotse disagreeing with us
-        raise RuntimeError(f"{part_dir}: lhotse found {len(got)} utterances, the transcripts list {len(want)}")
+        raise RuntimeError(f"{corpus}/{part}: lhotse found {len(got)} utterances, the transcripts list {len(want)}")
     if phones is not None:
         sups = SupervisionSet.from_segments(
             fastcopy(s, custom={**(s.custom or {}), "phones": phones[s.id]}) for s in sups if s.id in phones
         )
         recs = RecordingSet.from_recordings(r for r in recs if r.id in phones)
     dd = lhotse_to_data_dir(CutSet.from_manifests(recordings=recs, supervisions=sups), out)
+    if manifests:  # the same utterances as lhotse manifests beside the Kaldi files (what the trainer reads)
+        data_dir_to_lhotse(out, out, progress=False)
     return len(dd)
 
 
@@ -169,23 +177,26 @@ def prepare_librispeech(
     lexicon: str | Path | None = None,
     oov: str = "error",
     num_jobs: int = 1,
+    manifests: bool = False,
 ) -> dict:
-    """Write ``out_dir/<split>`` for each ``split -> LibriSpeech part`` of ``parts`` (default `DEFAULT_PARTS`).
+    """Write ``out_dir/<split>`` for each ``split -> LibriSpeech part(s)`` of ``parts`` (default `DEFAULT_PARTS`;
+    several parts comma-separated make one split, e.g. train-960; an empty value skips the split).
 
     With ``lexicon`` every split also gets ``utt2phones``; ``oov`` is ``"error"`` or ``"skip"`` (drop the
-    utterance from that split). Returns the summary written to ``out_dir/prepare.json``.
+    utterance from that split). ``manifests``: lhotse ``recordings/supervisions/cuts.jsonl.gz`` beside the Kaldi
+    files. Returns the summary written to ``out_dir/prepare.json``.
     """
     if oov not in ("error", "skip"):
         raise CorpusError(f"--oov must be 'error' or 'skip', got {oov!r}")
     fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "LibriSpeech corpus directory")
-    parts = dict(DEFAULT_PARTS if parts is None else parts)
+    parts = {split: part for split, part in (DEFAULT_PARTS if parts is None else parts).items() if part}
     lex = read_lexicon(lexicon) if lexicon is not None else None
     counts: dict[str, int] = {}
     with output_tree(out_dir) as tmp:
         for split, part in parts.items():
-            counts[split] = _prepare_part(corpus, part, tmp / split, lex, oov, num_jobs)
-        options = {"corpus_dir": corpus, "parts": parts, "lexicon": lexicon, "oov": oov}
+            counts[split] = _prepare_part(corpus, part, tmp / split, lex, oov, num_jobs, manifests)
+        options = {"corpus_dir": corpus, "parts": parts, "lexicon": lexicon, "oov": oov, "manifests": manifests}
         return write_summary(tmp, "librispeech", options, counts)
 
 
@@ -194,15 +205,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lexicon", default=None, help="CMUdict / librispeech-lexicon.txt; writes utt2phones (PR)")
     p.add_argument("--oov", choices=("error", "skip"), default="error", help="a transcript word missing from the lexicon")
     for split, part in DEFAULT_PARTS.items():
-        p.add_argument(f"--{split}-part", default=part, help=f"LibriSpeech part for {split} (default {part})")
+        p.add_argument(f"--{split}-part", default=part,
+                       help=f"LibriSpeech part(s) for {split}, comma-separated ('' skips it; default {part})")
     p.add_argument("--nj", type=int, default=1, help="threads reading audio headers (lhotse)")
+    p.add_argument("--manifests", action="store_true", help="lhotse manifests beside each split's Kaldi files")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     def run(a: argparse.Namespace) -> None:
         parts = {s: getattr(a, f"{s}_part") for s in DEFAULT_PARTS}
-        prepare_librispeech(a.corpus, a.out, parts=parts, lexicon=a.lexicon, oov=a.oov, num_jobs=a.nj)
+        prepare_librispeech(a.corpus, a.out, parts=parts, lexicon=a.lexicon, oov=a.oov, num_jobs=a.nj,
+                            manifests=a.manifests)
 
     return run_main(_parser, run, argv)
 
