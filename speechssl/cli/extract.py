@@ -14,7 +14,8 @@ def _extract(args: argparse.Namespace) -> int:
     batched by --max-duration seconds of padded audio; the model runs only up to the deepest layer asked for.
     Shards are contiguous blocks of the sorted utterance ids: without --rank every shard in turn (under torchrun:
     shards $RANK, $RANK+$WORLD_SIZE, ...); finished shards with the same header are skipped, unfinished ones redone,
-    so a re-run after a crash redoes only what is missing."""
+    so a re-run after a crash redoes only what is missing. --sample-frac F --seed S: only a seeded random fraction
+    of the utterances (the k-means sample of iteration 2; its labels come from `kmeans label --upstream`)."""
     from speechssl.errors import UserError
     from speechssl.upstream.extract import extract
 
@@ -24,7 +25,7 @@ def _extract(args: argparse.Namespace) -> int:
         args.upstream, args.data, args.out, args.layers, max_duration=args.max_duration, dtype=args.dtype,
         nshard=args.nshard, rank=args.rank, device=args.device, trust_pickle=args.trust_pickle,
         overwrite=args.overwrite, chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
-        precision=args.precision, workers=args.workers,
+        precision=args.precision, workers=args.workers, sample_frac=args.sample_frac, seed=args.seed,
     )
     where = f"{args.out}/layer_<L>"
     if complete:
@@ -63,4 +64,10 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bfloat16 autocast (recorded in the header)")
     p.add_argument("--workers", type=int, default=2, help="audio reading threads (default 2)")
+    p.add_argument("--sample-frac", type=float, default=None, metavar="F",
+                   help="extract only a seeded, uniformly random fraction F of the utterances (the same for any "
+                        "--nshard; recorded in the header, so a store of another sample is refused): the k-means "
+                        "sample of iteration 2, fitted with `kmeans fit --sample-frac 1` and labelled by "
+                        "`kmeans label --upstream` (default: every utterance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample-frac's draw (default 0)")
     p.set_defaults(func=_extract)

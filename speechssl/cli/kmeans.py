@@ -37,7 +37,12 @@ def register(subparsers, help_):
 
     lab = verbs.add_parser("label", help="assign every utterance's frames to the nearest centroid (text.km)",
                            description=_label.__doc__)
-    lab.add_argument("--feats", required=True, help="feature store dir")
+    lab.add_argument("--feats", default=None, help="feature store dir (or --upstream: no store)")
+    lab.add_argument("--upstream", default=None, metavar="CKPT",
+                     help="label hidden state --layer of this checkpoint computed on the fly for every utterance "
+                          "of --data (as `speechssl extract` would dump it), instead of --feats")
+    lab.add_argument("--layer", default=None, help="with --upstream: the hidden state (0 = encoder input)")
+    lab.add_argument("--data", default=None, metavar="DIR", help="with --upstream: Kaldi data dir")
     lab.add_argument("--km", required=True, help="k-means dir from `speechssl kmeans fit`")
     lab.add_argument("--out", required=True, help="label dir")
     lab.add_argument("--nshard", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
@@ -45,6 +50,17 @@ def register(subparsers, help_):
                      help="the one shard to label (default: torchrun's $RANK share, else every shard)")
     lab.add_argument("--device", default="auto", help="auto | cpu | cuda")
     lab.add_argument("--batch-frames", type=int, default=8192, help="frames per distance matmul")
+    up = lab.add_argument_group("with --upstream (as `speechssl extract`; the same values give the dump's numbers)")
+    up.add_argument("--max-duration", type=float, default=None, metavar="SEC",
+                    help="padded seconds of audio per batch (default 40 on cpu, 400 on cuda)")
+    up.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                    help="the store dtype features are cast to before assignment (default float16)")
+    up.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bfloat16 autocast")
+    up.add_argument("--chunk-seconds", type=float, default=None, metavar="SEC",
+                    help="overlapping windows of SEC for longer utterances (as extract)")
+    up.add_argument("--overlap-seconds", type=float, default=None, metavar="SEC", help="overlap of those windows")
+    up.add_argument("--trust-pickle", action="store_true", help="allow a fairseq / s3prl .pt checkpoint")
+    up.add_argument("--workers", type=int, default=2, help="audio reading threads (default 2)")
     lab.set_defaults(func=_label)
 
 
@@ -82,12 +98,37 @@ def _label(args: argparse.Namespace) -> int:
     """Write text.km ('utt u1 u2 ...', sorted by id) and meta.json. Sharded: shard R (a contiguous block of the
     sorted ids) goes to shards/R-of-N.km. Without --rank, every shard is labelled in turn (under torchrun:
     shards $RANK, $RANK+$WORLD_SIZE, ...); shards already done with the same k-means model are skipped; whoever
-    finishes the last shard merges."""
-    _passive_omp()
-    from speechssl.units.kmeans import label_store
+    finishes the last shard merges. Features from a store (--feats) or computed on the fly (--upstream CKPT
+    --layer L --data DIR: each shard's utterances through the upstream forward of `speechssl extract`, cast to
+    its store dtype, straight to the nearest centroid; no feature store is written)."""
+    from speechssl.errors import UserError
 
-    merged = label_store(args.feats, args.km, args.out, rank=args.rank, nshard=args.nshard, device=args.device,
-                         batch_frames=args.batch_frames)
+    streamed = {"--layer": args.layer, "--data": args.data}
+    if (args.feats is None) == (args.upstream is None):
+        raise UserError("give exactly one of --feats STORE (a feature store) or --upstream CKPT --layer L "
+                        "--data DIR (features computed on the fly)")
+    if args.upstream is not None and None in streamed.values():
+        raise UserError(f"--upstream needs {' and '.join(k for k, v in streamed.items() if v is None)}")
+    given = [k for k, v in streamed.items() if v is not None]
+    if args.feats is not None and given:
+        raise UserError(f"{' and '.join(given)} {'goes' if len(given) == 1 else 'go'} with --upstream, not --feats "
+                        "(a store knows its layer and utterances)")
+    if args.chunk_seconds is None and args.overlap_seconds is not None:
+        raise UserError("--overlap-seconds goes with --chunk-seconds")
+    _passive_omp()
+    if args.upstream is not None:
+        from speechssl.units.label_stream import label_upstream
+
+        merged = label_upstream(args.upstream, args.data, args.km, args.out, args.layer, nshard=args.nshard,
+                                rank=args.rank, device=None if args.device == "auto" else args.device,
+                                trust_pickle=args.trust_pickle, max_duration=args.max_duration, dtype=args.dtype,
+                                chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
+                                precision=args.precision, workers=args.workers, batch_frames=args.batch_frames)
+    else:
+        from speechssl.units.kmeans import label_store
+
+        merged = label_store(args.feats, args.km, args.out, rank=args.rank, nshard=args.nshard, device=args.device,
+                             batch_frames=args.batch_frames)
     if merged:
         print(f"labels: wrote {args.out}/text.km and meta.json")
     else:

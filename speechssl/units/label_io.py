@@ -112,6 +112,8 @@ def _label_shard(
     (out / META_NAME).unlink(missing_ok=True)  # the merged labels are stale from here until the merge
     km_path, head_path = _shard_paths(out, rank, nshard)
     head_path.unlink(missing_ok=True)
+    for stale in km_path.parent.glob(f".{km_path.name}.*.tmp.km"):  # left by a killed writer of this shard
+        stale.unlink(missing_ok=True)
     assign = Assigner(model.centroids, device=device, batch=batch_frames)
     unit_dtype = np.int16 if model.k <= 32768 else np.int32
     results: dict[str, np.ndarray] = {}  # labelled, not yet written (only grows if input comes out of order)

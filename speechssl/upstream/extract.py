@@ -21,6 +21,10 @@ How a shard is computed:
   per batch, the numbers of :func:`speechssl.upstream.layers_extractor`.
 * The store holds utterances in the order they were computed (duration order within the shard); readers address
   them by id.
+* ``sample_frac`` / ``seed`` (:func:`sample_utterances`): only a seeded, uniformly random fraction of the utterances,
+  drawn from the sorted list before sharding and recorded in ``source.data.sample``: iteration 2 dumps only its
+  k-means sample; the labels of every utterance come from the same forward (:func:`hidden_stream`) without a store
+  (:mod:`speechssl.units.label_stream`).
 
 Chunked inference (``chunk_seconds``), for recordings too long for global attention: an utterance longer than
 ``chunk_seconds`` goes through :func:`chunked_forward`: the frontend runs over the whole utterance (exact; the
@@ -36,6 +40,7 @@ header records ``source.chunk`` (frames and overlap).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +58,7 @@ from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_d
 from speechssl.errors import UserError
 from speechssl.features.dump import dump_meta, shard_finished
 from speechssl.features.store import FeatureWriter, shard_done
-from speechssl.sharding import resolve_shards, shard_items, torchrun_env
+from speechssl.sharding import ids_sha1, resolve_shards, shard_items, torchrun_env
 from speechssl.upstream import (
     RANDOM_PREFIX,
     Upstream,
@@ -64,7 +69,8 @@ from speechssl.upstream import (
 )
 
 __all__ = ["Window", "plan_windows", "chunk_frames", "forward_rows", "chunked_forward", "extract_meta",
-           "default_max_duration", "extract", "extract_with", "layer_dir", "PRECISIONS"]
+           "default_max_duration", "extract", "extract_with", "layer_dir", "PRECISIONS", "sample_utterances",
+           "hidden_store_meta", "shard_utterances", "hidden_stream", "load_upstream"]
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +282,64 @@ def _checked(audio: Iterable[tuple[Utterance, np.ndarray]], up: Upstream) -> Ite
         yield u, wav
 
 
+def sample_utterances(ids: Sequence[str], sample_frac: float | None, seed: int = 0) -> tuple[list[str], dict | None]:
+    """A seeded, uniformly random ``sample_frac`` of the utterance list ``ids`` (the data dir's C-sorted ids):
+    ``max(1, round(sample_frac * len(ids)))`` of them drawn without replacement with ``numpy`` ``default_rng(seed)``,
+    returned in their sorted order with the record a store header keeps (``source.data.sample``: fraction, seed,
+    and the size and :func:`~speechssl.sharding.ids_sha1` of the list sampled from). Drawn before sharding, so the
+    same for any ``nshard``/``rank``. ``sample_frac`` None or 1: every utterance and no record."""
+    if sample_frac is None or float(sample_frac) == 1.0:
+        return list(ids), None
+    frac = float(sample_frac)
+    if not 0 < frac < 1:
+        raise UserError(f"--sample-frac must be in (0, 1], got {sample_frac:g}")
+    n = max(1, int(round(frac * len(ids))))
+    picked = np.sort(np.random.default_rng(int(seed)).choice(len(ids), size=n, replace=False))
+    record = {"frac": frac, "seed": int(seed), "of_num_utts": len(ids), "of_utts_sha1": ids_sha1(ids)}
+    return [ids[i] for i in picked], record
+
+
+def hidden_store_meta(up: Upstream, layer: int, ckpt_sha1: str, ids: Sequence[str], nshard: int, *,
+                      dtype: str = "float16", chunk_seconds: float | None = None,
+                      overlap_seconds: float | None = None, precision: str = "fp32",
+                      sample: dict | None = None) -> dict[str, Any]:
+    """The header every shard of :func:`extract`'s store of hidden state ``layer`` records for the utterance list
+    ``ids`` cut in ``nshard`` shards: :func:`extract_meta` plus ``source.data`` (:func:`dump_meta`; with
+    ``source.data.sample``, :func:`sample_utterances`'s record, when ``ids`` is a sample). Streaming labels
+    (:func:`speechssl.units.label_stream.label_upstream`) label with this header, so theirs equal the dump's."""
+    meta = extract_meta(up, layer, ckpt_sha1, dtype=dtype, chunk_seconds=chunk_seconds,
+                        overlap_seconds=overlap_seconds, precision=precision)
+    if sample is not None:
+        meta["source"]["data"] = {"sample": dict(sample)}
+    return json.loads(json.dumps(dump_meta(meta, ids, nshard)))  # plain JSON types, as a reader sees it
+
+
+def shard_utterances(dd: DataDir, block: Sequence[str]) -> tuple[list[Utterance], float]:
+    """The utterances of one shard's ``block`` of ids sorted by duration (the order they are computed and stored
+    in), and their total seconds."""
+    durations = _durations(dd, block)
+    order = sorted(range(len(block)), key=lambda i: durations[i])
+    return [dd.utterance(block[i]) for i in order], float(sum(durations))
+
+
+def hidden_stream(up: Upstream, utts: Sequence[Utterance], layers: Sequence[int], *,
+                  max_duration: float | None = None, chunk_seconds: float | None = None,
+                  overlap_seconds: float | None = None, precision: str = "fp32", dtype: str = "float16",
+                  workers: int = 2) -> Iterator[tuple[Utterance, int, dict[int, np.ndarray]]]:
+    """``(utt, num_samples, {layer: [T, D] dtype})`` for each of ``utts`` in order: audio read ahead by ``workers``
+    threads, batches of ``max_duration`` padded seconds (chunked past ``chunk_seconds``), cast to the store
+    ``dtype``. What :func:`extract` writes, and what streaming labels assign, computed the one way."""
+    return _extract_stream(up, _checked(_prefetch(utts, workers), up), layers, max_duration=max_duration,
+                           chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds, precision=precision,
+                           dtype=np.dtype(dtype))
+
+
 def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  layers: str | Sequence[int] = "all", *, max_duration: float | None = None, dtype: str = "float16",
                  nshard: int | None = None, rank: int | None = None, overwrite: bool = False,
                  chunk_seconds: float | None = None, overlap_seconds: float | None = None,
-                 precision: str = "fp32", workers: int = 2, progress: bool = True) -> bool:
+                 precision: str = "fp32", workers: int = 2, progress: bool = True,
+                 sample_frac: float | None = None, seed: int = 0) -> bool:
     """:func:`extract` with an :class:`Upstream` already loaded and the SHA-1 naming its weights; returns True
     once every shard of every layer's store is finished."""
     chosen = parse_layers(layers, up.num_layers, up.source)
@@ -289,11 +348,11 @@ def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_
     ids = dd.utt_ids()
     if not ids:
         raise UserError(f"{data_dir}: data dir has no utterances")
+    ids, sample = sample_utterances(ids, sample_frac, seed)
     nshard, ranks = resolve_shards(nshard, rank)
-    metas = {layer: dump_meta(extract_meta(up, layer, ckpt_sha1, dtype=dtype, chunk_seconds=chunk_seconds,
-                                           overlap_seconds=overlap_seconds, precision=precision), ids, nshard)
+    metas = {layer: hidden_store_meta(up, layer, ckpt_sha1, ids, nshard, dtype=dtype, chunk_seconds=chunk_seconds,
+                                      overlap_seconds=overlap_seconds, precision=precision, sample=sample)
              for layer in chosen}
-    np_dtype = np.dtype(dtype)
     for r in ranks:
         todo = [layer for layer in chosen if not shard_finished(layer_dir(out_dir, layer), r, metas[layer], overwrite)]
         if not todo:
@@ -301,18 +360,15 @@ def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_
                      nshard, chosen)
             continue
         block = shard_items(ids, nshard, r)
-        durations = _durations(dd, block)
-        order = sorted(range(len(block)), key=lambda i: durations[i])
-        utts = [dd.utterance(block[i]) for i in order]
+        utts, seconds = shard_utterances(dd, block)
         with contextlib.ExitStack() as stack:
             writers = {layer: stack.enter_context(FeatureWriter(layer_dir(out_dir, layer), r, nshard, metas[layer],
                                                                 overwrite=overwrite)) for layer in todo}
-            bar = stack.enter_context(tqdm(total=round(sum(durations), 1), unit="s", disable=not progress,
+            bar = stack.enter_context(tqdm(total=round(seconds, 1), unit="s", disable=not progress,
                                            desc=f"extract shard {r}/{nshard} layer(s) {','.join(map(str, todo))}",
                                            dynamic_ncols=True))
-            stream = _extract_stream(up, _checked(_prefetch(utts, workers), up), todo, max_duration=max_duration,
-                                     chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds,
-                                     precision=precision, dtype=np_dtype)
+            stream = hidden_stream(up, utts, todo, max_duration=max_duration, chunk_seconds=chunk_seconds,
+                                   overlap_seconds=overlap_seconds, precision=precision, dtype=dtype, workers=workers)
             for u, num_samples, feats in stream:
                 for layer, f in feats.items():
                     writers[layer].add(u.utt_id, f)
@@ -348,12 +404,20 @@ def _device(device: str | None) -> str:
     return device
 
 
+def load_upstream(upstream: str | os.PathLike, *, device: str | None = None,
+                  trust_pickle: bool = False) -> tuple[Upstream, str]:
+    """``(model, SHA-1 naming its weights)`` of checkpoint ``upstream`` on ``device`` (None: cuda if available,
+    else cpu; plain ``cuda`` under torchrun: ``cuda:$LOCAL_RANK``), as :func:`extract` loads it."""
+    device = _device(device)
+    return load(upstream, trust_pickle=trust_pickle, device=device), _source_sha1(upstream)
+
+
 def extract(upstream: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
             layers: str | Sequence[int] = "all", *, max_duration: float | None = None, dtype: str = "float16",
             nshard: int | None = None, rank: int | None = None, device: str | None = None,
             trust_pickle: bool = False, overwrite: bool = False, chunk_seconds: float | None = None,
             overlap_seconds: float | None = None, precision: str = "fp32", workers: int = 2,
-            progress: bool = True) -> bool:
+            progress: bool = True, sample_frac: float | None = None, seed: int = 0) -> bool:
     """``speechssl extract``: hidden states ``layers`` (``"all"``, ``"6,9"`` or a list; 0 = encoder input) of
     checkpoint ``upstream`` (anything :func:`speechssl.upstream.load` reads; pickles only with ``trust_pickle``)
     for every utterance of ``data_dir``, into ``OUT/layer_<L>/`` feature stores of ``dtype``.
@@ -361,10 +425,13 @@ def extract(upstream: str | os.PathLike, data_dir: str | os.PathLike, out_dir: s
     ``max_duration``: padded seconds of audio per batch (default :func:`default_max_duration`; 0: one utterance
     per batch). ``nshard`` / ``rank``: :mod:`speechssl.sharding`. ``device``: None = cuda if available, else cpu.
     ``chunk_seconds`` / ``overlap_seconds``: windows for utterances longer than ``chunk_seconds`` (see the module
-    docstring). ``precision``: ``"fp32"`` or ``"bf16"`` (autocast). Returns True once every store is complete.
+    docstring). ``precision``: ``"fp32"`` or ``"bf16"`` (autocast). ``sample_frac`` / ``seed``: only that seeded
+    random fraction of the utterances (:func:`sample_utterances`; the k-means sample of iteration 2, whose labels
+    come from :func:`speechssl.units.label_stream.label_upstream` without a dump), recorded in the header.
+    Returns True once every store is complete.
     """
-    device = _device(device)
-    up = load(upstream, trust_pickle=trust_pickle, device=device)
-    return extract_with(up, _source_sha1(upstream), data_dir, out_dir, layers, max_duration=max_duration,
+    up, sha1 = load_upstream(upstream, device=device, trust_pickle=trust_pickle)
+    return extract_with(up, sha1, data_dir, out_dir, layers, max_duration=max_duration,
                         dtype=dtype, nshard=nshard, rank=rank, overwrite=overwrite, chunk_seconds=chunk_seconds,
-                        overlap_seconds=overlap_seconds, precision=precision, workers=workers, progress=progress)
+                        overlap_seconds=overlap_seconds, precision=precision, workers=workers, progress=progress,
+                        sample_frac=sample_frac, seed=seed)
