@@ -18,6 +18,7 @@ demo: install
 	cd egs/mini_synth/hubert && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh \
 	  --iter1-opts "$(DEMO_OPTS)" --iter2-opts "$(DEMO_OPTS)"
 	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh
+	@test -f egs/mini_synth/hubert/exp/report.md && echo "report: egs/mini_synth/hubert/exp/report.md"
 
 test: install
 	$(PY) -m pytest tests

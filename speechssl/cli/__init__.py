@@ -28,6 +28,7 @@ _GROUPS = [
     ("superb", "SUPERB downstream evaluation: frozen upstream, learned layer weights, task heads"),
     ("export", "write a checkpoint as a transformers directory or an s3prl checkpoint"),
     ("extract", "hidden states of any checkpoint's layers into feature stores"),
+    ("report", "EXP/report.md: training curves, PNMI by layer, label quality, SUPERB, each beside its baselines"),
 ]
 
 

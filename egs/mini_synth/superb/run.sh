@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # mini_synth SUPERB: PR, ASR, KS, SID, ASV and IC on the hubert recipe's corpus for four upstreams — fbank
 # (SUPERB's spectral baseline), the untrained model of iteration 1's config (random init), and the iteration-1 and
-# iteration-2 checkpoints — then one markdown table (exp/table.md).
+# iteration-2 checkpoints — then one markdown table (exp/table.md), and the hubert exp's report (report.md, with
+# this SUPERB exp in it).
 #   ./run.sh                          # after ../hubert/run.sh
 #   ./run.sh --upstreams "fbank mfcc" --tasks "pr sid"
-#   ./run.sh --stage 2                # only the table
+#   ./run.sh --stage 2                # only the table and the report
 #   ./run.sh --upstreams "fbank fbank:nocmvn random:../hubert/exp/hubert_iter1/best ../hubert/exp/hubert_iter1/best"
 #     (fbank:nocmvn: fbank without per-utterance CMVN, the informative spectral baseline for the mean-pooled
 #      SID / KS / IC heads, which SUPERB's CMVN'd fbank leaves with nothing but the class prior)
@@ -25,15 +26,18 @@ train_every=3             # train on every 3rd training utterance (40 of the 120
 nj=2                      # upstreams evaluated side by side (each lane gets nproc/nj threads)
 superb_opts=""            # extra options for every `speechssl superb` run (e.g. "--max-steps 10 --no-progress")
 exp=exp
+hubert_exp=""             # the hubert exp whose report gets this SUPERB table (default: the dir above ckpt1's run)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--data DIR] [--ckpt1 DIR] [--ckpt2 DIR]
           [--tasks 'pr asr ks sid asv ic'] [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N] [--nj N]
-          [--superb-opts '...'] [--exp DIR]
-  stage 0: training subset + speaker-verification trials; 1: every task x upstream; 2: the table."
+          [--superb-opts '...'] [--exp DIR] [--hubert-exp DIR]
+  stage 0: training subset + speaker-verification trials; 1: every task x upstream; 2: the table;
+  3: the hubert exp's report regenerated with this SUPERB exp (speechssl report HUBERT_EXP --superb EXP)."
 . ../../../tools/parse_options.sh
 
 data=${data:-$hubert/data}
 ckpt1=${ckpt1:-$hubert/exp/hubert_iter1/best}
 ckpt2=${ckpt2:-$hubert/exp/hubert_iter2/best}
+hubert_exp=${hubert_exp:-$(dirname "$(dirname "$ckpt1")")}
 [ -f "$data/corpus.json" ] || { echo "$0: $data/corpus.json missing: run $hubert/run.sh first" >&2; exit 1; }
 if [ -z "$upstreams" ]; then
   upstreams=fbank
@@ -104,4 +108,13 @@ fi
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
   speechssl superb table "$exp/*/*/results.json" --out "$exp/table.md"
   log "table: $exp/table.md"
+fi
+
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  if [ -d "$hubert_exp" ]; then
+    report=$(speechssl report "$hubert_exp" --superb "$exp")
+    log "report: $report"
+  else
+    log "stage 3: no $hubert_exp, no report (run $hubert/run.sh first)"
+  fi
 fi
