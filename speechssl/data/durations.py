@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
-from tqdm import tqdm
-
 from speechssl.audio import AudioError, audio_info
 from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
 from speechssl.errors import UserError
+from speechssl.progress import progress_bar
 
 __all__ = ["map_audio", "recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
 
@@ -33,7 +32,7 @@ def map_audio(
 ) -> list[_R]:
     """``[fn(x) for x in items]``, ``nj`` at a time in threads (header reads, decoding and pipes are I/O or release
     the GIL), in order, with a progress bar. The first exception ``fn`` raises is raised here."""
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress)
+    bar = progress_bar(total=len(items), desc=desc, unit=unit, disable=not progress)
     out: list[_R] = []
     with ThreadPoolExecutor(max_workers=max(1, nj)) as ex:
         for r in ex.map(fn, items):

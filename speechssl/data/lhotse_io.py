@@ -19,12 +19,11 @@ import logging
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from speechssl.audio import audio_info, is_pipe
 from speechssl.data.durations import utterance_durations
 from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir, write_data_dir
 from speechssl.fileio import atomic_path
+from speechssl.progress import progress_bar
 
 __all__ = ["MANIFEST_NAMES", "data_dir_to_lhotse", "lhotse_to_data_dir", "data_dir_to_manifests"]
 
@@ -55,7 +54,7 @@ def data_dir_to_manifests(data_dir: str | os.PathLike, *, progress: bool = True)
 
     dd = read_data_dir(data_dir)
     recs = {}
-    for rec in tqdm(dd.rec_ids(), desc="recordings", unit="rec", disable=not progress):
+    for rec in progress_bar(dd.rec_ids(), desc="recordings", unit="rec", disable=not progress):
         recs[rec] = _recording(rec, dd.wav_scp[rec], utt_id=None if dd.segments is not None else rec)
     durs = utterance_durations(dd, {r: recs[r].duration for r in recs})
     sups, cuts = [], []

@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
@@ -39,6 +38,7 @@ from speechssl.features.store import (
     shard_done,
     store_meta,
 )
+from speechssl.progress import progress_bar
 from speechssl.sharding import ids_sha1, resolve_shards, shard_range
 
 __all__ = ["dump_features", "dump_with", "batch_extractor", "shard_range", "resolve_shards", "feature_meta", "KINDS",
@@ -225,7 +225,7 @@ def _dump(
         start, end = shard_range(len(utt_ids), nshard, r)
         utts = [dd.utterance(u) for u in utt_ids[start:end]]
         post = shard_post(utts) if shard_post is not None else None
-        with FeatureWriter(out_dir, r, nshard, meta, overwrite=overwrite) as writer, tqdm(
+        with FeatureWriter(out_dir, r, nshard, meta, overwrite=overwrite) as writer, progress_bar(
             total=len(utts), desc=f"features shard {r}/{nshard}", unit="utt", dynamic_ncols=True
         ) as bar:
             for chunk in _load_chunks(utts, chunk_seconds, workers):

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from speechssl.config import to_dict
 from speechssl.data.kaldi import DataDir, read_data_dir
 from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_dir, atomic_write_text
+from speechssl.progress import progress_bar
 from speechssl.superb.cache import (FeatureSource, LiveFeatures, PooledFeatures, _pad_stack, build_cache,
                                     utterance_durations)
 from speechssl.superb.config import SuperbConfig, load_superb_config
@@ -270,8 +270,8 @@ class HeadTrainer:
         durs = [e.duration for e in self.train.examples]
         params = list(self.featurizer.parameters()) + list(self.head.parameters())
         last = min(o.max_steps, stop_after) if stop_after is not None else o.max_steps
-        bar = tqdm(total=o.max_steps, initial=self.step, desc=f"{self.cfg.task} lr={self.lr:g}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=o.max_steps, initial=self.step, desc=f"{self.cfg.task} lr={self.lr:g}", unit="step",
+                           disable=not self.progress, dynamic_ncols=True, leave=False)
         self.featurizer.train()
         self.head.train()
         t0 = time.time()

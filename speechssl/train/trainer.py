@@ -186,9 +186,10 @@ class Trainer:
 
             writer = SummaryWriter(str(self.exp / "tensorboard"))
             if cfg.progress:
-                from tqdm import tqdm
+                from speechssl.progress import progress_bar
 
-                bar = tqdm(total=o.max_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+                bar = progress_bar(total=o.max_steps, initial=self.step, desc="train", unit="step",
+                                   dynamic_ncols=True, mininterval=1.0)
         batches = self.data.train_batches()
         window = Window()
         last_saved = self.step if self._resumed else -1

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from speechssl import __version__
 from speechssl.data.kaldi import c_sorted
 from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.progress import progress_bar
 from speechssl.sharding import ids_sha1, resolve_shards, shard_items
 from speechssl.units.fit import ASSIGN_BATCH, FEATURE_KEYS, Assigner, KMeansModel, feature_spec
 from speechssl.units.labels import LabelError, META_NAME, TEXT_NAME, format_label_line, framing_from_features
@@ -136,8 +136,8 @@ def _label_shard(
                 fh.write(format_label_line(ids[next_i], results.pop(ids[next_i])))
                 next_i += 1
 
-        for utt, feats in tqdm(_iter_feats(features, ids), total=len(ids), unit="utt",
-                               desc=f"labelling rank {rank}/{nshard}", disable=not progress):
+        for utt, feats in progress_bar(_iter_feats(features, ids), total=len(ids), unit="utt",
+                                       desc=f"labelling rank {rank}/{nshard}", disable=not progress):
             f = np.asarray(feats)
             if f.ndim != 2 or f.shape[1] != model.dim:
                 raise LabelError(f"utt {utt}: features of shape {f.shape}, k-means dim is {model.dim}")

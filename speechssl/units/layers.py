@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from speechssl import __version__
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import c_sorted
 from speechssl.errors import UserError
 from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.progress import progress_bar
 from speechssl.units.alignments import CoverageStats, read_alignments, SILENCE
 from speechssl.units.fit import Assigner, FitOptions, fit_sample, memory_estimate, resolve_device
 from speechssl.units.labels import framing_from_features
@@ -185,7 +185,7 @@ def evaluate_layers(
     # Pass 0: frames per utterance -> sample plans.
     utts = {u: dd.utterance(u) for u in ids}
     samples = {}
-    for u in tqdm(ids, desc="layers: lengths", unit="utt", disable=not progress):
+    for u in progress_bar(ids, desc="layers: lengths", unit="utt", disable=not progress):
         samples[u] = _num_samples(utts[u])
     frames = {u: up.num_frames(samples[u]) for u in ids}
     total = sum(frames.values())
@@ -223,8 +223,8 @@ def evaluate_layers(
         return load_utterance(utts[u], SAMPLE_RATE)
 
     # Pass 1: sample frames of every layer of every model (and MFCC) in one forward per model.
-    for u, wav in tqdm(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
-                       disable=not progress):
+    for u, wav in progress_bar(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
+                               disable=not progress):
         if len(wav) != samples[u]:
             raise UserError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
         for name, run in runners.items():
@@ -239,7 +239,7 @@ def evaluate_layers(
     # Fit: the code of `kmeans fit`, one (model, layer) at a time.
     centroids: dict[Any, np.ndarray] = {}
     inertia: dict[Any, float] = {}
-    for key in tqdm(keys, desc="layers: k-means", unit="layer", disable=not progress):
+    for key in progress_bar(keys, desc="layers: k-means", unit="layer", disable=not progress):
         centroids[key], inertia[key] = fit_sample(samplers.pop(key).result(), k, opts, device=dev)
     if m_sampler is not None:
         centroids["mfcc"], inertia["mfcc"] = fit_sample(m_sampler.result(), k, opts, device=dev)
@@ -259,8 +259,8 @@ def evaluate_layers(
         counters[key].add(assigners[key](np.asarray(feats)), alis[u], rate, framing, label_file=where)
 
     sources = {name: m.source for name, m in models}
-    for u, wav in tqdm(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
-                       disable=not progress):
+    for u, wav in progress_bar(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
+                               disable=not progress):
         for name, run in runners.items():
             for layer, h in run(wav).items():
                 score((name, layer), u, h, layer_rate, layer_framing, f"layer {layer} of {sources[name]}")

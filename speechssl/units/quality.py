@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from speechssl.data.kaldi import c_sorted
 from speechssl.errors import UserError
 from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.progress import progress_bar
 from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
 from speechssl.units.labels import read_labels
 
@@ -174,7 +174,7 @@ def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
     framing = meta.get("framing")
     counter = PhoneUnitCounts(int(meta["k"]))
     skipped = []
-    for utt in tqdm(c_sorted(labels), desc="label quality", unit="utt", leave=False):
+    for utt in progress_bar(c_sorted(labels), desc="label quality", unit="utt", leave=False):
         ali = alignments.get(utt)
         if ali is None:
             skipped.append(utt)

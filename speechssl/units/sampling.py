@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from speechssl.errors import UserError
+from speechssl.progress import progress_bar
 
 __all__ = ["CHUNK_FRAMES", "sample_size", "sample_indices", "StreamSampler", "sample_frames"]
 
@@ -123,7 +123,7 @@ def sample_frames(
     rng = np.random.default_rng(seed)
     out: np.ndarray | None = None
     pos, pop_left, need = 0, int(total_frames), int(n)
-    bar = tqdm(total=total_frames, desc="sampling frames", unit="frame", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=total_frames, desc="sampling frames", unit="frame", unit_scale=True, disable=not progress)
     for _, _, data in shards:
         rows = int(data.shape[0])
         if out is None:

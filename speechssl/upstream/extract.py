@@ -50,7 +50,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.durations import recording_durations, utterance_durations
@@ -58,6 +57,7 @@ from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_d
 from speechssl.errors import UserError
 from speechssl.features.dump import dump_meta, shard_finished
 from speechssl.features.store import FeatureWriter, shard_done
+from speechssl.progress import progress_bar
 from speechssl.sharding import ids_sha1, resolve_shards, shard_items, torchrun_env
 from speechssl.upstream import (
     RANDOM_PREFIX,
@@ -364,9 +364,9 @@ def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_
         with contextlib.ExitStack() as stack:
             writers = {layer: stack.enter_context(FeatureWriter(layer_dir(out_dir, layer), r, nshard, metas[layer],
                                                                 overwrite=overwrite)) for layer in todo}
-            bar = stack.enter_context(tqdm(total=round(seconds, 1), unit="s", disable=not progress,
-                                           desc=f"extract shard {r}/{nshard} layer(s) {','.join(map(str, todo))}",
-                                           dynamic_ncols=True))
+            bar_desc = f"extract shard {r}/{nshard} layer(s) {','.join(map(str, todo))}"
+            bar = stack.enter_context(progress_bar(total=round(seconds, 1), unit="s", disable=not progress,
+                                                   desc=bar_desc, dynamic_ncols=True))
             stream = hidden_stream(up, utts, todo, max_duration=max_duration, chunk_seconds=chunk_seconds,
                                    overlap_seconds=overlap_seconds, precision=precision, dtype=dtype, workers=workers)
             for u, num_samples, feats in stream:

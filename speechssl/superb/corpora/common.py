@@ -20,12 +20,11 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-from tqdm import tqdm
-
 from speechssl.audio import AudioError, audio_info
 from speechssl.data.kaldi import DataDir, c_sorted, write_data_dir
 from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_dir, atomic_write_text
+from speechssl.progress import progress_bar
 
 __all__ = [
     "CorpusError",
@@ -97,7 +96,8 @@ def check_listed_audio(audio: Path, where: str) -> Path:
 def durations(sources: Mapping[str, str], where: Mapping[str, str], *, desc: str = "durations") -> dict[str, float]:
     """Seconds of each key's audio from its header; an unreadable file is an error naming the list line ``where[key]``."""
     out: dict[str, float] = {}
-    for key in tqdm(c_sorted(sources), desc=desc, unit="file", mininterval=2.0, disable=len(sources) < 2000):
+    for key in progress_bar(c_sorted(sources), desc=desc, unit="file", mininterval=2.0,
+                            disable=len(sources) < 2000):
         try:
             out[key] = audio_info(sources[key]).duration
         except AudioError as e:

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+
+from speechssl.progress import progress_bar
 
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
@@ -228,10 +229,10 @@ def render_all(plans: list[UttPlan], cfg: CorpusConfig, main: list[Speaker], roo
     bar = dict(total=len(plans), desc="synthesising", unit="utt", mininterval=1.0)
     if nj <= 1:
         _init_worker(cfg, main, str(root))
-        return [_render_one(p) for p in tqdm(plans, **bar)]
+        return [_render_one(p) for p in progress_bar(plans, **bar)]
     ctx = mp.get_context("spawn")  # fresh interpreters: no inherited threads or locks
     with ctx.Pool(nj, initializer=_init_worker, initargs=(cfg, main, str(root))) as pool:
-        return list(tqdm(pool.imap(_render_one, plans, chunksize=16), **bar))
+        return list(progress_bar(pool.imap(_render_one, plans, chunksize=16), **bar))
 
 
 # --------------------------------------------------------------------------------------------- writing
