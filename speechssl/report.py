@@ -602,14 +602,17 @@ def _label_section(exp: Path, reports: list[_Layers], rel) -> list[str]:
                      f"{layer}, the next iteration's targets): the row is that layer in `{rel(rep.path)}` (same k, "
                      f"its own k-means fit on {rep.data.get('utterances', '?')} utterances), with the untrained "
                      "model's same layer below it.")
-    md += head + rows + [""]
-    md.append("Spectral sets (fbank, MFCC) are the baseline the hidden-layer units are read against (same k). Frames "
-              "are counted at each feature's own rate (spectral 100 Hz, model layers 50 Hz in the recipes).")
-    md += [""] + notes if notes else []
+    if rows:
+        md += head + rows + [""]
+        md.append("Spectral sets (fbank, MFCC) are the baseline the hidden-layer units are read against (same k). "
+                  "Frames are counted at each feature's own rate (spectral 100 Hz, model layers 50 Hz in the recipes).")
+        md += [""] + notes if notes else []
+        md.append("")
     if without:
-        md += ["", f"No quality report for {', '.join(f'`{w}`' for w in without)} (no `quality.json`, and no "
-               "per-layer report of the layer it was fitted on)."]
-    md.append("")
+        md += [f"No quality report for {', '.join(f'`{w}`' for w in without)} (no `quality.json`, and no "
+               "per-layer report of the layer it was fitted on): label quality needs phone alignments "
+               "(`--alignments CTM`)."]
+        md.append("")
     return md
 
 

@@ -117,8 +117,8 @@ def wait_for_all_ranks(timeout_hours: float = 24.0) -> None:
     nodes together, when every shard is written and the last finisher has merged, so that the recipe's next stage
     (on any node) reads complete outputs. A worker that fails makes ``torchrun`` stop the others."""
     env = torchrun_env()
-    if env is None or env.world <= 1:
-        return
+    if env is None or env.world <= 1 or not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        return  # not a torchrun launch (torchrun always sets both): a worker's environment set by hand, as in tests
     from datetime import timedelta
 
     import torch.distributed as dist

@@ -80,10 +80,21 @@ def test_every_stage_left_its_output(recipe_run):
     assert cfg["model"]["num_classes"] == [100]
 
 
-def test_each_set_dumped_once_per_layer(recipe_run):
+def test_only_the_kmeans_sample_is_dumped_and_every_set_labelled_once(recipe_run):
     job, proc = recipe_run
+    # the hidden layer is written for the k-means sample of train only (--hidden-sample-frac 0.5 for --tiny) ...
+    assert proc.stdout.count("of iteration 1 for a 0.5 sample of train -> dump_tiny/hidden_iter1_L") == 1, proc.stdout
+    hidden = [p.name for p in (job / "dump_tiny").iterdir() if p.name.startswith("hidden_")]
+    assert len(hidden) == 1 and hidden[0].endswith("_sample"), hidden
+    n_train = len((job / "data_tiny/train/wav.scp").read_text().splitlines())
+    from speechssl.features.store import FeatureReader
+
+    layer = json.loads((job / "dump_tiny/labels_iter2/train/meta.json").read_text())["features"]["kind"][len("hubert_l"):]
+    assert 0 < len(FeatureReader(job / "dump_tiny" / hidden[0] / f"layer_{layer}")) < n_train
+    # ... and every utterance of train and dev is labelled by one streaming pass each
     for s in ("train", "dev"):
-        assert proc.stdout.count(f"of iteration 1 for {s} -> dump_tiny/hidden_iter1_L") == 1, proc.stdout
+        assert proc.stdout.count(f"streamed) for {s} -> dump_tiny/labels_iter2/{s}") == 1, proc.stdout
+    assert len((job / "dump_tiny/labels_iter2/train/text.km").read_text().splitlines()) == n_train
     assert "units best-layer: layer" in proc.stderr and "best PNMI" in proc.stderr
 
 

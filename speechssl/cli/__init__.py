@@ -17,6 +17,7 @@ import sys
 import traceback
 
 from speechssl.errors import UserError
+from speechssl.sharding import wait_for_all_ranks
 
 # (module under speechssl.cli, one-line help)
 _GROUPS = [
@@ -30,6 +31,9 @@ _GROUPS = [
     ("extract", "hidden states of any checkpoint's layers into feature stores"),
     ("report", "EXP/report.md: training curves, PNMI by layer, label quality, SUPERB, each beside its baselines"),
 ]
+
+# verbs that write shards (speechssl/sharding.py): under torchrun their workers meet before exiting
+_SHARDED = {("features", "dump"), ("extract", None), ("kmeans", "label")}
 
 
 def verb_group(subparsers, name: str, help_: str):
@@ -63,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:  # faiss logs every CPU-variant probe at INFO ("Could not load library with AVX2 ...")
         logging.getLogger("faiss").setLevel(logging.WARNING)
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "Using categorical units ..." per plot
     try:
         code = args.func(args)
+        if not code and (args.group, getattr(args, "verb", None)) in _SHARDED:
+            wait_for_all_ranks()  # under torchrun: every node's launch returns once every shard is written
     except UserError as e:  # names the file / line / utterance id and what to do: one line is the whole story
         if args.verbose:
             traceback.print_exc()

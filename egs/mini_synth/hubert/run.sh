@@ -33,6 +33,9 @@ data=data
 $clean && data=data_clean
 [ -n "$feats1" ] || { feats1="fbank:meanvar mfcc"; $clean && feats1="fbank:spk-meanvar mfcc"; }
 $tiny && data=${data}_tiny
+if $tiny; then  # 6 dev utterances: fewer duration buckets than the configs' 10 (lhotse needs a cut per bucket)
+  iter1_opts="data.num_buckets=2 $iter1_opts"; iter2_opts="data.num_buckets=2 $iter2_opts"
+fi
 
 if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ ! -f "$data/corpus.json" ]; then
   echo "$(date '+%F %T') [run.sh] stage 0: generate the mini_synth corpus -> $data"
@@ -46,5 +49,5 @@ suffix=${data#data}
 [ "$alignments" = corpus ] && alignments=$data/train/phones.ctm
 ../../../recipes/hubert.sh --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
   --data "$data" --train-set train --dev-set dev --dump "dump$suffix" --exp "exp$suffix" --nj "$nj" \
-  --alignments "$alignments" --feats1 "$feats1" \
+  --alignments "$alignments" --feats1 "$feats1" --hidden-sample-frac "$($tiny && echo 0.5 || echo 0.1)" \
   --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts" --iter2-init "$iter2_init"
