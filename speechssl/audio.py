@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ SAMPLE_RATE = 16000
 
 MAX_OVERSHOOT = 0.5
 """Seconds a segment end may exceed its recording and be truncated (Kaldi ``extract-segments --max-overshoot``)."""
+
+_INTEGER_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW"})
+"""libsndfile subtypes stored as integers (FLAC reports PCM_16/PCM_24): scaled to float, never NaN or inf."""
 
 
 class AudioError(UserError):
@@ -135,11 +139,13 @@ def _open(source: str, utt_id: str | None) -> sf.SoundFile:
     if is_pipe(source):
         data: str | io.BytesIO = io.BytesIO(_streamed_wav(_run_pipe(source, utt_id)))
     else:
-        if not os.path.exists(source):
-            raise _error(source, utt_id, "no such file")
-        if os.path.isdir(source):
+        try:
+            st = os.stat(source)  # one system call for the three checks (the loader opens thousands a second)
+        except (OSError, ValueError):  # what os.path.exists reports as a missing file
+            raise _error(source, utt_id, "no such file") from None
+        if stat.S_ISDIR(st.st_mode):
             raise _error(source, utt_id, "is a directory, not an audio file")
-        if os.path.getsize(source) == 0:
+        if st.st_size == 0:
             raise _error(source, utt_id, "zero-length audio (empty file)")
         data = source
     try:
@@ -210,18 +216,27 @@ def load_audio(
     end: float | None = None,
     sample_rate: int = SAMPLE_RATE,
     max_overshoot: float = MAX_OVERSHOOT,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read ``source`` (path or ``"cmd |"``) as float32 mono at ``sample_rate``.
 
     ``start``/``end`` select a segment in seconds of the recording (Kaldi ``segments``); for files only those
     frames are read. An ``end`` up to ``max_overshoot`` seconds past the end is truncated, as Kaldi does; further
     is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
+
+    ``out``: a C-contiguous float32 1-D array to decode into. A mono file at ``sample_rate`` whose segment fits is
+    read straight into ``out[:n]`` and that view is returned (no allocation, no copy: the pretraining loader
+    passes a row of its batch tensor); anything else is returned as a new array, as without ``out``. Test with
+    ``np.may_share_memory(result, out)``. The samples are the same either way.
     """
     source = os.fspath(source)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if out is not None and (out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float32 1-D array, got {out.dtype} {out.shape}")
     with _open(source, utt_id) as f:
         sr = int(f.samplerate)
+        integer = f.subtype in _INTEGER_SUBTYPES  # then the finiteness scan below is skipped: it cannot fail
         try:
             if is_pipe(source) or f.frames <= 0:
                 # In-memory stream: decode everything (header lengths of streamed WAVs are unreliable), then cut.
@@ -238,7 +253,10 @@ def load_audio(
                 )
                 if first:
                     f.seek(first)
-                wav = f.read(last - first, dtype="float32", always_2d=True)
+                if out is not None and f.channels == 1 and sr == sample_rate and last - first <= len(out):
+                    wav = f.read(last - first, out=out[: last - first])[:, None]  # in place, as [frames, 1]
+                else:
+                    wav = f.read(last - first, dtype="float32", always_2d=True)
                 if wav.shape[0] != last - first:
                     raise _error(
                         source, utt_id,
@@ -248,7 +266,7 @@ def load_audio(
             raise _error(source, utt_id, f"unreadable or corrupt audio: {e}") from e
     if wav.shape[0] == 0:
         raise _error(source, utt_id, "zero-length audio")
-    if not np.isfinite(wav).all():
+    if not integer and not np.isfinite(wav).all():
         bad = int(np.argmax(~np.isfinite(wav).all(axis=1)))
         raise _error(source, utt_id, f"non-finite sample (NaN or inf) at frame {first + bad}")
     mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]

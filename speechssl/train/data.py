@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -285,6 +286,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.pad_audio = pad_audio
         self.random_crop = random_crop
+        self._frames: dict[int, int] = {}  # num_frames memo: crops are whole frame strides, a few hundred lengths
+
+    def _num_frames(self, n: int) -> int:
+        nf = self._frames.get(n)
+        if nf is None:
+            if len(self._frames) >= 65536:  # pad_audio: one length per utterance; stay bounded
+                self._frames.clear()
+            nf = self._frames[n] = int(self.num_frames(n))
+        return nf
 
     def _target_len(self, lengths: list[int]) -> list[int]:
         cap = self.crop_max
@@ -295,9 +305,11 @@ class PretrainDataset(torch.utils.data.Dataset):
             t -= t % self.ds  # a whole number of frame strides
         return [t] * len(lengths)
 
-    def _labels_for(self, ls: LabelSet, stride: int, utt_id: str, n_full: int, frame_off: int, n_frames: int):
+    def _labels_for(self, ls: LabelSet, stride: int, utt_id: str, n_full: int, frame_off: int, n_frames: int,
+                    out: np.ndarray | None = None):
+        """Labels of the crop at the model frame rate (``out``: the batch row to write them into, else a new array)."""
         lab = ls.get(utt_id, n_full)  # raises LabelError naming the utterance on a length mismatch
-        sel = np.asarray(lab[frame_off * stride :: stride][:n_frames], dtype=np.int64)
+        sel = lab[frame_off * stride :: stride][:n_frames]
         if len(sel) < n_frames:
             # check_label_length allows the label sequence to be one label frame short at the end
             short = n_frames - len(sel)
@@ -306,52 +318,73 @@ class PretrainDataset(torch.utils.data.Dataset):
                     f"utt {utt_id}: {len(lab)} labels at {ls.label_rate} Hz cover only {len(sel)} of the "
                     f"{n_frames} model frames of the crop at frame {frame_off} ({ls.text_path})"
                 )
-            sel = np.concatenate([sel, np.full(short, LABEL_PAD, dtype=np.int64)])
         if sel.size and (sel.min() < 0 or sel.max() >= ls.k):
             raise LabelError(f"utt {utt_id}: label out of range [0, {ls.k}) in {ls.text_path}")
-        return sel
+        if out is None:
+            out = np.full(n_frames, LABEL_PAD, dtype=np.int64)
+        out[: len(sel)] = sel  # the rest stays LABEL_PAD
+        return out
 
     def __getitem__(self, item) -> dict:
+        """One batch. Each crop is decoded straight into its row of the batch tensor (``load_audio(out=...)``),
+        which a DataLoader worker allocates in shared memory (as torch's ``default_collate`` does): no per-
+        utterance array, no copy into the batch, no copy into shared memory when the batch leaves the worker."""
         epoch, index, cuts = item
         cuts = list(cuts)
         lengths = [cut_num_samples(c) for c in cuts]
         targets = self._target_len(lengths)
-        wavs, labels = [], [[] for _ in self.label_sets]
-        frames = []
-        for cut, n, t in zip(cuts, lengths, targets):
+        frames = [self._num_frames(t) for t in targets]
+        B, S, T = len(cuts), max(targets), max(frames)
+        lens, wav_batch, *lab_batches = _new_tensors(
+            [((B,), torch.long), ((B, S), torch.float32)] + [((B, T), torch.long)] * len(self.label_sets))
+        lens.numpy()[:] = targets
+        rows = wav_batch.numpy()
+        lab_rows = [lb.numpy() for lb in lab_batches]
+        for lr in lab_rows:
+            lr.fill(LABEL_PAD)
+        for i, (cut, n, t, nf) in enumerate(zip(cuts, lengths, targets, frames)):
             max_off = (n - t) // self.ds if n > t else 0
             f_off = crop_offset(self.seed, epoch, cut.id, max_off) if self.random_crop else 0
             off = f_off * self.ds
             start = cut.start + off / SAMPLE_RATE
-            wav = load_audio(_cut_source(cut), utt_id=cut.id, start=start, end=start + t / SAMPLE_RATE)
+            row = rows[i]
+            wav = load_audio(_cut_source(cut), utt_id=cut.id, start=start, end=start + t / SAMPLE_RATE, out=row)
             if abs(len(wav) - t) > 2:
                 raise UserError(f"utterance {cut.id}: read {len(wav)} samples, the manifest implies {t}")
-            wav = wav[:t] if len(wav) >= t else np.pad(wav, (0, t - len(wav)))
-            wavs.append(torch.from_numpy(wav))
-            nf = int(self.num_frames(t))
-            frames.append(nf)
+            m = min(len(wav), t)
+            if not np.may_share_memory(wav, row):  # not decoded in place (pipe, other rate, several channels)
+                row[:m] = wav[:m]
+            row[m:] = 0.0  # zero padding: past the crop, or a read up to 2 samples short
             for j, (ls, stride) in enumerate(zip(self.label_sets, self.strides)):
-                labels[j].append(self._labels_for(ls, stride, cut.id, n, f_off, nf))
-        B, S = len(cuts), max(targets)
-        T = max(frames)
-        wav_batch = torch.zeros(B, S)
-        for i, w in enumerate(wavs):
-            wav_batch[i, : len(w)] = w
-        lab_batches = []
-        for per_set in labels:
-            lb = torch.full((B, T), LABEL_PAD, dtype=torch.long)
-            for i, lab in enumerate(per_set):
-                lb[i, : len(lab)] = torch.from_numpy(lab)
-            lab_batches.append(lb)
+                self._labels_for(ls, stride, cut.id, n, f_off, nf, out=lab_rows[j][i, :nf])
         return {
             "wavs": wav_batch,
-            "wav_lens": torch.tensor(targets, dtype=torch.long),
+            "wav_lens": lens,
             "labels": lab_batches,
             "ids": [c.id for c in cuts],
             "epoch": epoch,
             "index": index,
             "audio_seconds": float(sum(targets)) / SAMPLE_RATE,
         }
+
+
+def _new_tensors(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Uninitialised tensors of the given (shape, dtype)s. In a DataLoader worker they are views of ONE block of
+    shared memory, so handing the batch to the main process costs no copy (torch's ``default_collate`` also
+    allocates in shared memory) and one file descriptor instead of one per tensor."""
+    if torch.utils.data.get_worker_info() is None:
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    offsets, nbytes = [], 0
+    for shape, dtype in specs:
+        offsets.append(nbytes)
+        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes += -(-size // 64) * 64  # each view 64-byte aligned
+    block = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    out = []
+    for (shape, dtype), off in zip(specs, offsets):
+        t = torch.empty(0, dtype=dtype)
+        out.append(t.set_(block, off // t.element_size(), shape))
+    return out
 
 
 def collate_identity(batch):
@@ -456,3 +489,9 @@ class _NumFrames:
 
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
+    # A preemption (SLURM, torchrun passing on SIGTERM) signals every process of the job, loader workers included.
+    # They leave it to the training process, which finishes the update, saves a checkpoint and then shuts them down;
+    # a worker dying of the signal would make the DataLoader raise before the checkpoint is written.
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)

@@ -51,7 +51,7 @@ from speechssl.train.distributed import (
     gather_rng,
     init_distributed,
 )
-from speechssl.train.logs import Window, add_file_log, fmt, log_train
+from speechssl.train.logs import DataWaitWatch, Window, add_file_log, fmt, log_train
 from speechssl.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class Trainer:
                                    dynamic_ncols=True, mininterval=1.0)
         batches = self.data.train_batches()
         window = Window()
+        wait_watch = DataWaitWatch(cfg.data.num_workers) if d.is_main else None  # warns when data_wait > 0.2
         last_saved = self.step if self._resumed else -1
         stop_reason, end = "max_steps", o.max_steps
         if o.max_minutes is not None and self.elapsed_s >= o.max_minutes * 60.0:
@@ -224,6 +225,7 @@ class Trainer:
                         self._skip_step(gnorm, ids, writer)
                     now = time.monotonic()
                     self.elapsed_s += now - t_prev
+                    window.add_time(self.data_wait_s, now - t_prev)  # -> data_wait: waiting for batches / update time
 
                     # ---- collective decisions: signals, time budget
                     over_budget = o.max_minutes is not None and self.elapsed_s >= o.max_minutes * 60.0
@@ -236,6 +238,7 @@ class Trainer:
                         stats = window.reduce(d) | {"lr": lr}  # a collective: every rank
                         if d.is_main:
                             log_train(stats, self.step, writer, bar)
+                            wait_watch.check(stats, self.step)
                         window = Window()
                     valid = None
                     if (self.dev_loader is not None and self.step > 0 and self.step != self._last_valid_step
@@ -294,8 +297,11 @@ class Trainer:
         ids: list[str] = []
         total_size = 0.0
         by_frames = None
+        self.data_wait_s = 0.0  # seconds this update waited for its batches (the train loop logs data_wait)
         for micro in range(o.accum_grad):
+            t_wait = time.monotonic()
             batch = next(batches)
+            self.data_wait_s += time.monotonic() - t_wait
             self.sampler.mark_consumed(batch["epoch"], batch["index"])
             # dropout and masks from (seed, update, attempt, global micro-batch index): see module docstring
             st.seed_all(st.derived_seed(self.cfg.seed, self.step, self.bad_steps, micro * d.world + d.rank))

@@ -1,0 +1,230 @@
+"""A loader that keeps up (issue 25): the trainer's data-wait fraction and warning, and the fast batch assembly of
+``PretrainDataset`` (decode in place, shared-memory batches in workers) giving the same batches as before."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechssl.audio import load_audio
+from speechssl.train import data as train_data
+from speechssl.train.data import (
+    LABEL_PAD,
+    PretrainDataset,
+    collate_identity,
+    crop_offset,
+    cut_num_samples,
+    load_label_sets,
+)
+from speechssl.train.logs import DataWaitWatch, Window
+from speechssl.train.trainer import Trainer
+from speechssl.units.labels import write_labels
+from test_train import K, make_corpus, tiny_cfg
+
+torch.set_num_threads(1)
+SR = 16000
+
+
+# ------------------------------------------------------------------------------------------------ data_wait
+def _train(tmp_path, corpus, caplog, sleep_s: float | None) -> tuple[list[float], list[str]]:
+    """Train a tiny model whose dataset sleeps ``sleep_s`` per batch, or (None) hands out its first batch again at
+    once; (data_wait per log line, warnings)."""
+    data, labdir = corpus
+    cfg = tiny_cfg(tmp_path, data, labdir, "optim.max_steps=8", "log_every=2", "ckpt.every_steps=100",
+                   "data.num_workers=0")
+    orig = PretrainDataset.__getitem__
+    first: list[dict] = []
+
+    def slow(self, item):
+        time.sleep(sleep_s)
+        return orig(self, item)
+
+    def instant(self, item):
+        if not first:
+            first.append(orig(self, item))
+        return first[0] | {"epoch": item[0], "index": item[1]}
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="speechssl"):
+        mp.setattr(PretrainDataset, "__getitem__", instant if sleep_s is None else slow)
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "speechssl.train.logs" and r.levelno == logging.INFO]
+    waits = [float(m.group(1)) for line in lines if (m := re.search(r"data_wait=([0-9.e+-]+)", line))]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "data_wait" in r.getMessage()]
+    return waits, warnings
+
+
+def test_a_sleeping_loader_shows_in_data_wait_and_warns_once(tmp_path, caplog):
+    corpus = make_corpus(tmp_path / "c")
+    waits, warnings = _train(tmp_path / "slow", corpus, caplog, 0.25)
+    assert len(waits) == 4  # updates 2, 4, 6, 8
+    assert all(w > 0.5 for w in waits), waits  # ~95% of each update is the sleep
+    # the first log line is exempt (loader start-up); then one warning, the next not before 20 more log lines
+    assert len(warnings) == 1, warnings
+    assert "data.num_workers (now 0" in warnings[0] and "update 4" in warnings[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "slow" / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/data_wait")] == [2, 4, 6, 8]
+
+
+def test_a_fast_loader_keeps_data_wait_low(tmp_path, caplog):
+    corpus = make_corpus(tmp_path / "c")
+    waits, warnings = _train(tmp_path / "fast", corpus, caplog, None)
+    assert len(waits) == 4 and all(0.0 <= w < 0.2 for w in waits[1:]) and not warnings, (waits, warnings)
+
+
+def test_data_wait_watch_throttles_and_names_the_workers(caplog):
+    watch = DataWaitWatch(num_workers=3, threshold=0.2, every=3)
+    with caplog.at_level(logging.WARNING, logger="speechssl"):
+        fired = [watch.check({"data_wait": w}, step) for step, w in enumerate([0.9, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9], 1)]
+    assert fired == [False, True, False, False, True, False, False]  # not the first line, then every 3rd at most
+    assert "raise data.num_workers (now 3;" in caplog.records[0].getMessage()
+    assert not DataWaitWatch(2).check({"loss": 1.0}, 1)  # no data_wait, no warning
+
+
+def test_window_data_wait_is_wait_over_update_time():
+    from speechssl.train.distributed import Dist
+
+    w = Window()
+    w.add({"loss": 1.0}, 1.0, 4.0)
+    w.add_time(0.3, 1.0)
+    w.add_time(0.1, 1.0)
+    stats = w.reduce(Dist())
+    assert stats["data_wait"] == pytest.approx(0.2) and stats["loss"] == 1.0
+    w2 = Window()
+    w2.add({"loss": 1.0}, 1.0, 4.0)
+    assert "data_wait" not in w2.reduce(Dist())  # no times added
+
+
+# ------------------------------------------------------------------------------------------------ batches unchanged
+def _reference_batch(ds: PretrainDataset, epoch: int, index: int, cuts) -> dict:
+    """The batch as ``PretrainDataset`` assembled it before decoding in place: one array per utterance from
+    ``load_audio``, cut or zero-padded to its target, copied into zeros; labels strided and padded per row."""
+    cuts = list(cuts)
+    lengths = [cut_num_samples(c) for c in cuts]
+    targets = ds._target_len(lengths)
+    wavs, labels, frames = [], [[] for _ in ds.label_sets], []
+    for cut, n, t in zip(cuts, lengths, targets):
+        max_off = (n - t) // ds.ds if n > t else 0
+        f_off = crop_offset(ds.seed, epoch, cut.id, max_off) if ds.random_crop else 0
+        start = cut.start + f_off * ds.ds / SR
+        wav = load_audio(train_data._cut_source(cut), utt_id=cut.id, start=start, end=start + t / SR)
+        wav = wav[:t] if len(wav) >= t else np.pad(wav, (0, t - len(wav)))
+        wavs.append(torch.from_numpy(wav))
+        nf = int(ds.num_frames(t))
+        frames.append(nf)
+        for j, (ls, stride) in enumerate(zip(ds.label_sets, ds.strides)):
+            lab = ls.get(cut.id, n)[f_off * stride :: stride][:nf].astype(np.int64)
+            labels[j].append(np.concatenate([lab, np.full(nf - len(lab), LABEL_PAD, dtype=np.int64)]))
+    B, S, T = len(cuts), max(targets), max(frames)
+    wb = torch.zeros(B, S)
+    for i, w in enumerate(wavs):
+        wb[i, : len(w)] = w
+    lbs = []
+    for per_set in labels:
+        lb = torch.full((B, T), LABEL_PAD, dtype=torch.long)
+        for i, lab in enumerate(per_set):
+            lb[i, : len(lab)] = torch.from_numpy(lab)
+        lbs.append(lb)
+    return {"wavs": wb, "wav_lens": torch.tensor(targets), "labels": lbs, "ids": [c.id for c in cuts]}
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory):
+    """WAV, FLAC, a stereo 8 kHz WAV (resampled: not decoded in place) and a segmented utterance, two label sets."""
+    from lhotse import CutSet
+
+    root = tmp_path_factory.mktemp("mixed")
+    data, labdir = make_corpus(root, n_utts=9)
+    cuts = CutSet.from_file(data / "cuts.jsonl.gz")
+    rng = np.random.default_rng(1)
+    new = []
+    for i, cut in enumerate(cuts):
+        path = cut.recording.sources[0].source
+        if i % 3 == 1:  # the same samples as FLAC
+            flac = path.replace(".wav", ".flac")
+            sf.write(flac, sf.read(path, dtype="int16")[0], SR, subtype="PCM_16", format="FLAC")
+            cut.recording.sources[0].source = flac
+        elif i == 2:  # stereo at 8 kHz
+            n8 = cut.recording.num_samples // 2
+            sf.write(path, (rng.standard_normal((n8, 2)) * 0.1).astype(np.float32), 8000, subtype="PCM_16")
+            cut.recording.sampling_rate = 8000
+            cut.recording.num_samples = n8
+            cut.recording.channel_ids = [0, 1]
+        new.append(cut)
+    labdir2 = root / "labels50"
+    labels = {c.id: rng.integers(0, 7, 1 + (cut_num_samples(c) - 400) // 320) for c in new}
+    write_labels(labdir2, labels, {"label_rate": 50.0, "k": 7,
+                                   "framing": {"type": "window", "frame_length": 400, "frame_shift": 320}})
+    return CutSet.from_cuts(new), [labdir, labdir2]
+
+
+@pytest.mark.parametrize("pad_audio", [False, True])
+def test_batches_are_those_of_the_straightforward_assembly(mixed_corpus, pad_audio):
+    cuts, label_dirs = mixed_corpus
+    ds = PretrainDataset(load_label_sets(label_dirs), frame_rate=50.0, downsample_rate=320,
+                         num_frames=lambda n: max(0, (n - 400) // 320 + 1), crop_max=1.5, seed=5,
+                         pad_audio=pad_audio)
+    groups = [list(cuts)[i : i + 3] for i in range(0, 9, 3)]
+    items = [(epoch, i, g) for epoch in range(3) for i, g in enumerate(groups)]
+    loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, collate_fn=collate_identity,
+                                         num_workers=1)
+    for item, from_worker in zip(items, loader):
+        ref = _reference_batch(ds, *item)
+        for got in (ds[item], from_worker):
+            assert got["ids"] == ref["ids"]
+            assert torch.equal(got["wavs"], ref["wavs"]) and got["wavs"].dtype == torch.float32
+            assert torch.equal(got["wav_lens"], ref["wav_lens"]) and got["wav_lens"].dtype == torch.long
+            assert len(got["labels"]) == 2
+            for a, b in zip(got["labels"], ref["labels"]):
+                assert torch.equal(a, b) and a.dtype == torch.long
+        # built by the worker in one block of shared memory: no copy on the way out, one file descriptor
+        assert from_worker["wavs"].is_shared()
+        assert from_worker["labels"][1].untyped_storage().data_ptr() == from_worker["wavs"].untyped_storage().data_ptr()
+
+
+def test_load_audio_decodes_into_out_when_it_can(tmp_path):
+    wav = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "a.wav", wav, SR, subtype="PCM_16")
+    sf.write(tmp_path / "a.flac", wav, SR, subtype="PCM_16")
+    sf.write(tmp_path / "s.wav", np.stack([wav, -wav], 1), SR, subtype="PCM_16")
+    for name in ("a.wav", "a.flac", "s.wav"):
+        path = str(tmp_path / name)
+        plain = load_audio(path, start=0.25, end=0.75)
+        out = np.full(9000, 7.0, dtype=np.float32)
+        got = load_audio(path, start=0.25, end=0.75, out=out)
+        assert np.array_equal(got, plain)
+        assert np.may_share_memory(got, out) == (name != "s.wav")  # stereo is averaged: a new array
+        small = np.zeros(100, dtype=np.float32)  # too small: a new array, out untouched
+        assert np.array_equal(load_audio(path, start=0.25, end=0.75, out=small), plain) and not small.any()
+    with pytest.raises(ValueError, match="float32 1-D"):
+        load_audio(str(tmp_path / "a.wav"), out=np.zeros(10))
+
+
+def test_labels_one_frame_short_are_padded_not_refused(tmp_path):
+    """``check_label_length`` allows a label sequence one frame short; the crop pads it with LABEL_PAD (the range
+    check used to run after the padding and refused -100 as out of range)."""
+    from speechssl.units.labels import LabelError
+
+    write_labels(tmp_path / "lab", {"u1": np.arange(10) % K}, {"label_rate": 50.0, "k": K})
+    ds = PretrainDataset(load_label_sets([tmp_path / "lab"]), frame_rate=50.0, downsample_rate=320,
+                         num_frames=lambda n: n // 320, crop_max=None, seed=0)
+    ls = ds.label_sets[0]
+    n = 10 * 320  # 10 frames of audio: 10 labels expected
+    got = ds._labels_for(ls, 1, "u1", n, frame_off=1, n_frames=10)  # the crop needs labels 1..10: one short
+    assert got.tolist() == (np.arange(1, 10) % K).tolist() + [LABEL_PAD]
+    with pytest.raises(LabelError, match="cover only 8 of the 10"):
+        ds._labels_for(ls, 1, "u1", n, frame_off=2, n_frames=10)
