@@ -40,7 +40,7 @@ from speechssl.fileio import atomic_write_text
 from speechssl.train import checkpoints as ck
 from speechssl.train import state as st
 from speechssl.train.collapse import CollapseWatch
-from speechssl.train.config import CheckpointConfig, DataConfig, OptimConfig, PretrainConfig
+from speechssl.train.config import CheckpointConfig, DataConfig, OptimConfig, PretrainConfig, split_batch
 from speechssl.train.data import build_pretrain_data
 from speechssl.train.distributed import (
     StopSignals,
@@ -86,6 +86,8 @@ class Trainer:
             self._log_handler = add_file_log(self.exp / "train.log")
         barrier(d)
         o = cfg.optim
+        if o.batch_seconds is not None:  # the paper's update whatever the number of processes (train/config.py)
+            o.accum_grad, cfg.data.max_duration = split_batch(o.batch_seconds, d.world, cfg.data.max_duration)
         self.bf16 = bf16_supported(self.device) if o.bf16 is None else bool(o.bf16)
         if self.bf16 and self.device.type == "cpu" and not bf16_supported(self.device):
             log.warning("optim.bf16=true on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow")
@@ -157,9 +159,11 @@ class Trainer:
             eff = d.world * cfg.data.max_duration * o.accum_grad
             nparams = sum(p.numel() for p in self.model.parameters())
             log.info(
-                "effective batch: world %d x max_duration %g s x accum %d = %g s of audio per update "
+                "effective batch: world %d x max_duration %g s x accum %d = %g s of audio per update%s "
                 "(paper Base: 32 x 87.5 s = 2800 s); %.2fM parameters; device %s; bf16 %s",
-                d.world, cfg.data.max_duration, o.accum_grad, eff, nparams / 1e6, self.device, self.bf16,
+                d.world, cfg.data.max_duration, o.accum_grad, eff,
+                "" if o.batch_seconds is None else f" (optim.batch_seconds={o.batch_seconds:g})",
+                nparams / 1e6, self.device, self.bf16,
             )
 
     # ------------------------------------------------------------------------------------------ batches
