@@ -188,9 +188,10 @@ def test_sigterm_stops_a_launched_run_and_a_rerun_resumes_it(tiny_run):
     text = log.read_text()
     assert "saving a checkpoint and stopping" in text
     saved = sorted((job / "exp_sig" / "hubert_iter1" / "checkpoints").glob("step-*"))
-    assert saved, "no checkpoint after SIGTERM"
+    assert saved, "no checkpoint after SIGTERM:\n" + out[-4000:]
     stopped_at = int(saved[-1].name.split("-")[1])
     assert 3 <= stopped_at < steps
+    assert f"valid at update {stopped_at} " not in text  # saved at once: no validation in the grace period
     again = subprocess.run(cmd[:], cwd=job, env=_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     text = log.read_text()

@@ -41,7 +41,7 @@ from speechssl.train import checkpoints as ck
 from speechssl.train import state as st
 from speechssl.train.collapse import CollapseWatch
 from speechssl.train.config import CheckpointConfig, DataConfig, OptimConfig, PretrainConfig, split_batch
-from speechssl.train.data import build_pretrain_data
+from speechssl.train.data import batch_wavs, build_pretrain_data
 from speechssl.train.distributed import (
     StopSignals,
     all_reduce,
@@ -168,9 +168,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ batches
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """float32 waveforms (int16 ones are copied as int16, then scaled on the device: ``batch_wavs``), lengths,
+        labels."""
         nb = self.device.type == "cuda"
         return (
-            batch["wavs"].to(self.device, non_blocking=nb),
+            batch_wavs(batch, self.device, non_blocking=nb),
             batch["wav_lens"].to(self.device, non_blocking=nb),
             [lb.to(self.device, non_blocking=nb) for lb in batch["labels"]],
         )
@@ -245,8 +247,9 @@ class Trainer:
                             wait_watch.check(stats, self.step)
                         window = Window()
                     valid = None
+                    # a signal (preemption: torchrun and SLURM give ~30 s) saves at once; the resumed run validates
                     if (self.dev_loader is not None and self.step > 0 and self.step != self._last_valid_step
-                            and (self.step % cfg.valid_every == 0 or is_last)):
+                            and (self.step % cfg.valid_every == 0 or (is_last and stop != "signal"))):
                         valid = self.validate(writer)
                     if self.step > 0 and self.step != last_saved and (self.step % cfg.ckpt.every_steps == 0 or is_last):
                         self.save_checkpoint(valid=valid)
