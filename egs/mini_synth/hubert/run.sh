@@ -49,5 +49,5 @@ suffix=${data#data}
 [ "$alignments" = corpus ] && alignments=$data/train/phones.ctm
 ../../../recipes/hubert.sh --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
   --data "$data" --train-set train --dev-set dev --dump "dump$suffix" --exp "exp$suffix" --nj "$nj" \
-  --alignments "$alignments" --feats1 "$feats1" --hidden-sample-frac "$($tiny && echo 0.5 || echo 0.1)" \
+  --alignments "$alignments" --feats1 "$feats1" --hidden-sample-frac "$($tiny && echo 0.5 || echo auto)" \
   --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts" --iter2-init "$iter2_init"
