@@ -36,6 +36,8 @@ __all__ = [
     "is_pipe",
     "segment_frames",
     "audio_info",
+    "AudioFile",
+    "open_audio",
     "load_audio",
     "save_audio",
 ]
@@ -208,35 +210,67 @@ def segment_frames(
     return first, last
 
 
-def load_audio(
-    source: str | os.PathLike,
-    *,
-    utt_id: str | None = None,
-    start: float = 0.0,
-    end: float | None = None,
-    sample_rate: int = SAMPLE_RATE,
-    max_overshoot: float = MAX_OVERSHOOT,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Read ``source`` (path or ``"cmd |"``) as float32 mono at ``sample_rate``.
-
-    ``start``/``end`` select a segment in seconds of the recording (Kaldi ``segments``); for files only those
-    frames are read. An ``end`` up to ``max_overshoot`` seconds past the end is truncated, as Kaldi does; further
-    is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
-
-    ``out``: a C-contiguous float32 1-D array to decode into. A mono file at ``sample_rate`` whose segment fits is
-    read straight into ``out[:n]`` and that view is returned (no allocation, no copy: the pretraining loader
-    passes a row of its batch tensor); anything else is returned as a new array, as without ``out``. Test with
-    ``np.may_share_memory(result, out)``. The samples are the same either way.
-    """
-    source = os.fspath(source)
+def _check_args(sample_rate: int, out: np.ndarray | None) -> None:
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    if out is not None and (out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous):
-        raise ValueError(f"out must be a C-contiguous float32 1-D array, got {out.dtype} {out.shape}")
-    with _open(source, utt_id) as f:
-        sr = int(f.samplerate)
-        integer = f.subtype in _INTEGER_SUBTYPES  # then the finiteness scan below is skipped: it cannot fail
+    if out is not None and (out.dtype not in (np.float32, np.int16) or out.ndim != 1 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float32 1-D array (or int16), got {out.dtype} {out.shape}")
+
+
+class AudioFile:
+    """An open audio source (`open_audio`): its native ``sample_rate`` and ``channels``, whether it is a 16-bit PCM
+    file (``pcm16``; pipes never are), and ``read(...)``, which is `load_audio` on it. A context manager.
+
+    Opening first and reading after lets a caller choose where to decode by what the header says (the pretraining
+    loader decodes every 16-bit mono crop at the model's rate as int16, see ``int16_at``) without opening twice.
+    """
+
+    __slots__ = ("source", "utt_id", "sample_rate", "channels", "pcm16", "_f", "_subtype")
+
+    def __init__(self, source: str | os.PathLike, *, utt_id: str | None = None):
+        self.source = os.fspath(source)
+        self.utt_id = utt_id
+        self._f = _open(self.source, utt_id)
+        self.sample_rate = int(self._f.samplerate)
+        self.channels = int(self._f.channels)
+        self._subtype = self._f.subtype
+        self.pcm16 = self._subtype == "PCM_16" and not is_pipe(self.source) and self._f.frames > 0
+
+    def int16_at(self, sample_rate: int = SAMPLE_RATE) -> bool:
+        """True when ``read(out=<int16 array>, sample_rate=sample_rate)`` decodes into ``out`` as int16: a mono
+        16-bit PCM file at ``sample_rate``. ``int16 / 32768`` is then exactly its float32 decoding (libsndfile
+        scales 16-bit PCM by 2^-15), bit for bit."""
+        return self.pcm16 and self.channels == 1 and self.sample_rate == sample_rate
+
+    @property
+    def format(self) -> str:
+        """libsndfile's major format: "WAV", "FLAC", ..."""
+        return self._f.format
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "AudioFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def read(
+        self,
+        *,
+        start: float = 0.0,
+        end: float | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        max_overshoot: float = MAX_OVERSHOOT,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`load_audio` of this source (see there); call it once."""
+        source, utt_id, f = self.source, self.utt_id, self._f
+        _check_args(sample_rate, out)
+        sr = self.sample_rate
+        in_place = False
+        integer = self._subtype in _INTEGER_SUBTYPES  # then the finiteness scan below is skipped: it cannot fail
         try:
             if is_pipe(source) or f.frames <= 0:
                 # In-memory stream: decode everything (header lengths of streamed WAVs are unreliable), then cut.
@@ -253,28 +287,66 @@ def load_audio(
                 )
                 if first:
                     f.seek(first)
-                if out is not None and f.channels == 1 and sr == sample_rate and last - first <= len(out):
-                    wav = f.read(last - first, out=out[: last - first])[:, None]  # in place, as [frames, 1]
+                n = last - first
+                if out is not None and n <= len(out) and (
+                        self.int16_at(sample_rate) if out.dtype == np.int16 else f.channels == 1 and sr == sample_rate):
+                    wav = f.read(n, out=out[:n])[:, None]  # in place, in out's dtype, as [frames, 1]
+                    in_place = True
                 else:
-                    wav = f.read(last - first, dtype="float32", always_2d=True)
-                if wav.shape[0] != last - first:
+                    wav = f.read(n, dtype="float32", always_2d=True)
+                if wav.shape[0] != n:
                     raise _error(
                         source, utt_id,
                         f"truncated audio: header says {f.frames} frames but only {first + wav.shape[0]} could be read",
                     )
         except (sf.SoundFileError, RuntimeError) as e:
             raise _error(source, utt_id, f"unreadable or corrupt audio: {e}") from e
-    if wav.shape[0] == 0:
-        raise _error(source, utt_id, "zero-length audio")
-    if not integer and not np.isfinite(wav).all():
-        bad = int(np.argmax(~np.isfinite(wav).all(axis=1)))
-        raise _error(source, utt_id, f"non-finite sample (NaN or inf) at frame {first + bad}")
-    mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
-    if sr != sample_rate:
-        mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
-        if mono.shape[0] == 0:
-            raise _error(source, utt_id, f"zero-length audio after resampling {sr} -> {sample_rate} Hz")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+        if wav.shape[0] == 0:
+            raise _error(source, utt_id, "zero-length audio")
+        if not integer and not np.isfinite(wav).all():
+            bad = int(np.argmax(~np.isfinite(wav).all(axis=1)))
+            raise _error(source, utt_id, f"non-finite sample (NaN or inf) at frame {first + bad}")
+        if in_place:
+            return wav[:, 0]  # the view of out (int16 or float32), mono at the rate already
+        mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
+        if sr != sample_rate:
+            mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+            if mono.shape[0] == 0:
+                raise _error(source, utt_id, f"zero-length audio after resampling {sr} -> {sample_rate} Hz")
+        return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def open_audio(source: str | os.PathLike, *, utt_id: str | None = None) -> AudioFile:
+    """Open a path or run a pipe command (`AudioError` as `load_audio`); read it with ``AudioFile.read``."""
+    return AudioFile(source, utt_id=utt_id)
+
+
+def load_audio(
+    source: str | os.PathLike,
+    *,
+    utt_id: str | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    max_overshoot: float = MAX_OVERSHOOT,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Read ``source`` (path or ``"cmd |"``) as float32 mono at ``sample_rate``.
+
+    ``start``/``end`` select a segment in seconds of the recording (Kaldi ``segments``); for files only those
+    frames are read. An ``end`` up to ``max_overshoot`` seconds past the end is truncated, as Kaldi does; further
+    is an error. Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
+
+    ``out``: a C-contiguous 1-D array to decode into. float32: a mono file at ``sample_rate`` whose segment fits is
+    read straight into ``out[:n]`` and that view is returned (no allocation, no copy: the pretraining loader passes
+    a row of its batch tensor). int16: the same for a mono 16-bit PCM file at ``sample_rate`` (``AudioFile.int16_at``),
+    and the view holds the int16 samples, whose float32 value is ``x / 32768`` exactly. Anything else is returned as
+    a new float32 array, as without ``out``. Test with ``np.may_share_memory(result, out)`` (or the dtype). The
+    samples are the same either way.
+    """
+    _check_args(sample_rate, out)
+    with AudioFile(source, utt_id=utt_id) as a:
+        return a.read(start=start, end=end, sample_rate=sample_rate, max_overshoot=max_overshoot, out=out)
 
 
 def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

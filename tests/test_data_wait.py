@@ -1,9 +1,11 @@
 """A loader that keeps up (issue 25): the trainer's data-wait fraction and warning, and the fast batch assembly of
-``PretrainDataset`` (decode in place, shared-memory batches in workers) giving the same batches as before."""
+``PretrainDataset`` (decode in place, shared-memory batches in workers, int16 waveforms from a worker for 16-bit
+PCM, ``Utt`` tuples instead of lhotse cuts) giving the same batches as before."""
 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import time
 
@@ -12,15 +14,19 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechssl.audio import load_audio
-from speechssl.train import data as train_data
+from speechssl.audio import load_audio, open_audio
 from speechssl.train.data import (
     LABEL_PAD,
+    PCM16_SCALE,
     PretrainDataset,
+    ResumableBatchSampler,
+    Utt,
+    batch_wavs,
     collate_identity,
     crop_offset,
     cut_num_samples,
     load_label_sets,
+    utt_of,
 )
 from speechssl.train.logs import DataWaitWatch, Window
 from speechssl.train.trainer import Trainer
@@ -112,16 +118,16 @@ def test_window_data_wait_is_wait_over_update_time():
 # ------------------------------------------------------------------------------------------------ batches unchanged
 def _reference_batch(ds: PretrainDataset, epoch: int, index: int, cuts) -> dict:
     """The batch as ``PretrainDataset`` assembled it before decoding in place: one array per utterance from
-    ``load_audio``, cut or zero-padded to its target, copied into zeros; labels strided and padded per row."""
-    cuts = list(cuts)
-    lengths = [cut_num_samples(c) for c in cuts]
+    ``load_audio`` (float32), cut or zero-padded to its target, copied into zeros; labels strided and padded per row."""
+    cuts = [c if isinstance(c, Utt) else utt_of(c) for c in cuts]
+    lengths = [c.num_samples for c in cuts]
     targets = ds._target_len(lengths)
     wavs, labels, frames = [], [[] for _ in ds.label_sets], []
     for cut, n, t in zip(cuts, lengths, targets):
         max_off = (n - t) // ds.ds if n > t else 0
         f_off = crop_offset(ds.seed, epoch, cut.id, max_off) if ds.random_crop else 0
         start = cut.start + f_off * ds.ds / SR
-        wav = load_audio(train_data._cut_source(cut), utt_id=cut.id, start=start, end=start + t / SR)
+        wav = load_audio(cut.source, utt_id=cut.id, start=start, end=start + t / SR)
         wav = wav[:t] if len(wav) >= t else np.pad(wav, (0, t - len(wav)))
         wavs.append(torch.from_numpy(wav))
         nf = int(ds.num_frames(t))
@@ -144,7 +150,8 @@ def _reference_batch(ds: PretrainDataset, epoch: int, index: int, cuts) -> dict:
 
 @pytest.fixture(scope="module")
 def mixed_corpus(tmp_path_factory):
-    """WAV, FLAC, a stereo 8 kHz WAV (resampled: not decoded in place) and a segmented utterance, two label sets."""
+    """16-bit WAV and FLAC, a stereo 8 kHz WAV (resampled: not decoded in place) and a float WAV (neither can be
+    int16), two label sets."""
     from lhotse import CutSet
 
     root = tmp_path_factory.mktemp("mixed")
@@ -164,12 +171,23 @@ def mixed_corpus(tmp_path_factory):
             cut.recording.sampling_rate = 8000
             cut.recording.num_samples = n8
             cut.recording.channel_ids = [0, 1]
+        elif i == 7:  # float samples: decoded as float32 even in a worker
+            sf.write(path, sf.read(path, dtype="float32")[0] * 0.5, SR, subtype="FLOAT")
         new.append(cut)
     labdir2 = root / "labels50"
     labels = {c.id: rng.integers(0, 7, 1 + (cut_num_samples(c) - 400) // 320) for c in new}
     write_labels(labdir2, labels, {"label_rate": 50.0, "k": 7,
                                    "framing": {"type": "window", "frame_length": 400, "frame_shift": 320}})
     return CutSet.from_cuts(new), [labdir, labdir2]
+
+
+def _all_int16(cuts) -> bool:
+    """Every crop of the batch decodes as int16: mono 16-bit PCM files at 16 kHz."""
+    out = True
+    for c in cuts:
+        with open_audio((c if isinstance(c, Utt) else utt_of(c)).source) as a:
+            out = out and a.int16_at(SR)
+    return out
 
 
 @pytest.mark.parametrize("pad_audio", [False, True])
@@ -179,21 +197,88 @@ def test_batches_are_those_of_the_straightforward_assembly(mixed_corpus, pad_aud
                          num_frames=lambda n: max(0, (n - 400) // 320 + 1), crop_max=1.5, seed=5,
                          pad_audio=pad_audio)
     groups = [list(cuts)[i : i + 3] for i in range(0, 9, 3)]
-    items = [(epoch, i, g) for epoch in range(3) for i, g in enumerate(groups)]
+    # lhotse cuts and Utt tuples (what the sampler sends) alike
+    items = [(epoch, i, g if epoch % 2 else tuple(map(utt_of, g))) for epoch in range(4) for i, g in enumerate(groups)]
     loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, collate_fn=collate_identity,
                                          num_workers=1)
+    starts_int16 = True  # the worker starts a batch as int16 when its last batch was all int16
+    seen = set()
     for item, from_worker in zip(items, loader):
         ref = _reference_batch(ds, *item)
-        for got in (ds[item], from_worker):
+        in_process = ds[item]
+        assert in_process["wavs"].dtype == torch.float32  # in the training process: float32 always
+        for got in (in_process, from_worker):
             assert got["ids"] == ref["ids"]
-            assert torch.equal(got["wavs"], ref["wavs"]) and got["wavs"].dtype == torch.float32
+            wavs = batch_wavs(got)
+            assert wavs.dtype == torch.float32 and torch.equal(wavs, ref["wavs"])
             assert torch.equal(got["wav_lens"], ref["wav_lens"]) and got["wav_lens"].dtype == torch.long
             assert len(got["labels"]) == 2
             for a, b in zip(got["labels"], ref["labels"]):
                 assert torch.equal(a, b) and a.dtype == torch.long
-        # built by the worker in one block of shared memory: no copy on the way out, one file descriptor
+        assert batch_wavs(in_process) is in_process["wavs"]  # float32 batches pass through untouched
+        all16 = _all_int16(item[2])
+        switched = starts_int16 and not all16  # started as int16, turned float32 at its first non-16-bit crop
+        assert from_worker["wavs"].dtype == (torch.int16 if starts_int16 and all16 else torch.float32)
+        seen.add((str(from_worker["wavs"].dtype), switched))
+        # built by the worker in one block of shared memory (a second one for the float32 waveforms of a batch that
+        # switched): no copy on the way out, one file descriptor
         assert from_worker["wavs"].is_shared()
-        assert from_worker["labels"][1].untyped_storage().data_ptr() == from_worker["wavs"].untyped_storage().data_ptr()
+        ptr = [t.untyped_storage().data_ptr() for t in (from_worker["labels"][1], from_worker["wavs"])]
+        assert (ptr[0] == ptr[1]) != switched
+        starts_int16 = all16
+    assert seen == {("torch.int16", False), ("torch.float32", True), ("torch.float32", False)}  # every path taken
+
+
+def test_a_crop_one_sample_longer_than_its_row(tmp_path):
+    """A segment whose start falls on half a sample reads one sample more than its crop (rounding); when it is the
+    longest row, it cannot be decoded in place (int16 row in a worker: the batch turns float32)."""
+    x = (np.random.default_rng(3).integers(-2000, 2000, 4001)).astype(np.int16)
+    sf.write(tmp_path / "a.wav", x, SR, subtype="PCM_16")
+    sf.write(tmp_path / "b.flac", x[::-1].copy(), SR, subtype="PCM_16")
+    labels = {u: np.zeros(1 + (n - 400) // 160, dtype=np.int64) for u, n in (("a", 4000), ("b", 3001))}
+    write_labels(tmp_path / "lab", labels, {"label_rate": 100.0, "k": K,
+                                            "framing": {"type": "window", "frame_length": 400, "frame_shift": 160}})
+    ds = PretrainDataset(load_label_sets([tmp_path / "lab"]), frame_rate=50.0, downsample_rate=320,
+                         num_frames=lambda n: max(0, (n - 400) // 320 + 1), crop_max=None, seed=0, pad_audio=True)
+    utts = (Utt("b", str(tmp_path / "b.flac"), 0.0, 3001), Utt("a", str(tmp_path / "a.wav"), 0.5 / SR, 4000 - 1))
+    item = (0, 0, utts)
+    ref = _reference_batch(ds, *item)
+    loader = torch.utils.data.DataLoader(ds, sampler=[item, item], batch_size=None, collate_fn=collate_identity,
+                                         num_workers=1)
+    for got in (ds[item], *loader):
+        assert torch.equal(batch_wavs(got), ref["wavs"]) and got["wav_lens"].tolist() == [3001, 3999]
+        assert got["wavs"].dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:You are using DynamicBucketingSampler with an eagerly read CutSet")
+def test_the_sampler_sends_plain_tuples(mixed_corpus):
+    cuts, _ = mixed_corpus
+    sampler = ResumableBatchSampler(cuts, max_duration=5.0, crop_max=None, num_buckets=1, seed=0, shuffle=False,
+                                    drop_last=False)
+    batches = list(sampler)
+    assert [u.id for _, _, utts in batches for u in utts] == [c.id for c in cuts]
+    for _, _, utts in batches:
+        assert type(utts) is tuple and all(type(u) is Utt for u in utts)
+        lhotse = [cuts[u.id] for u in utts]
+        assert list(utts) == [utt_of(c) for c in lhotse]
+        assert len(pickle.dumps(utts)) * 3 < len(pickle.dumps(lhotse))  # what crosses to a worker
+
+
+def test_int16_is_float32_decoding_bit_for_bit(tmp_path):
+    """``x / 32768`` of the int16 samples is libsndfile's float32 decoding of 16-bit PCM, for every value."""
+    x = np.concatenate([np.arange(-32768, 32768), np.random.default_rng(0).integers(-32768, 32768, 5000)])
+    x = x.astype(np.int16)
+    for name, fmt in (("a.wav", "WAV"), ("a.flac", "FLAC")):
+        path = str(tmp_path / name)
+        sf.write(path, x, SR, subtype="PCM_16", format=fmt)
+        f32 = load_audio(path)
+        out = np.zeros(len(x) + 10, dtype=np.int16)
+        i16 = load_audio(path, out=out)
+        assert i16.dtype == np.int16 and np.may_share_memory(i16, out) and np.array_equal(i16, x)
+        got = batch_wavs({"wavs": torch.from_numpy(i16[None])})
+        assert got.dtype == torch.float32 and np.array_equal(got[0].numpy().view(np.int32), f32.view(np.int32))
+        scaled = torch.from_numpy(i16).to(torch.float32).mul_(PCM16_SCALE)  # the GPU path's ops, on the CPU
+        assert np.array_equal(scaled.numpy().view(np.int32), f32.view(np.int32))
 
 
 def test_load_audio_decodes_into_out_when_it_can(tmp_path):
@@ -201,15 +286,28 @@ def test_load_audio_decodes_into_out_when_it_can(tmp_path):
     sf.write(tmp_path / "a.wav", wav, SR, subtype="PCM_16")
     sf.write(tmp_path / "a.flac", wav, SR, subtype="PCM_16")
     sf.write(tmp_path / "s.wav", np.stack([wav, -wav], 1), SR, subtype="PCM_16")
-    for name in ("a.wav", "a.flac", "s.wav"):
+    sf.write(tmp_path / "f.wav", wav, SR, subtype="FLOAT")
+    sf.write(tmp_path / "r.wav", wav, 8000, subtype="PCM_16")
+    for name in ("a.wav", "a.flac", "s.wav", "f.wav", "r.wav"):
         path = str(tmp_path / name)
         plain = load_audio(path, start=0.25, end=0.75)
         out = np.full(9000, 7.0, dtype=np.float32)
         got = load_audio(path, start=0.25, end=0.75, out=out)
-        assert np.array_equal(got, plain)
-        assert np.may_share_memory(got, out) == (name != "s.wav")  # stereo is averaged: a new array
+        assert np.array_equal(got, plain) and got.dtype == np.float32
+        # stereo is averaged, 8 kHz resampled: a new array
+        assert np.may_share_memory(got, out) == (name in ("a.wav", "a.flac", "f.wav"))
         small = np.zeros(100, dtype=np.float32)  # too small: a new array, out untouched
         assert np.array_equal(load_audio(path, start=0.25, end=0.75, out=small), plain) and not small.any()
+        # int16: mono 16-bit PCM at the rate only, else a new float32 array
+        out16 = np.full(9000, 7, dtype=np.int16)
+        got16 = load_audio(path, start=0.25, end=0.75, out=out16)
+        with open_audio(path) as a:
+            assert a.int16_at(SR) == (name in ("a.wav", "a.flac"))
+        if name in ("a.wav", "a.flac"):
+            assert got16.dtype == np.int16 and np.may_share_memory(got16, out16)
+            assert np.array_equal(got16 / np.float32(32768), plain) and (out16[len(got16):] == 7).all()
+        else:
+            assert got16.dtype == np.float32 and np.array_equal(got16, plain) and (out16 == 7).all()
     with pytest.raises(ValueError, match="float32 1-D"):
         load_audio(str(tmp_path / "a.wav"), out=np.zeros(10))
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from speechssl.errors import UserError
 from speechssl.fileio import atomic_write_text
+from speechssl.train.data import batch_wavs
 from speechssl.train.state import preserved_rng
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,9 @@ class CollapseWatch:
     @classmethod
     def from_batches(cls, batches: Iterable[dict], num_frames: Callable[[Tensor], Tensor], *,
                      max_frames: int = 4096, source: str = "") -> "CollapseWatch":
-        """The first ``max_frames`` valid frames of ``batches`` (dicts with ``wavs`` [B, S], ``wav_lens`` [B] and
-        ``ids``, e.g. the trainer's dev loader), in order; ``num_frames(wav_lens)`` gives the encoder frames.
+        """The first ``max_frames`` valid frames of ``batches`` (dicts with ``wavs`` [B, S], read through
+        ``speechssl.train.data.batch_wavs``, ``wav_lens`` [B] and ``ids``, e.g. the trainer's dev loader), in order;
+        ``num_frames(wav_lens)`` gives the encoder frames.
 
         Iterates under a preserved RNG: a DataLoader draws its workers' base seed from the global torch RNG.
         """
@@ -169,7 +171,7 @@ class CollapseWatch:
                 if rows:
                     idx = torch.tensor(rows)
                     picked.append(_SampleBatch(
-                        wavs=batch["wavs"][idx].cpu().clone(), wav_lens=batch["wav_lens"][idx].cpu().clone(),
+                        wavs=batch_wavs(batch)[idx].cpu().clone(), wav_lens=batch["wav_lens"][idx].cpu().clone(),
                         ids=[batch["ids"][j] for j in rows], take=take,
                     ))
                 if total >= max_frames:

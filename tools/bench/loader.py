@@ -19,15 +19,21 @@ the batch tensors) -> the ``DataLoader`` the trainer iterates. Two ways:
   to the main process through shared memory). Timed from the first batch's arrival to the end of the epoch,
   counting the audio of the later batches, so the per-epoch fork of the worker (amortised over a real epoch of
   hours, not over this small corpus) is left out. The worker's CPU seconds over the same span are read from
-  ``/proc/PID/stat`` (10 ms ticks); the sampler runs in the main process, as in the trainer.
+  ``/proc/PID/stat`` (10 ms ticks); the sampler runs in the main process, as in the trainer. A worker hands over
+  the int16 samples of 16-bit PCM crops (``speechssl.train.data.batch_wavs``), which the trainer scales to float32
+  where it consumes them: on a GPU after the copy, but on a CPU-only trainer in the training process, so that
+  conversion (``batch_wavs(batch)`` on the CPU) is inside the timed loop here, after each batch arrives.
 * ``main``: ``data.num_workers=0``, the same dataset in the main process: the whole epoch including the sampler's
-  start, no inter-process transfer; the cleanest per-core figure, and what ``--profile`` profiles.
+  start, no inter-process transfer; the cleanest per-core figure, and what ``--profile`` profiles (its batches
+  are float32 already: ``batch_wavs`` passes them through, and is called here too).
 
 Peer: ``soundfile.read(path, dtype="float32")`` of every file of the corpus in sequence, in the main process.
 Audio per second: seconds of audio *delivered* in batches (``batch["audio_seconds"]``, after cropping) for the
 loader, seconds of whole files for the peer. Every case gets a warm-up pass (which also fills the page cache);
 then ``--repeat`` rounds interleave all cases (A B C D A B C D ...) so that a burst of load from other processes
-hits each alike, and the best round of each is reported (by wall time, and separately by CPU time). Torch uses one thread (what a loader worker gets).
+hits each alike, and the best round of each is reported (by wall time, and separately by CPU time). Torch uses one
+thread (what a loader worker gets). Also printed: how many worker batches came as int16, and what handing a batch's
+items to a worker costs (pickle + unpickle of the sampler's ``Utt`` tuples, and of the lhotse cuts sent before).
 
     python tools/bench/loader.py [--utts 1000] [--repeat 3] [--workdir /tmp/speechssl_loader_bench]
     python tools/bench/loader.py --utts 100 data.num_buckets=3       # quick look; PretrainConfig overrides last
@@ -152,39 +158,76 @@ def build_loader(root: Path, fmt: str, num_workers: int, encoder, exp: Path, ext
 
 class LoaderCase:
     """One epoch of the trainer's train loader per call: ``(audio s delivered, wall s, cpu s, batches)``; the CPU
-    seconds are the worker's with ``workers=1``."""
+    seconds are the worker's with ``workers=1``. Each batch's waveforms are taken as the trainer takes them,
+    ``batch_wavs(batch)`` (float32 on the CPU: int16 ones are scaled here, in the timed loop)."""
 
     def __init__(self, data, workers: int, durations: dict[str, float]):
+        from speechssl.train.data import batch_wavs
+
         self.data, self.workers, self.durations = data, workers, durations
+        self.batch_wavs = batch_wavs
+        self.int16_batches = 0  # of the last epoch's counted batches, how many came as int16
+        self.main_cpu: list[float] = []  # workers: the training process's CPU s per audio s over each timed span
         self.epoch = 0
         self.utt_seconds = 0.0  # whole durations of the utterances the last epoch's counted batches were cut from
 
     def __call__(self):
         self.data.sampler.set_epoch(self.epoch)
         self.epoch += 1
-        audio, utt_s, n, pid, cpu0, cpu1 = 0.0, 0.0, 0, None, None, None
+        audio, utt_s, n, n16, pid, cpu0, cpu1 = 0.0, 0.0, 0, 0, None, None, None
         it = iter(self.data.train_loader)
         c0, w0 = time.process_time(), time.perf_counter()
         for batch in it:
             n += 1
             if self.workers:
                 if n == 1:  # steady state: from the first batch's arrival (see the docstring)
-                    w0 = time.perf_counter()
+                    c0, w0 = time.process_time(), time.perf_counter()
                     pid = it._workers[0].pid  # private, but /proc is the only view of the worker's CPU mid-epoch
                     cpu0 = _proc_cpu(pid)
                     continue
                 cpu1 = _proc_cpu(pid) or cpu1  # the worker exits after its last batch: keep the last reading
+            n16 += batch["wavs"].dtype == torch.int16
+            wavs = self.batch_wavs(batch)  # what the trainer's _to_device does on a CPU
+            assert wavs.dtype == torch.float32
             audio += batch["audio_seconds"]
             utt_s += sum(self.durations[u] for u in batch["ids"])
-        wall = time.perf_counter() - w0
+        wall, main_cpu = time.perf_counter() - w0, time.process_time() - c0
         self.utt_seconds = utt_s
+        self.int16_batches = n16
         if n < 2:
             raise SystemExit(f"an epoch gave {n} batch(es): use more --utts or a smaller data.max_duration")
         if self.workers:
             cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else float("nan")
+            self.main_cpu.append(main_cpu / audio)
         else:
-            cpu = time.process_time() - c0
+            cpu = main_cpu
         return audio, wall, cpu, n
+
+
+def handover_cost(data) -> str:
+    """What sending one batch's items to a worker costs (pickle + unpickle, as the DataLoader's index queue does):
+    the sampler's ``Utt`` tuples against the lhotse cuts they are built from (what was sent before)."""
+    import pickle
+
+    from speechssl.train.data import utt_of
+
+    data.sampler.sampler.set_epoch(0)
+    cuts = [list(c) for c in data.sampler.sampler]
+    utts = [tuple(map(utt_of, c)) for c in cuts]
+    n = sum(map(len, cuts))
+
+    def cost(batches) -> tuple[float, float]:
+        best = math.inf
+        for _ in range(3):
+            t0 = time.process_time()
+            for i, b in enumerate(batches):
+                pickle.loads(pickle.dumps((0, i, b), protocol=pickle.HIGHEST_PROTOCOL))
+            best = min(best, time.process_time() - t0)
+        return best / n * 1e6, sum(len(pickle.dumps((0, i, b))) for i, b in enumerate(batches)) / len(batches)
+
+    (tu, bu), (tc, bc) = cost(utts), cost(cuts)
+    return (f"hand-over of the sampler's items to a worker (pickle + unpickle, CPU): {tu:.1f} us per utterance as Utt "
+            f"tuples ({bu:.0f} B per batch), {tc:.1f} us as lhotse cuts ({bc:.0f} B)")
 
 
 def _proc_cpu(pid: int) -> float | None:
@@ -302,6 +345,20 @@ def main() -> None:
           f"the frame grid: {100 * sum(a for _, a in crop) / sum(u for u, _ in crop):.1f}% of the utterances read; "
           "lhotse's drop_last leaves a few out), soundfile = whole files. vs sf = the loader's rate / soundfile's "
           "rate, same format, same run (issue 25 asks >= 0.75). worker: CPU of the worker process alone (/proc).")
+    n16 = [f"{fmt} {fn.int16_batches}/{r[-1][3] - (fn.workers > 0)}" for (fmt, name, fn), r in zip(cases, rounds)
+           if isinstance(fn, LoaderCase) and fn.workers]
+    if n16:
+        print("worker batches handed over as int16 (16-bit PCM; batch_wavs scales them to float32 in the timed loop): "
+              + ", ".join(n16))
+        main = [f"{fmt} {1e6 * min(fn.main_cpu):.1f} us" for fmt, name, fn in cases
+                if isinstance(fn, LoaderCase) and fn.workers]
+        print("worker mode, CPU of the training process per audio second (sampler, hand-over, batch_wavs; least of "
+              "the rounds): " + ", ".join(main) + "; the worker's own: "
+              + ", ".join(f"{fmt} {1e6 / cpu_rate[fmt, name]:.1f} us" for fmt, name, fn in cases
+                          if isinstance(fn, LoaderCase) and fn.workers)
+              + ". Where the two processes get a core each, the worker's CPU sets the wall rate; where they share one "
+              "(a 2-core machine with other jobs running), the wall rate falls toward 1 / (sum of both).")
+    print(handover_cost(next(fn for _, _, fn in cases if isinstance(fn, LoaderCase)).data))
 
     ref_mode = "worker" if "worker" in args.modes else "main"
     per_worker = {fmt: wall_rate[fmt, f"loader, {ref_mode}"] for fmt in FORMATS}
