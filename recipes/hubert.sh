@@ -246,6 +246,8 @@ hidden_units() {  # hidden_units STAGE N K : units of a hidden layer of iteratio
 
 # ---------------------------------------------------------------------------------------------------- the chain
 [ "$alignments" = none ] && alignments=
+train=$data/$train_set
+dev=$data/$dev_set
 if [ "$hidden_sample_frac" = auto ]; then  # from the train set's utt2dur (without one: sample_frac)
   hidden_sample_frac=$sample_frac
   if [ -f "$train/utt2dur" ]; then
@@ -254,8 +256,6 @@ if [ "$hidden_sample_frac" = auto ]; then  # from the train set's utt2dur (witho
   fi
 fi
 [ "$iterations" -ge 1 ] && [ "$iterations" -le 4 ] || { echo "$0: --iterations must be 1..4, got $iterations" >&2; exit 1; }
-train=$data/$train_set
-dev=$data/$dev_set
 sets1=()    # names of the iteration-1 feature stores, k-means dirs and label roots: mfcc, fbank_cmvn-meanvar, ...
 for f in $feats1; do
   case "$f" in mfcc|fbank|mfcc:none|fbank:none) sets1+=("${f%:none}") ;;
