@@ -5,8 +5,10 @@ PCM, ``Utt`` tuples instead of lhotse cuts) giving the same batches as before.""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
+import struct
 import time
 
 import numpy as np
@@ -201,9 +203,11 @@ def test_batches_are_those_of_the_straightforward_assembly(mixed_corpus, pad_aud
     items = [(epoch, i, g if epoch % 2 else tuple(map(utt_of, g))) for epoch in range(4) for i, g in enumerate(groups)]
     loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, collate_fn=collate_identity,
                                          num_workers=1)
+    from_workers = list(loader)  # all held at once: the worker's recycled blocks must not change what was received
+    assert len(from_workers) == len(items)
     starts_int16 = True  # the worker starts a batch as int16 when its last batch was all int16
     seen = set()
-    for item, from_worker in zip(items, loader):
+    for item, from_worker in zip(items, from_workers):
         ref = _reference_batch(ds, *item)
         in_process = ds[item]
         assert in_process["wavs"].dtype == torch.float32  # in the training process: float32 always
@@ -220,13 +224,82 @@ def test_batches_are_those_of_the_straightforward_assembly(mixed_corpus, pad_aud
         switched = starts_int16 and not all16  # started as int16, turned float32 at its first non-16-bit crop
         assert from_worker["wavs"].dtype == (torch.int16 if starts_int16 and all16 else torch.float32)
         seen.add((str(from_worker["wavs"].dtype), switched))
-        # built by the worker in one block of shared memory (a second one for the float32 waveforms of a batch that
-        # switched): no copy on the way out, one file descriptor
-        assert from_worker["wavs"].is_shared()
-        ptr = [t.untyped_storage().data_ptr() for t in (from_worker["labels"][1], from_worker["wavs"])]
-        assert (ptr[0] == ptr[1]) != switched
+        # copied out of the worker's shared block as it was received: private tensors
+        assert not any(t.is_shared() for t in (from_worker["wavs"], from_worker["wav_lens"], *from_worker["labels"]))
         starts_int16 = all16
     assert seen == {("torch.int16", False), ("torch.float32", True), ("torch.float32", False)}  # every path taken
+
+
+def test_a_worker_recycles_its_shared_memory_blocks(tmp_path, monkeypatch):
+    """A worker lays its batches out in a few blocks of shared memory that come back to it once the training process
+    has copied each batch out: a handful of blocks for many batches, and no file descriptors left behind."""
+    from lhotse import CutSet
+
+    from speechssl.train import data as train_data
+
+    data, labdir = make_corpus(tmp_path / "c", n_utts=12)
+    cuts = list(CutSet.from_file(data / "cuts.jsonl.gz"))
+    ds = PretrainDataset(load_label_sets([labdir]), frame_rate=50.0, downsample_rate=320,
+                         num_frames=lambda n: max(0, (n - 400) // 320 + 1), crop_max=1.5, seed=5)
+    made = tmp_path / "blocks.log"
+    new_block = train_data._new_block
+
+    def counted(nbytes):  # runs in the (forked) worker
+        with open(made, "a") as f:
+            f.write(f"{nbytes}\n")
+        return new_block(nbytes)
+
+    monkeypatch.setattr(train_data, "_new_block", counted)
+    items = [(e, i, tuple(map(utt_of, cuts[i : i + 3]))) for e in range(10) for i in range(0, 12, 3)]
+    fds = len(os.listdir("/proc/self/fd"))
+    for epoch in range(3):  # a new worker each time, as every epoch of the trainer
+        made.unlink(missing_ok=True)
+        loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, collate_fn=collate_identity,
+                                             num_workers=1, prefetch_factor=2)
+        got = list(loader)
+        for item, b in zip(items[:4], got[:4]):
+            assert torch.equal(batch_wavs(b), _reference_batch(ds, *item)["wavs"])
+        assert b["wavs"].dtype == torch.int16
+        assert len(made.read_text().split()) <= 5  # 40 batches in at most 5 blocks (prefetch 2, release latency)
+    assert len(train_data._release_fds) <= 1  # the pipes of the exited workers were closed
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1
+
+
+def test_batches_beyond_the_pool_travel_as_torch_shares_them(tmp_path, monkeypatch):
+    from lhotse import CutSet
+
+    from speechssl.train.data import _BlockPool
+
+    data, labdir = make_corpus(tmp_path / "c", n_utts=6)
+    cuts = list(CutSet.from_file(data / "cuts.jsonl.gz"))
+    ds = PretrainDataset(load_label_sets([labdir]), frame_rate=50.0, downsample_rate=320,
+                         num_frames=lambda n: max(0, (n - 400) // 320 + 1), crop_max=1.5, seed=5)
+    monkeypatch.setattr(_BlockPool, "MAX_BLOCKS", 1)  # the prefetched batch finds the only block in flight
+    items = [(e, i, tuple(map(utt_of, cuts[i : i + 3]))) for e in range(4) for i in (0, 3)]
+    loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, collate_fn=collate_identity,
+                                         num_workers=1, prefetch_factor=2)
+    for item, got in zip(items, list(loader)):
+        ref = _reference_batch(ds, *item)
+        assert torch.equal(batch_wavs(got), ref["wavs"]) and torch.equal(got["labels"][0], ref["labels"][0])
+        assert not got["wavs"].is_shared()
+
+
+def test_block_pool_hands_out_only_released_blocks():
+    from speechssl.train.data import _BlockPool
+
+    pool = _BlockPool()
+    specs = [((4, 1000), torch.int16), ((4,), torch.long)]
+    taken = [pool.take(specs)[0] for _ in range(pool.MAX_BLOCKS)]
+    assert sorted(taken) == list(range(pool.MAX_BLOCKS))
+    block, views = pool.take(specs)
+    assert block is None and views[0].shape == (4, 1000)  # all in flight: a block of its own
+    os.write(pool.w, struct.pack("<i", 3))  # what the training process writes once it has copied batch 3 out
+    block, views = pool.take(specs)
+    assert block == 3 and views[0].untyped_storage().data_ptr() == pool.blocks[3].data_ptr()
+    os.write(pool.w, struct.pack("<2i", 3, 5))
+    big = [((4, 10**6), torch.int16)]  # too big for the free blocks: one of them is replaced by a bigger one
+    block, views = pool.take(big)
+    assert block in (3, 5) and pool.blocks[block].nbytes() >= 8 * 10**6
 
 
 def test_a_crop_one_sample_longer_than_its_row(tmp_path):

@@ -20,21 +20,32 @@
   identical after a resume, with any number of workers.
 
 Batch waveforms: **read ``batch["wavs"]`` only through ``batch_wavs(batch, device)``**, which returns them as
-float32 [B, S]. A batch built in a DataLoader worker whose crops are all 16-bit PCM files, mono, at 16 kHz (LibriSpeech
-and most corpora) carries them as the int16 samples: half the shared memory to fault in and hand over (and half the
-host-to-device bytes), no float conversion in the worker; ``batch_wavs`` converts them where they are consumed (on
-the GPU after the copy), as ``x / 32768``, which is bit for bit what decoding to float32 gives (libsndfile scales
-16-bit PCM by 2^-15). Any other batch (a float, 24-bit or 8-bit file, another rate, several channels, a pipe, or a
-batch built in the training process) is float32 already. The trainer's updates, validation and the collapse watch
-all go through ``batch_wavs``.
+float32 [B, S]. A batch built in a DataLoader worker whose crops are all 16-bit PCM files, mono, at 16 kHz
+(LibriSpeech and most corpora) carries them as the int16 samples: half the bytes to hand over (and to copy to the
+GPU), no float conversion in the worker; ``batch_wavs`` converts them where they are consumed (on the GPU after the
+copy), as ``x / 32768``, which is bit for bit what decoding to float32 gives (libsndfile scales 16-bit PCM by
+2^-15). Any other batch (a float, 24-bit or 8-bit file, another rate, several channels, a pipe, or a batch built in
+the training process) is float32 already. The trainer's updates, validation and the collapse watch all go through
+``batch_wavs``.
+
+Hand-over from a worker (``_BlockPool``): a worker lays each batch out in one of a few blocks of shared memory that
+it reuses; the training process maps each block once, copies the batch out of it as it unpickles it (the batch it
+gets is private memory, as with ``num_workers=0``) and hands the block back through a pipe. A fresh block per batch
+(torch's way) cost more than decoding 16-bit WAV: page allocation, zeroing, mapping and freeing, and a file
+descriptor passed over a new socket connection, for every batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import mmap
+import os
+import select
 import signal
+import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
@@ -325,6 +336,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         self._frames: dict[int, int] = {}  # num_frames memo: crops are whole frame strides, a few hundred lengths
         self._int16_next = True  # a worker starts its next batch as int16 (its last batch was all 16-bit PCM)
         self._scratch: np.ndarray | None = None  # int16 decode buffer of the in-process path
+        self._pool: _BlockPool | None = None  # a worker's recycled shared-memory blocks (made in the worker)
+
+    def __getstate__(self) -> dict:  # to a spawned worker: no buffers, no pool (each worker makes its own)
+        return {**self.__dict__, "_scratch": None, "_pool": None}
 
     def _num_frames(self, n: int) -> int:
         nf = self._frames.get(n)
@@ -365,8 +380,9 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item) -> dict:
         """One batch. Each crop is decoded straight into its row of the batch tensor (``AudioFile.read(out=...)``),
-        which a DataLoader worker allocates in shared memory (as torch's ``default_collate`` does): no per-
-        utterance array, no copy into the batch, no copy into shared memory when the batch leaves the worker.
+        which a DataLoader worker lays out in one of its recycled blocks of shared memory (``_BlockPool``): no per-
+        utterance array, no copy into the batch, no fresh pages to allocate, zero and map for every batch; the
+        training process copies the batch out as it receives it, which frees the block for the worker's next one.
 
         ``item`` is ``(epoch, index, utts)``: ``Utt`` tuples (what the sampler yields) or lhotse cuts. In a worker
         the waveforms are int16 when every crop is 16-bit PCM, mono, at 16 kHz (see the module docstring); the
@@ -380,9 +396,25 @@ class PretrainDataset(torch.utils.data.Dataset):
         frames = [self._num_frames(t) for t in targets]
         B, S, T = len(utts), max(targets), max(frames)
         in_worker = torch.utils.data.get_worker_info() is not None
-        lens, wavs, *lab_batches = _new_tensors(
-            [((B,), torch.long), ((B, S), torch.int16 if in_worker and self._int16_next else torch.float32)]
-            + [((B, T), torch.long)] * len(self.label_sets))
+        specs = [((B,), torch.long), ((B, S), torch.int16 if in_worker and self._int16_next else torch.float32)]
+        specs += [((B, T), torch.long)] * len(self.label_sets)
+        if not in_worker:
+            lens, wavs, *lab_batches = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+            block = None
+        else:
+            if self._pool is None or self._pool.pid != os.getpid():
+                self._pool = _BlockPool()
+            block, (lens, wavs, *lab_batches) = self._pool.take(specs)
+        try:
+            batch = self._fill(epoch, index, utts, lengths, targets, frames, lens, wavs, lab_batches)
+        except BaseException:
+            if block is not None:
+                self._pool.give_back(block)
+            raise
+        return _Shipped(batch, self._pool, block) if in_worker else batch
+
+    def _fill(self, epoch, index, utts, lengths, targets, frames, lens, wavs, lab_batches) -> dict:
+        S = wavs.shape[1]
         lens.numpy()[:] = targets
         rows = wavs.numpy()
         lab_rows = [lb.numpy() for lb in lab_batches]
@@ -456,59 +488,240 @@ def batch_wavs(batch: dict, device: torch.device | str | None = None, *, non_blo
 
 
 def _float32_batch(wavs16: torch.Tensor, rows_done: int) -> tuple[torch.Tensor, np.ndarray]:
-    """A float32 batch tensor (in shared memory in a worker) with the first ``rows_done`` int16 rows scaled into it."""
-    (wavs,) = _new_tensors([(tuple(wavs16.shape), torch.float32)])
+    """A float32 batch tensor (a worker's: in a block of shared memory of its own, not recycled) with the first
+    ``rows_done`` int16 rows scaled into it."""
+    specs = [(tuple(wavs16.shape), torch.float32)]
+    if torch.utils.data.get_worker_info() is None:  # pragma: no cover - in process the batch is float32 from the start
+        wavs = torch.empty(specs[0][0], dtype=torch.float32)
+    else:
+        offsets, nbytes = _layout(specs)
+        (wavs,) = _views(torch.UntypedStorage._new_shared(nbytes), specs, offsets)
     rows = wavs.numpy()
     np.multiply(wavs16.numpy()[:rows_done], np.float32(PCM16_SCALE), out=rows[:rows_done])
     return wavs, rows
 
 
-def _new_tensors(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
-    """Uninitialised tensors of the given (shape, dtype)s. In a DataLoader worker they are views of ONE block of
-    shared memory, so handing the batch to the main process costs no copy (torch's ``default_collate`` also
-    allocates in shared memory) and one file descriptor instead of one per tensor."""
-    if torch.utils.data.get_worker_info() is None:
-        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+def _layout(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[int], int]:
+    """Byte offsets of tensors of the given (shape, dtype)s in one block (each 64-byte aligned), and its size."""
     offsets, nbytes = [], 0
     for shape, dtype in specs:
         offsets.append(nbytes)
-        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        nbytes += -(-size // 64) * 64  # each view 64-byte aligned
-    block = torch.UntypedStorage._new_shared(max(nbytes, 1))
-    _prefault(block.data_ptr(), max(nbytes, 1))
+        nbytes += -(-math.prod(shape) * dtype.itemsize // 64) * 64
+    return offsets, max(nbytes, 1)
+
+
+def _views(block: torch.UntypedStorage, specs, offsets) -> list[torch.Tensor]:
     out = []
     for (shape, dtype), off in zip(specs, offsets):
-        t = torch.empty(0, dtype=dtype)
-        out.append(t.set_(block, off // t.element_size(), shape))
+        out.append(torch.empty(0, dtype=dtype).set_(block, off // dtype.itemsize, shape))
     return out
 
 
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_madvise: Any = None  # libc madvise, False where unavailable
+def _new_block(nbytes: int) -> torch.UntypedStorage:
+    """A recycled block: shared memory behind a file descriptor (torch allocates its pages at once, ``fallocate``)."""
+    return torch.UntypedStorage._new_using_fd_cpu(nbytes)
 
 
-def _prefault(address: int, nbytes: int) -> None:
-    """Map the fresh shared-memory pages of a batch writable in one system call (``madvise(MADV_POPULATE_WRITE)``)
-    instead of one page fault per 4 KiB as the decoder first writes them: about a fifth less time per page on the
-    2-core bench machine. The pages are allocated and zeroed already (torch ``fallocate``s them), so nothing else
-    changes. A no-op where the call is missing (not Linux, a kernel before 5.14)."""
-    global _madvise
-    if _madvise is None:
-        _madvise = False
+class _BlockPool:
+    """A DataLoader worker's blocks of shared memory, each reused for batch after batch, and their way to the
+    training process.
+
+    A fresh block per batch (what torch's ``default_collate`` does) costs the kernel more than decoding 16-bit WAV:
+    pages allocated and zeroed, mapped in the worker and again in the training process, freed when the batch dies,
+    and the block's file descriptor passed over a fresh authenticated socket connection every time. Here each block
+    goes to the training process once (its file descriptor, mapped there and kept); then a batch is a few numbers
+    (block, layout), the training process copies it out of the mapping as it unpickles it (``_received``: private
+    tensors, so nothing it keeps can change under it) and writes the block's number into this worker's pipe, and
+    ``take`` hands out only blocks whose number came back. The pipe's write end travels with the worker's first
+    batch; the blocks of a worker that has exited are unmapped when the next worker's first batch arrives."""
+
+    MAX_BLOCKS = 8  # in flight at once: the DataLoader's prefetch (2 per worker) and a little slack
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.token = f"{self.pid}-{os.urandom(6).hex()}"
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.w_sent = False
+        self.blocks: list[torch.UntypedStorage] = []
+        self.gens: list[int] = []  # a block replaced by a bigger one gets a new generation (and is sent again)
+        self.sent: list[int] = []  # the generation of each block the training process has (-1: none)
+        self.free: set[int] = set()
+
+    def take(self, specs) -> tuple[int | None, list[torch.Tensor]]:
+        """(block number, or None for a block of its own that is not recycled; tensors of ``specs`` laid out in it)."""
+        offsets, nbytes = _layout(specs)
+        self._drain()
+        fits = [i for i in self.free if self.blocks[i].nbytes() >= nbytes]
+        size = -(-nbytes * 9 // 8 // 65536) * 65536  # room for somewhat longer batches: fewer reallocations
+        if fits:
+            i = min(fits, key=lambda j: self.blocks[j].nbytes())
+        elif self.free:  # a free block too small for this batch: replace it by a bigger one
+            i = max(self.free, key=lambda j: self.blocks[j].nbytes())
+            self.blocks[i] = _new_block(size)
+            self.gens[i] += 1
+        elif len(self.blocks) < self.MAX_BLOCKS:
+            i = len(self.blocks)
+            self.blocks.append(_new_block(size))
+            self.gens.append(0)
+            self.sent.append(-1)
+        else:  # MAX_BLOCKS batches on their way: a block of its own, which travels as torch shares tensors
+            return None, _views(torch.UntypedStorage._new_shared(nbytes), specs, offsets)
+        self.free.discard(i)
+        return i, _views(self.blocks[i], specs, offsets)
+
+    def give_back(self, block: int | None) -> None:
+        if block is not None:
+            self.free.add(block)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.r, 4096)  # whole 4-byte messages: pipe writes up to PIPE_BUF are atomic
+            except BlockingIOError:
+                return
+            if not data:  # pragma: no cover - the write end is kept open here
+                return
+            self.free.update(struct.unpack(f"<{len(data) // 4}i", data))
+
+    def ship(self, batch: dict, block: int | None) -> tuple:
+        """``_received``'s arguments for ``batch`` (called when the batch is pickled in the worker)."""
+        from multiprocessing.reduction import DupFd
+
+        tensors = [batch["wav_lens"], batch["wavs"], *batch["labels"]]
+        meta = {k: v for k, v in batch.items() if k not in ("wavs", "wav_lens", "labels")}
+        if block is None:
+            return (None, None, 0, 0, None, None, tensors, len(batch["labels"]), meta)
+        storage = self.blocks[block]
+        entries: list = []
+        for t in tensors:
+            if t.untyped_storage().data_ptr() == storage.data_ptr():
+                entries.append((tuple(t.shape), str(t.dtype).removeprefix("torch."), t.storage_offset() * t.itemsize))
+            else:  # the float32 waveforms of a batch that turned float32 (a block of their own): as torch does
+                entries.append(t)
+        df_block = df_pipe = None
+        if self.sent[block] != self.gens[block]:
+            df_block = DupFd(storage._share_fd_cpu_()[0])
+            self.sent[block] = self.gens[block]
+        if not self.w_sent:
+            df_pipe, self.w_sent = DupFd(self.w), True
+        return (self.token, block, self.gens[block], storage.nbytes(), df_block, df_pipe, entries,
+                len(batch["labels"]), meta)
+
+
+class _Shipped:
+    """A worker's batch on its way to the training process (see ``_BlockPool``)."""
+
+    __slots__ = ("batch", "pool", "block")
+
+    def __init__(self, batch: dict, pool: _BlockPool, block: int | None):
+        self.batch, self.pool, self.block = batch, pool, block
+
+    def __reduce__(self):
+        return _received, self.pool.ship(self.batch, self.block)
+
+
+# training process: the blocks of the workers, mapped once, and the write ends of their release pipes
+_maps: dict[tuple[str, int], tuple[int, mmap.mmap]] = {}  # (worker token, block) -> (generation, mapping)
+_release_fds: dict[str, int] = {}  # worker token -> write end of its release pipe
+_maps_lock = threading.Lock()  # batches may be unpickled in pin-memory threads, one per loader
+
+
+def _received(token, block, gen, nbytes, df_block, df_pipe, entries, num_labels, meta) -> dict:
+    """In the training process, as a worker's batch is unpickled: its tensors copied out of the worker's block into
+    private memory, then the block released to the worker."""
+    tensors = []
+    if block is None:
+        tensors = [t.clone() for t in entries]
+    else:
+        with _maps_lock:
+            if df_pipe is not None:  # a new worker: first forget the workers that have exited
+                _forget_exited_workers()
+                fd = _release_fds[token] = df_pipe.detach()
+                os.set_blocking(fd, False)
+            if df_block is not None:
+                fd = df_block.detach()
+                try:
+                    mapping = mmap.mmap(fd, nbytes)
+                finally:
+                    os.close(fd)
+                old = _maps.pop((token, block), None)
+                if old is not None:
+                    old[1].close()
+                _maps[token, block] = (gen, mapping)
+            have, mapping = _maps[token, block]
+            if have != gen:  # pragma: no cover - a replaced block is always sent before its first batch
+                raise RuntimeError(f"loader worker block {block}: generation {gen} expected, {have} mapped")
+            for e in entries:
+                if isinstance(e, torch.Tensor):
+                    tensors.append(e.clone())
+                    continue
+                shape, dtype, offset = e
+                dtype = getattr(torch, dtype)
+                t = torch.empty(shape, dtype=dtype)
+                view = np.frombuffer(mapping, dtype=t.numpy().dtype, count=t.numel(), offset=offset)
+                t.numpy().reshape(-1)[:] = view
+                del view  # no export of the mapping left behind
+                tensors.append(t)
+            _release(token, block)
+    lens, wavs, *labels = tensors
+    return {"wavs": wavs, "wav_lens": lens, "labels": labels[:num_labels], **meta}
+
+
+def _release(token: str, block: int) -> None:
+    fd = _release_fds.get(token)
+    if fd is None:  # pragma: no cover - the first batch of a worker carries its pipe
+        return
+    try:
+        os.write(fd, struct.pack("<i", block))
+    except BlockingIOError:  # pragma: no cover - never more than MAX_BLOCKS messages wait in the pipe
+        pass  # the worker just does not get this block back
+    except OSError:  # the worker has exited (EPIPE)
+        _forget(token)
+
+
+def _forget(token: str) -> None:
+    fd = _release_fds.pop(token, None)
+    if fd is not None:
+        os.close(fd)
+    for key in [k for k in _maps if k[0] == token]:
+        _maps.pop(key)[1].close()
+
+
+def _forget_exited_workers() -> None:
+    """Unmap the blocks of workers that have exited (the write end of a pipe without a reader polls POLLERR)."""
+    if not _release_fds or not hasattr(select, "poll"):
+        return
+    poll = select.poll()
+    for fd in _release_fds.values():
+        poll.register(fd, 0)
+    dead = {fd for fd, ev in poll.poll(0) if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL)}
+    for token, fd in list(_release_fds.items()):
+        if fd in dead:
+            _forget(token)
+
+
+def _after_fork_in_child() -> None:
+    """A worker forked from the training process does not keep its parent's mappings of other workers' blocks (they
+    would hold those pages for its lifetime) nor their pipes."""
+    global _maps_lock
+    _maps_lock = threading.Lock()
+    for _, mapping in _maps.values():
         try:
-            import ctypes
-            import sys
-
-            if sys.platform.startswith("linux"):
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-                _madvise = fn
-        except (OSError, AttributeError):  # pragma: no cover - no libc symbols
+            mapping.close()
+        except BufferError:  # pragma: no cover - forked while another thread was copying out of it
             pass
-    if _madvise:
-        start = address - address % mmap.PAGESIZE
-        if _madvise(start, address + nbytes - start, _MADV_POPULATE_WRITE) != 0:
-            _madvise = False  # EINVAL on kernels without it: fall back to faulting, never ask again
+    _maps.clear()
+    for fd in _release_fds.values():
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+    _release_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def collate_identity(batch):

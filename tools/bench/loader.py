@@ -15,8 +15,9 @@ the frame grid, at most ``crop_max`` 15.625 s): ``ResumableBatchSampler`` (lhots
 ``cuts.jsonl.gz``) -> ``PretrainDataset`` (``load_audio`` of the crop, label check, stride and crop, padding into
 the batch tensors) -> the ``DataLoader`` the trainer iterates. Two ways:
 
-* ``worker``: ``data.num_workers=1``, what the issue asks (one worker process; includes handing the batch tensors
-  to the main process through shared memory). Timed from the first batch's arrival to the end of the epoch,
+* ``worker``: ``data.num_workers=1``, what the issue asks (one worker process; includes handing each batch to the
+  main process: laid out in one of the worker's recycled shared-memory blocks, copied out by the main process as it
+  unpickles it). Timed from the first batch's arrival to the end of the epoch,
   counting the audio of the later batches, so the per-epoch fork of the worker (amortised over a real epoch of
   hours, not over this small corpus) is left out. The worker's CPU seconds over the same span are read from
   ``/proc/PID/stat`` (10 ms ticks); the sampler runs in the main process, as in the trainer. A worker hands over
