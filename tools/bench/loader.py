@@ -68,21 +68,10 @@ FORMATS = ("flac", "wav")
 
 # ------------------------------------------------------------------------------------------------ corpus
 def speech_like(num_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Harmonic source with a gliding f0 through three formant-like resonances, syllable-rate envelope, noise
-    (the generator of ``tools/bench/features.py``, with fewer harmonics so that an hour is made in seconds)."""
-    t = np.arange(num_samples) / SR
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6)) + rng.uniform(-20, 40)
-    phase = 2 * np.pi * np.cumsum(f0) / SR
-    formants = rng.uniform([500, 1200, 2400], [900, 2000, 3200])
-    sig = np.zeros(num_samples)
-    for h in range(1, 16):
-        fh = h * f0
-        gain = sum(1.0 / (1.0 + ((fh - fc) / 120.0) ** 2) for fc in formants) / h**0.5
-        sig += gain * np.sin(h * phase) * (fh < SR / 2)
-    sig *= 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)) ** 2
-    noise = rng.standard_normal(num_samples)
-    sig += 0.8 * noise * (np.sin(2 * np.pi * 2.3 * t) > 0.8) + 0.01 * noise
-    return (0.3 * sig / np.abs(sig).max()).astype(np.float32)
+    """``tools/bench/features.py``'s speech-like generator with 15 harmonics (an hour is made in seconds)."""
+    from features import speech_like as features_speech_like  # tools/bench/ is the script's directory
+
+    return features_speech_like(num_samples, rng, harmonics=15)
 
 
 def make_corpus(root: Path, n_utts: int, seed: int = 0) -> dict:
