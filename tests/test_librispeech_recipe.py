@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from fake_librispeech import DEFAULT_LAYOUT, make_fake_librispeech
+from test_recipe import job_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STEPS = 8  # conf/tiny_iter*.yaml: optim.max_steps
@@ -32,15 +32,6 @@ TINY_STEPS = 8  # conf/tiny_iter*.yaml: optim.max_steps
 def _env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 OMP_NUM_THREADS="1", SPEECHSSL_PROGRESS="0")
-
-
-def _job_copy(top: Path) -> Path:
-    shutil.copytree(ROOT / "recipes", top / "recipes")
-    shutil.copytree(ROOT / "tools", top / "tools", ignore=shutil.ignore_patterns("bench"))
-    job = top / "egs" / "librispeech" / "hubert"
-    shutil.copytree(ROOT / "egs" / "librispeech" / "hubert", job,
-                    ignore=shutil.ignore_patterns("data*", "dump*", "exp*", "__pycache__"))
-    return job
 
 
 def _free_port() -> int:
@@ -58,7 +49,7 @@ def _utts(part_layout: tuple[int, int, int]) -> int:
 def tiny_run(tmp_path_factory):
     top = tmp_path_factory.mktemp("librispeech")
     corpus = make_fake_librispeech(top / "corpus" / "LibriSpeech")
-    job = _job_copy(top)
+    job = job_copy(top, "egs/librispeech/hubert")
     # --ngpu 2: every parallel stage (features, the hidden-layer sample, labels, pretraining) through torchrun, two
     # processes on the CPU (gloo), as on a GPU node
     proc = subprocess.run(["bash", "run.sh", "--corpus", str(corpus), "--tiny", "true", "--ngpu", "2",

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_OPTS = "optim.max_steps=2 data.num_buckets=2 valid_every=2 log_every=1 progress=false"
 
 
-def _job_copy(top: Path) -> Path:
+def job_copy(top: Path, job_dir: str = "egs/mini_synth/hubert") -> Path:
+    """A copy of a recipe job (and recipes/, tools/) under ``top``, without its data, dump and exp dirs."""
     shutil.copytree(ROOT / "recipes", top / "recipes")
     shutil.copytree(ROOT / "tools", top / "tools", ignore=shutil.ignore_patterns("bench"))
-    job = top / "egs" / "mini_synth" / "hubert"
-    shutil.copytree(ROOT / "egs" / "mini_synth" / "hubert", job,
-                    ignore=shutil.ignore_patterns("data*", "dump*", "exp*", "__pycache__"))
+    job = top / job_dir
+    shutil.copytree(ROOT / job_dir, job, ignore=shutil.ignore_patterns("data*", "dump*", "exp*", "__pycache__"))
     return job
 
 
@@ -44,14 +44,14 @@ def _run_recipe(job: Path, *opts: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    job = _job_copy(tmp_path_factory.mktemp("recipe"))
+    job = job_copy(tmp_path_factory.mktemp("recipe"))
     return job, _run_recipe(job)
 
 
 @pytest.fixture(scope="module")
 def recipe_run_no_alignments(tmp_path_factory, recipe_run):
     """Stages 1-10 on a copy of the same generated corpus with the alignments switched off."""
-    job = _job_copy(tmp_path_factory.mktemp("recipe_noali"))
+    job = job_copy(tmp_path_factory.mktemp("recipe_noali"))
     shutil.copytree(recipe_run[0] / "data_tiny", job / "data_tiny")
     return job, _run_recipe(job, "--alignments", "none")
 

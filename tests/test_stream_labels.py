@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_extract import SMALL, make_data
+from test_extract import cnn_ckpt, make_data  # noqa: F401  (cnn_ckpt: a fixture)
 
 from speechssl.cli import main
 from speechssl.data.kaldi import read_data_dir
 from speechssl.features.dump import dump_features
 from speechssl.features.store import FeatureReader, FeatureStoreError
-from speechssl.models import HubertPretrainModel, hubert_base, save_model
 from speechssl.units import label_stream
 from speechssl.units.kmeans import KMeansModel, fit_store, label_store
 from speechssl.upstream.extract import extract, layer_dir, sample_utterances
@@ -42,12 +41,9 @@ KW = dict(max_duration=3.0, progress=False)  # batches of several rows, one utte
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = hubert_base(**SMALL)
-    path = tmp_path_factory.mktemp("cnn") / "ckpt"
-    save_model(HubertPretrainModel(cfg), cfg, path)
-    return path
+def ckpt(cnn_ckpt):
+    """test_extract's small random Base-shaped checkpoint (the waveform CNN at 50 Hz)."""
+    return cnn_ckpt
 
 
 @pytest.fixture(scope="module")
