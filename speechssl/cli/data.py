@@ -1,6 +1,8 @@
-"""`speechssl data ...`: validate, fix, convert to/from lhotse, durations, filter and subset Kaldi data dirs.
+"""`speechssl data ...`: validate, fix, convert to/from lhotse, durations, filter and subset Kaldi data dirs; prepare
+Libri-light's limited-supervision splits and speaker-balanced N-minute subsets.
 
-Each verb parses its arguments and calls one library function in `speechssl.data`.
+Each verb parses its arguments and calls one library function in `speechssl.data` (``librilight-limited``: in
+`speechssl.superb.corpora.librilight`, beside the other corpus preparers).
 """
 
 from __future__ import annotations
@@ -100,6 +102,24 @@ def _subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _librilight_limited(args: argparse.Namespace) -> int:
+    from speechssl.superb.corpora.librilight import prepare_librilight_limited
+
+    c = prepare_librilight_limited(args.root, args.out, args.split, num_jobs=args.nj)["counts"]
+    print(f"{args.out}: Libri-light {args.split}: {c['utterances']} utterances, {c['speakers']} speakers, "
+          f"{c['minutes']:.2f} minutes")
+    return 0
+
+
+def _subset_minutes(args: argparse.Namespace) -> int:
+    from speechssl.data.subsets import subset_minutes
+
+    s = subset_minutes(args.data, args.out, args.minutes, args.seed, nj=args.nj)
+    print(f"{args.out}: {s['utterances']} utterances, {s['speakers']} speakers, {s['minutes']:.2f} minutes "
+          f"(target {args.minutes:g}, seed {args.seed})")
+    return 0
+
+
 def register(subparsers, help_: str) -> None:
     verbs = verb_group(subparsers, "data", help_)
 
@@ -156,3 +176,32 @@ def register(subparsers, help_: str) -> None:
     g.add_argument("--utt-list", metavar="FILE", help="file with one utterance id per line")
     g.add_argument("--first", type=int, metavar="N", help="the first N utterances in sorted order")
     v.set_defaults(func=_subset)
+
+    v = verbs.add_parser(
+        "librilight-limited",
+        help="Libri-light's labelled fine-tuning split (10min, 10min:K, 1h, 10h) as a data dir",
+        description="Prepare a Libri-light limited-supervision split from a local librispeech_finetuning/ tree "
+        "(nothing is downloaded): 10min = 1h/0, 10min:K = fold K of 1h (K = 0..5), 1h = all six folds, "
+        "10h = 1h + 9h. Writes one data dir (Kaldi files, lhotse manifests, prepare.json) with LibriSpeech "
+        "utterance ids; OUT must not exist and appears only when everything succeeded.",
+    )
+    v.add_argument("--root", required=True, metavar="DIR", help="the librispeech_finetuning/ directory")
+    v.add_argument("--split", required=True, metavar="SPLIT", help="10min, 10min:K (K = 0..5), 1h or 10h")
+    v.add_argument("--out", required=True, metavar="DIR", help="output data dir (must not exist)")
+    v.add_argument("--nj", type=int, default=1, help="threads reading audio headers (default 1)")
+    v.set_defaults(func=_librilight_limited)
+
+    v = verbs.add_parser(
+        "subset-minutes",
+        help="a speaker-balanced subset of about N minutes (nested across N for one seed)",
+        description="Copy a speaker-balanced subset of about --minutes of audio to a new data dir: a seeded "
+        "round robin over speakers by audio, cut at the first utterance that would overshoot by more than half "
+        "its duration. With the same --seed a smaller subset is contained in a larger one. Uses utt2dur (or "
+        "the audio headers); writes utt2dur, lhotse manifests if the source has them, and subset.json.",
+    )
+    v.add_argument("--data", required=True, metavar="DIR", help="source data dir")
+    v.add_argument("--minutes", required=True, type=float, help="target amount of audio in minutes")
+    v.add_argument("--out", required=True, metavar="DIR", help="output data dir (must not exist)")
+    v.add_argument("--seed", type=int, default=0, help="order of speakers and utterances (default 0)")
+    v.add_argument("--nj", type=int, default=1, help="parallel readers when utt2dur is missing (default 1)")
+    v.set_defaults(func=_subset_minutes)
