@@ -3,6 +3,8 @@
     speechssl pretrain --config conf/pretrain_iter1.yaml exp_dir=exp/hubert_iter1 optim.max_steps=1000
     torchrun --nproc_per_node 8 -m speechssl pretrain --config conf/hubert_base_iter1.yaml --resume auto
     speechssl pretrain --config conf/pretrain_iter1.yaml --print-config model.num_hidden_layers=4
+    speechssl pretrain --config conf/hubert_base_iter2.yaml ckpt.init_from=models/hubert-base-ls960  # transformers
+    speechssl pretrain --config conf/hubert_base_iter2.yaml --trust-pickle ckpt.init_from=hubert_base_ls960.pt
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def register(subparsers, help_):
         metavar="auto|DIR",
         help="auto: the newest complete checkpoint in EXP/checkpoints (none: start fresh); or a checkpoint dir",
     )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let ckpt.init_from unpickle a fairseq / s3prl .pt checkpoint (unpickling can run arbitrary code: only "
+        "for files from a source you trust); the same as the override ckpt.trust_pickle=true",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,7 +42,8 @@ def run(args) -> int:
     from speechssl.config import load_config, to_yaml
     from speechssl.train.trainer import PretrainConfig, TrainingAborted, pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + (["ckpt.trust_pickle=true"] if args.trust_pickle else [])
+    cfg = load_config(PretrainConfig, args.config, overrides)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from speechssl.errors import MissingInputError, UserError
@@ -25,7 +26,8 @@ from speechssl.train import state as st
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_step", "save_best", "resolve_resume", "load_step", "init_encoder", "sampler_state_for"]
+__all__ = ["save_step", "save_best", "resolve_resume", "load_step", "init_encoder", "check_init_config",
+           "sampler_state_for"]
 
 
 def save_step(ckpt_root: Path, model: nn.Module, model_cfg: HubertConfig, *, step: int, extra: dict,
@@ -81,17 +83,98 @@ def load_step(ckpt: Path, model: nn.Module, model_cfg: HubertConfig) -> tuple[di
     return st.load_bundle(ckpt, "train_state"), st.load_bundle(ckpt, "rng")["ranks"]
 
 
-def init_encoder(model: nn.Module, path: str) -> None:
-    """Encoder weights of an earlier checkpoint for a new run; every encoder tensor must match exactly.
+# HubertConfig fields a continued run may set as it likes (everything else is the encoder's architecture and must
+# equal the checkpoint's): the pretraining head, which starts fresh, and the masking / loss settings of the new
+# run; regularisation, which changes training, not the function the weights compute.
+INIT_HEAD_FIELDS = ("final_dim", "num_classes", "untie_final_proj", "logit_temp", "mask_prob", "mask_length",
+                    "mask_min_masks", "pred_masked_weight", "pred_nomask_weight", "feature_penalty_weight")
+INIT_REGULARISATION_FIELDS = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
+                              "layerdrop", "feature_grad_mult")
 
-    The head (``final_proj``, label embeddings) is never copied: the next iteration's labels are a new unit
-    inventory (unit 7 of the MFCC k-means has nothing to do with unit 7 of a hidden-layer k-means), so the
-    old embeddings would only be a misleading start. Continuing with the same labels is ``--resume``.
+
+def init_encoder(model: nn.Module, path: str, *, trust_pickle: bool = False) -> None:
+    """Initialise the encoder of a new run (``model.hubert`` of a :class:`HubertPretrainModel`, or a bare
+    :class:`HubertModel`) from ``path`` (``ckpt.init_from``): anything :func:`speechssl.upstream.load` reads.
+
+    * a speechssl checkpoint directory (a pretraining step, ``EXP/best``, or a bare encoder);
+    * a local transformers ``HubertModel`` / ``Wav2Vec2Model`` directory (or a ``*For...`` model of them: their
+      heads are dropped);
+    * a fairseq or s3prl ``.pt`` pickle: only with ``trust_pickle=True`` (``speechssl pretrain --trust-pickle``,
+      config ``ckpt.trust_pickle``), since unpickling can run arbitrary code; refused otherwise.
+
+    The run's ``model.*`` is checked against the checkpoint's encoder config before any weight of ``model`` is
+    touched: a difference in an architectural field is one :class:`CheckpointError` line naming each field with
+    both values. Fields that may differ, as a user continuing pretraining legitimately changes them (and whose
+    checkpoint values are ignored): the pretraining head and its loss (``final_dim``, ``num_classes``,
+    ``untie_final_proj``, ``logit_temp``, ``mask_prob``, ``mask_length``, ``mask_min_masks``, ``pred_*_weight``,
+    ``feature_penalty_weight``) and regularisation (``hidden_dropout``, ``attention_dropout``,
+    ``activation_dropout``, ``feat_proj_dropout``, ``layerdrop``, ``feature_grad_mult``). Every other field must
+    match, ``num_mel_bins`` only for the fbank frontend. A wav2vec 2.0 encoder is HuBERT's architecture (the same
+    parameters and forward; its feature projection always has the LayerNorm, so ``model.feat_proj_layer_norm``
+    must be true) and initialises a HuBERT run; a WavLM encoder (gated relative position bias) does not.
+
+    Every encoder tensor is copied exactly, ``masked_spec_embed`` included (a transformers directory without one,
+    saved with ``mask_time_prob=0``, gives a fresh one). The head (``final_proj``, label embeddings) is never
+    copied: the next iteration's labels are a new unit inventory (unit 7 of the MFCC k-means has nothing to do
+    with unit 7 of a hidden-layer k-means), so old embeddings would only be a misleading start, and a transformers
+    or fairseq checkpoint has none of ours. Continuing with the same labels and head is ``--resume``.
+
+    The global RNG is left as it was (building the source model draws from it inside ``fork_rng``), so a run
+    initialised from a checkpoint sees the same masks, dropout and data order as a random-init run of the same seed.
     """
+    from speechssl import upstream
+
+    encoder = getattr(model, "module", model)
+    encoder = getattr(encoder, "_orig_mod", encoder)
+    encoder = getattr(encoder, "hubert", encoder)
+    where = f"ckpt.init_from {path}"
+    if Path(path).is_file() and not trust_pickle:
+        raise UserError(f"{where}: a pickle checkpoint (fairseq / s3prl); unpickling can run arbitrary code, so it is "
+                        "refused by default. If you trust its source: speechssl pretrain --trust-pickle (config: "
+                        "ckpt.trust_pickle=true)")
     try:
-        load_weights(model, path, encoder_only=True)
-    except CheckpointError as e:
-        raise CheckpointError(f"ckpt.init_from: {e}; model.* must match the encoder you start from") from e
+        with torch.random.fork_rng(devices=[]):
+            source = upstream.load(path, trust_pickle=trust_pickle).model
+    except UserError as e:  # the reader's one line (it names the path), said to be about ckpt.init_from
+        try:
+            prefixed = type(e)(f"ckpt.init_from: {e}")
+        except TypeError:  # an error type with another constructor
+            prefixed = UserError(f"ckpt.init_from: {e}")
+        raise prefixed from e
+    check_init_config(encoder.config, source.config, where)
+    with torch.no_grad():
+        try:
+            encoder.load_state_dict(source.state_dict(), strict=True)
+        except RuntimeError as e:  # configs that agree build the same tensors: a bug, not the user's
+            raise RuntimeError(f"{where}: equal encoder configs but different tensors: {e}") from e
+    if source.config.model_type != encoder.config.model_type:
+        log.info("%s: a %s encoder (the same architecture as HuBERT's) initialises this %s run", where,
+                 source.config.model_type, encoder.config.model_type)
+
+
+def check_init_config(run: HubertConfig, ckpt: HubertConfig, where: str) -> None:
+    """One :class:`CheckpointError` line when the encoder of ``ckpt`` cannot initialise a run of ``run``: each
+    differing architectural field (see :func:`init_encoder`) as ``model.FIELD RUN vs checkpoint CKPT``."""
+    if ckpt.model_type == "wavlm" and run.model_type != "wavlm":
+        raise CheckpointError(f"{where}: a WavLM encoder (gated relative position bias in every attention layer) "
+                              f"cannot initialise a {run.model_type} run; start from a HuBERT or wav2vec 2.0 "
+                              "checkpoint")
+    skip = set(INIT_HEAD_FIELDS) | set(INIT_REGULARISATION_FIELDS) | {"model_type", "num_buckets",
+                                                                       "max_bucket_distance"}
+    if run.model_type == "wavlm":
+        skip -= {"model_type", "num_buckets", "max_bucket_distance"}
+    if run.frontend != "fbank" or ckpt.frontend != "fbank":
+        skip.add("num_mel_bins")
+    mine, theirs = run.to_dict(), ckpt.to_dict()
+    diff = [f"model.{k} {_show(mine[k])} vs checkpoint {_show(theirs[k])}"
+            for k in mine if k not in skip and mine[k] != theirs[k]]
+    if diff:
+        raise CheckpointError(f"{where}: " + "; ".join(diff) + " (the encoder's architecture must match the "
+                              "checkpoint's; set these model.* fields to the checkpoint's values)")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, bool, str)) or value is None else str(value)
 
 
 def sampler_state_for(ts: dict, world: int, accum_grad: int, max_duration: float) -> dict:

@@ -78,7 +78,11 @@ class CheckpointConfig:
     every_steps: int = 5000
     keep_last: int = 3  # step checkpoints kept (the best model is kept separately in EXP/best)
     best_by: Literal["acc", "loss"] = "acc"  # valid masked accuracy (mean over label sets) or valid loss
-    init_from: str | None = None  # checkpoint dir whose encoder initialises a new run; the head starts fresh
+    # checkpoint whose encoder initialises a new run (the head starts fresh): a speechssl or transformers
+    # HuBERT / wav2vec 2.0 directory, or a fairseq / s3prl .pt (with trust_pickle); model.* must match its
+    # architecture (train/checkpoints.py: init_encoder)
+    init_from: str | None = None
+    trust_pickle: bool = False  # let init_from unpickle a fairseq / s3prl .pt (`speechssl pretrain --trust-pickle`)
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
