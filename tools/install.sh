@@ -2,14 +2,14 @@
 # Create .venv and install speechssl with pinned dependencies.
 # Idempotent: a second run with unchanged pyproject.toml/install.sh returns in well under a second.
 #   TORCH_SPEC   torch requirement installed first (default: torch==2.13.0, the CPU build on these machines)
-#   EXTRAS       extras to install (default: dev,synth,interop)
+#   EXTRAS       extras to install (default: dev,synth,interop,asr)
 #   VENV         virtualenv path (default: .venv in the repository root)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 VENV=${VENV:-$root/.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev,synth,interop}
+EXTRAS=${EXTRAS:-dev,synth,interop,asr}
 PYTHON=${PYTHON:-python3}
 
 stamp="$VENV/.speechssl-installed"
