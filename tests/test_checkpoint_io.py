@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from speechssl.errors import MissingInputError
 from speechssl.models.checkpoint import CheckpointError, load_model, load_weights, save_model
 from speechssl.models.config import hubert_tiny
 from speechssl.models.hubert import HubertModel, HubertPretrainModel
@@ -152,7 +153,7 @@ def test_resume_refuses_another_model_config(tmp_path, corpus):
 
 def test_init_from_reads_through_the_models_reader(tmp_path, corpus):
     data, labdir = corpus
-    with pytest.raises(CheckpointError, match=r"ckpt\.init_from: .*no config\.json"):
+    with pytest.raises(MissingInputError, match=r"ckpt\.init_from: .*nowhere: no such checkpoint"):
         Trainer(tiny_cfg(tmp_path / "i", data, labdir, f"ckpt.init_from={tmp_path / 'nowhere'}"))
 
 

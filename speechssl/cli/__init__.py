@@ -26,6 +26,8 @@ _GROUPS = [
     ("kmeans", "k-means pseudo-labels: fit on a streamed sample, label every utterance"),
     ("units", "unit quality: PNMI, phone and cluster purity"),
     ("pretrain", "HuBERT masked-unit pretraining (torchrun for DDP)"),
+    ("finetune", "CTC fine-tuning of a pretrained encoder for recognition (torchrun for DDP)"),
+    ("decode", "CTC decoding of a data dir with a fine-tuned model: greedy or beam search + n-gram LM, WER/CER/PER"),
     ("superb", "SUPERB downstream evaluation: frozen upstream, learned layer weights, task heads"),
     ("export", "write a checkpoint as a transformers directory or an s3prl checkpoint"),
     ("extract", "hidden states of any checkpoint's layers into feature stores"),

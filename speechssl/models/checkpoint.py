@@ -2,8 +2,16 @@
 
 ``config.json`` layout::
 
-    {"format": "speechssl-hubert", "version": 1, "model_class": "HubertPretrainModel" | "HubertModel",
-     "model": {...HubertConfig.to_dict()...}, "extra": {...caller metadata: step, label sets, ...}}
+    {"format": "speechssl-hubert", "version": 1,
+     "model_class": "HubertPretrainModel" | "HubertModel" | "CTCModel",
+     "model": {...HubertConfig.to_dict()...}, "extra": {...caller metadata: step, label sets, ...},
+     "ctc": {...CTCHeadConfig.to_dict()...}                     (CTCModel only),
+     "partial": {"base": PATH, "base_sha1": SHA1, "keys": [...]}  (only the tensors that were trained)}
+
+A *partial* checkpoint (parameter-efficient fine-tuning: adapters or LoRA on a frozen base) holds only the trained
+tensors; ``partial`` names the frozen base checkpoint and the SHA-1 of its weights, so that loading it against other
+weights is an error instead of a silently different model. Rebuilding it (base + trained tensors) is the fine-tuning
+room's business (``speechssl.train.finetune.load_finetuned``); :func:`load_weights` reads the trained tensors.
 
 One writer, one reader: :func:`save_model` is the only function that writes a checkpoint directory (the trainer
 adds its own files to the same atomic write through ``add_files``, and makes ``EXP/best`` with ``weights_from``),
@@ -32,6 +40,7 @@ from speechssl.errors import UserError
 from speechssl.fileio import fsync_dir
 
 from .config import HubertConfig
+from .ctc import CTCHeadConfig, CTCModel
 from .hubert import HubertModel, HubertPretrainModel
 
 __all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError"]
@@ -101,6 +110,7 @@ def save_model(
     *,
     weights_from=None,
     add_files: Callable[[Path], None] | None = None,
+    partial: dict | None = None,
 ) -> None:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically: the one checkpoint writer.
 
@@ -110,11 +120,13 @@ def save_model(
     config): its ``model.safetensors`` is hard-linked (copied where links fail) instead of serialised again.
     ``add_files(temp_dir)``: writes further files into the directory before it is renamed into place, so they
     appear together with the model or not at all (the trainer's training state and completion marker).
+    ``partial``: ``{"base": path, "base_sha1": sha1, "keys": [names]}``: write only those tensors (a model tuned
+    with adapters or LoRA on a frozen base; see the module docstring).
     """
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, (HubertModel, HubertPretrainModel)):
-        raise TypeError(f"save_model expects a HubertModel or HubertPretrainModel, got {type(model).__name__}")
+    if not isinstance(model, (HubertModel, HubertPretrainModel, CTCModel)):
+        raise TypeError(f"save_model expects a HubertModel, HubertPretrainModel or CTCModel, got {type(model).__name__}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -122,13 +134,24 @@ def save_model(
         "model": config.to_dict(),
         "extra": extra or {},
     }
+    if isinstance(model, CTCModel):
+        meta["ctc"] = model.head_config.to_dict()
+    if partial is not None:
+        meta["partial"] = {"base": str(partial["base"]), "base_sha1": partial["base_sha1"],
+                           "keys": sorted(partial["keys"])}
     json.dumps(meta)  # fail before writing anything if extra is not plain JSON
     weights: Any
     if weights_from is None:
         weights = _state_dict(model)
+        if partial is not None:
+            missing = sorted(set(partial["keys"]) - set(weights))
+            if missing:
+                raise KeyError(f"save_model: partial keys not in the model: {missing[:5]}")
+            weights = {k: weights[k] for k in meta["partial"]["keys"]}
     else:
         _, src = read_config(weights_from)
-        if (src.get("model_class"), _plain(src["model"])) != (meta["model_class"], _plain(meta["model"])):
+        if (src.get("model_class"), _plain(src["model"]), src.get("ctc"), src.get("partial")) != (
+                meta["model_class"], _plain(meta["model"]), meta.get("ctc"), meta.get("partial")):
             raise CheckpointError(f"{weights_from}: holds another model ({src.get('model_class')}, other config) "
                                   f"than the one to save; weights_from must hold these very weights")
         weights = Path(weights_from) / WEIGHTS
@@ -150,11 +173,18 @@ def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
 def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` with strict key checking.
 
-    ``pretrain_head=True`` returns a :class:`HubertPretrainModel` (the checkpoint must contain the head);
-    ``False`` returns the bare :class:`HubertModel` (from either kind of checkpoint). Returned in eval mode.
+    ``pretrain_head=True`` returns the checkpoint's own model class: a :class:`HubertPretrainModel` or a
+    :class:`CTCModel` (a fine-tuned one; a partial one needs its base: ``speechssl.train.finetune.load_finetuned``);
+    ``False`` returns the bare :class:`HubertModel` (from any kind of checkpoint). Returned in eval mode.
     """
-    config, _ = read_config(ckpt_dir)
-    model: nn.Module = HubertPretrainModel(config) if pretrain_head else HubertModel(config)
+    config, meta = read_config(ckpt_dir)
+    model: nn.Module
+    if not pretrain_head:
+        model = HubertModel(config)
+    elif meta.get("model_class") == "CTCModel":
+        model = CTCModel(config, CTCHeadConfig.from_dict(meta["ctc"]))
+    else:
+        model = HubertPretrainModel(config)
     load_weights(model, ckpt_dir, encoder_only=not pretrain_head)
     return model.eval()
 
@@ -181,14 +211,21 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
     state = load_file(str(weights))
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
-    saved_head = meta.get("model_class") == "HubertPretrainModel"
+    saved_class = meta.get("model_class")
+    saved_head = saved_class in ("HubertPretrainModel", "CTCModel")  # the encoder under "hubert."
+    if "partial" in meta:
+        if encoder_only or not isinstance(model, CTCModel):
+            raise CheckpointError(f"{ckpt_dir}: holds only the tensors tuned on the frozen base "
+                                  f"{meta['partial']['base']}; load it with speechssl.train.finetune.load_finetuned")
+        _load_strict(model, state, weights, encoder_only, subset=True)
+        return meta
     if encoder_only:
-        model = model.hubert if isinstance(model, HubertPretrainModel) else model
+        model = model.hubert if isinstance(model, (HubertPretrainModel, CTCModel)) else model
         if saved_head:
             state = {k[len("hubert."):]: v for k, v in state.items() if k.startswith("hubert.")}
-    elif isinstance(model, HubertPretrainModel) and not saved_head:
-        raise CheckpointError(f"{ckpt_dir}: holds a bare HubertModel; load it with pretrain_head=False "
-                              "(load_weights: encoder_only=True)")
+    elif isinstance(model, (HubertPretrainModel, CTCModel)) and saved_class != type(model).__name__:
+        raise CheckpointError(f"{ckpt_dir}: holds a {saved_class}, not a {type(model).__name__}; load its encoder "
+                              "alone (load_model: pretrain_head=False; load_weights: encoder_only=True)")
     _load_strict(model, state, weights, encoder_only)
     return meta
 
@@ -198,9 +235,12 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encoder_only: bool) -> None:
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encoder_only: bool, *,
+                 subset: bool = False) -> None:
+    """Every tensor of ``model`` from ``state`` and no other (``subset``: ``state`` holds some of the model's
+    tensors, the others are kept), shapes equal; a :class:`CheckpointError` listing what does not match."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = [] if subset else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
@@ -209,4 +249,4 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encod
                 if encoder_only else ("missing keys", "unexpected keys", "shape mismatches"))
         parts = [f"{label} {found}" for label, found in zip(what, (missing, unexpected, shapes)) if found]
         raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not subset)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from speechssl.errors import MissingInputError, UserError
 
@@ -288,6 +288,18 @@ def _encoder_of(model_or_dir) -> HubertModel:
     return model
 
 
+def _refuse_tuning_modules(model: nn.Module) -> None:
+    """transformers has no adapters and no LoRA: their tensors would be dropped on load, leaving the base model."""
+    from .peft import Adapter, LoRALinear
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model has LoRA weights: fold them into the base first (speechssl.models.peft.merge_lora); "
+                        "transformers would drop them silently")
+    if any(isinstance(m, Adapter) for m in model.modules()):
+        raise UserError("the model has bottleneck adapters, which transformers models lack; an adapters model is "
+                        "saved only as a speechssl checkpoint (speechssl decode reads it)")
+
+
 def export_hf(model_or_dir, out_dir) -> None:
     """Write a transformers directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) that
     ``transformers.AutoModel.from_pretrained(out_dir)`` loads as ``HubertModel``, ``Wav2Vec2Model`` or
@@ -297,6 +309,7 @@ def export_hf(model_or_dir, out_dir) -> None:
     none), a speechssl checkpoint directory or a transformers directory. The fbank frontend is a :class:`UserError`.
     """
     model = _encoder_of(model_or_dir)
+    _refuse_tuning_modules(model)
     config = model.config
     hf_config = hf_config_dict(config)
     preprocessor = {

@@ -31,7 +31,8 @@ __all__ = ["save_step", "save_best", "resolve_resume", "load_step", "init_encode
 
 
 def save_step(ckpt_root: Path, model: nn.Module, model_cfg: HubertConfig, *, step: int, extra: dict,
-              train_state: dict, rng: list[dict], collapse_watch: Any, world_size: int, keep_last: int) -> Path:
+              train_state: dict, rng: list[dict], collapse_watch: Any, world_size: int, keep_last: int,
+              partial: dict | None = None) -> Path:
     """Write ``ckpt_root/step-N`` (one atomic directory, ``COMPLETE`` last) and prune all but ``keep_last``."""
     final = Path(ckpt_root) / st.step_dir_name(step)
 
@@ -42,15 +43,17 @@ def save_step(ckpt_root: Path, model: nn.Module, model_cfg: HubertConfig, *, ste
             collapse_watch.save(tmp)  # the update-0 reference travels with the checkpoint
         st.mark_complete(tmp, {"step": step, "world_size": world_size, "time": time.time()})
 
-    save_model(model, model_cfg, final, extra=extra, add_files=add_state)
+    save_model(model, model_cfg, final, extra=extra, add_files=add_state, partial=partial)
     st.prune_checkpoints(ckpt_root, keep_last)
     return final
 
 
-def save_best(best_dir: Path, step_dir: Path, model: nn.Module, model_cfg: HubertConfig, extra: dict) -> None:
+def save_best(best_dir: Path, step_dir: Path, model: nn.Module, model_cfg: HubertConfig, extra: dict,
+              partial: dict | None = None) -> None:
     """``EXP/best`` = the model just saved in ``step_dir`` (its weights linked, not written again); ``extra`` in
     its ``config.json`` records the step, the criterion and the validation numbers."""
-    save_model(model, model_cfg, best_dir, extra=json.loads(json.dumps(extra)), weights_from=step_dir)
+    save_model(model, model_cfg, best_dir, extra=json.loads(json.dumps(extra)), weights_from=step_dir,
+               partial=partial)
 
 
 def resolve_resume(resume: str | None, ckpt_root: Path, *, announce: bool) -> Path | None:

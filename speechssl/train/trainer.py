@@ -66,12 +66,19 @@ class TrainingAborted(RuntimeError):
 
 
 class Trainer:
-    """Owns the model, optimizer, data and checkpoints of one pretraining run.
+    """Owns the model, optimizer, data and checkpoints of one training run: HuBERT pretraining here, CTC fine-tuning
+    in :class:`speechssl.train.finetune.FinetuneTrainer`, which overrides the hooks below and nothing of the loop.
 
     ``model`` may be given (tests, custom heads); it must follow the ``HubertPretrainModel`` contract:
-    ``forward(wavs, wav_lens, labels) -> {"loss": scalar, "logs": {name: float}}`` and ``.hubert`` with
-    ``frame_rate``, ``downsample_rate`` and ``num_frames(num_samples)``.
+    ``forward(wavs, wav_lens, labels) -> {"loss": scalar, "logs": {name: float}}`` (optionally ``"sample_size"``)
+    and ``.hubert`` with ``frame_rate``, ``downsample_rate`` and ``num_frames(num_samples)``. A model with a
+    ``num_updates`` attribute gets the number of updates done before every forward (fine-tuning's freeze schedule).
+
+    Hooks (one method each): :meth:`build_model`, :meth:`init_weights` (a fresh run's start), :meth:`build_data`,
+    :meth:`lr_at`, :meth:`validate`, :meth:`_metric` (the best-checkpoint criterion), :meth:`checkpoint_extra`.
     """
+
+    kind = "hubert_pretrain"  # "kind" in every checkpoint's config.json extra
 
     def __init__(self, cfg: PretrainConfig, *, resume: str | None = None, model: nn.Module | None = None):
         self.cfg = cfg
@@ -95,14 +102,7 @@ class Trainer:
         # ---- model (same init on every rank; DDP also broadcasts rank 0's parameters)
         st.seed_all(cfg.seed)
         if model is None:
-            from speechssl.models.hubert import HubertPretrainModel
-
-            if len(cfg.model.num_classes) != len(cfg.data.train_labels):
-                raise UserError(
-                    f"model.num_classes {cfg.model.num_classes} has {len(cfg.model.num_classes)} entries but "
-                    f"data.train_labels lists {len(cfg.data.train_labels)} label dir(s)"
-                )
-            model = HubertPretrainModel(cfg.model)
+            model = self.build_model()
         self.model = model.to(self.device)
         self.encoder = getattr(self.model, "hubert", self.model)
         self.optimizer = torch.optim.AdamW(
@@ -122,22 +122,20 @@ class Trainer:
         self._last_valid_step: int | None = None  # the update validate() last ran at
 
         # ---- data
-        self.data = data = build_pretrain_data(cfg, d, self.encoder, self.exp, self.device)
-        self.train_labels, self.sampler, self.dev_loader = data.train_labels, data.sampler, data.dev_loader
+        self.data = data = self.build_data()
+        self.sampler, self.dev_loader = data.sampler, data.dev_loader
 
         # ---- resume / init
         resume_dir = ck.resolve_resume(resume, self.ckpt_root, announce=d.is_main)
         self._resumed = resume_dir is not None
         if resume_dir is not None:
             self._restore(resume_dir)
-        elif cfg.ckpt.init_from:
-            ck.init_encoder(self.model, cfg.ckpt.init_from)
-            if d.is_main:
-                log.info("initialised the encoder from %s (the head starts fresh)", cfg.ckpt.init_from)
+        else:
+            self.init_weights()
 
         # ---- collapse watch (rank 0 only, no collective): update-0 reference, see train/collapse.py
         self.collapse_watch: CollapseWatch | None = None
-        if d.is_main and cfg.collapse_watch_frames > 0 and self.dev_loader is not None:
+        if d.is_main and getattr(cfg, "collapse_watch_frames", 0) > 0 and self.dev_loader is not None:
             self.collapse_watch = CollapseWatch.from_batches(
                 self.dev_loader, self.encoder.num_frames, max_frames=cfg.collapse_watch_frames,
                 source=str(cfg.data.dev),
@@ -148,11 +146,10 @@ class Trainer:
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            mc = cfg.model
             self.ddp_model = DDP(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=mc.layerdrop > 0 or mc.feature_grad_mult == 0,
+                find_unused_parameters=self.find_unused_parameters(),
             )
         if d.is_main:
             atomic_write_text(self.exp / "config.yaml", to_yaml(cfg))
@@ -165,6 +162,58 @@ class Trainer:
                 "" if o.batch_seconds is None else f" (optim.batch_seconds={o.batch_seconds:g})",
                 nparams / 1e6, self.device, self.bf16,
             )
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def build_model(self) -> nn.Module:
+        """The model of a fresh run (pretraining: ``HubertPretrainModel`` of ``cfg.model``)."""
+        from speechssl.models.hubert import HubertPretrainModel
+
+        cfg = self.cfg
+        if len(cfg.model.num_classes) != len(cfg.data.train_labels):
+            raise UserError(
+                f"model.num_classes {cfg.model.num_classes} has {len(cfg.model.num_classes)} entries but "
+                f"data.train_labels lists {len(cfg.data.train_labels)} label dir(s)"
+            )
+        return HubertPretrainModel(cfg.model)
+
+    def build_data(self):
+        """Train sampler and batches, dev loader (``train/data.py``'s ``PretrainData`` contract)."""
+        data = build_pretrain_data(self.cfg, self.dist, self.encoder, self.exp, self.device)
+        self.train_labels = data.train_labels
+        return data
+
+    def init_weights(self) -> None:
+        """A fresh (not resumed) run's start: the encoder of ``ckpt.init_from`` when set, the head fresh."""
+        src = self.cfg.ckpt.init_from
+        if src:
+            ck.init_encoder(self.model, src, trust_pickle=self.cfg.ckpt.trust_pickle)
+            if self.dist.is_main:
+                log.info("initialised the encoder from %s (the head starts fresh)", src)
+
+    def find_unused_parameters(self) -> bool:
+        """DDP must look for parameters without gradient (LayerDrop, a frozen frontend)."""
+        mc = self.cfg.model
+        return mc.layerdrop > 0 or mc.feature_grad_mult == 0
+
+    def lr_at(self, update: int) -> float:
+        """Learning rate of update ``update`` (1-based): warm-up then polynomial decay (``train/schedule.py``)."""
+        o = self.cfg.optim
+        return lr_at(update, peak_lr=o.lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps, end_lr=o.end_lr,
+                     power=o.power)
+
+    def checkpoint_extra(self) -> dict:
+        """What every checkpoint's ``config.json`` records beside the model (``extra``)."""
+        return {"kind": self.kind, "labels": [ls.meta for ls in self.train_labels]}
+
+    def _model_config(self):
+        """The config saved with the model: the model's own (fine-tuning: the checkpoint's encoder with its
+        overrides), else ``cfg.model``."""
+        config = getattr(self.model, "config", None)
+        return config if config is not None else self.cfg.model
+
+    def save_options(self) -> dict:
+        """Keyword arguments for ``save_model`` (fine-tuning: ``partial`` for adapters / LoRA)."""
+        return {}
 
     # ------------------------------------------------------------------------------------------ batches
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -211,8 +260,7 @@ class Trainer:
         try:
             with StopSignals() as signals:
                 while self.step < end:
-                    lr = lr_at(self.step + 1, peak_lr=o.lr, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
-                               end_lr=o.end_lr, power=o.power)
+                    lr = self.lr_at(self.step + 1)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
                     self.model.train()
@@ -305,6 +353,8 @@ class Trainer:
         total_size = 0.0
         by_frames = None
         self.data_wait_s = 0.0  # seconds this update waited for its batches (the train loop logs data_wait)
+        if hasattr(self.model, "num_updates"):
+            self.model.num_updates = self.step  # fine-tuning's freeze schedule (models/ctc.py)
         for micro in range(o.accum_grad):
             t_wait = time.monotonic()
             batch = next(batches)
@@ -398,15 +448,16 @@ class Trainer:
                 self.best_metric, self.best_step, improved = value, self.step, True
         final = self.ckpt_root / st.step_dir_name(self.step)
         if d.is_main:
-            labels = [ls.meta for ls in self.train_labels]
-            extra = {"step": self.step, "epoch": self.sampler.epoch, "kind": "hubert_pretrain", "labels": labels}
-            ck.save_step(self.ckpt_root, self.model, self.cfg.model, step=self.step, extra=extra,
+            model_cfg = self._model_config()
+            common = self.checkpoint_extra()
+            extra = {"step": self.step, "epoch": self.sampler.epoch, **common}
+            ck.save_step(self.ckpt_root, self.model, model_cfg, step=self.step, extra=extra,
                          train_state=self._train_state(), rng=rng, collapse_watch=self.collapse_watch,
-                         world_size=d.world, keep_last=self.cfg.ckpt.keep_last)
+                         world_size=d.world, keep_last=self.cfg.ckpt.keep_last, **self.save_options())
             if improved:
-                ck.save_best(self.exp / "best", final, self.model, self.cfg.model, extra={
+                ck.save_best(self.exp / "best", final, self.model, model_cfg, extra={
                     "step": self.step, "checkpoint": str(final), "best_by": self.cfg.ckpt.best_by,
-                    "metric": self.best_metric, "valid": valid, "kind": "hubert_pretrain", "labels": labels})
+                    "metric": self.best_metric, "valid": valid, **common}, **self.save_options())
             log.info("saved %s%s", final, " (new best)" if improved and valid is not None else "")
         barrier(d)
         return final
@@ -431,7 +482,7 @@ class Trainer:
         """Model weights, optimizer, counters, sampler position and RNG of a step checkpoint (inverse of
         :meth:`_train_state`)."""
         d = self.dist
-        ts, rng = ck.load_step(ckpt, self.model, self.cfg.model)
+        ts, rng = ck.load_step(ckpt, self.model, self._model_config())
         self.optimizer.load_state_dict(ts["optimizer"])
         self.step, self.bad_steps = int(ts["step"]), int(ts["bad_steps"])
         self.best_metric, self.best_step = ts["best_metric"], ts["best_step"]

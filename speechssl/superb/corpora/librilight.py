@@ -48,7 +48,7 @@ from speechssl.superb.corpora.common import (
     run_main,
     write_summary,
 )
-from speechssl.superb.corpora.librispeech import _prepare_part, read_transcripts
+from speechssl.superb.corpora.librispeech import prepare_part, read_transcripts
 
 __all__ = ["FOLDS", "SPLITS", "split_folders", "check_folders", "prepare_librilight_limited", "main"]
 
@@ -119,7 +119,7 @@ def prepare_librilight_limited(root: str | Path, out_dir: str | Path, split: str
     root = need_dir(root, "Libri-light librispeech_finetuning directory")
     n_utts = check_folders(root, folders)
     with output_tree(out_dir) as tmp:
-        n = _prepare_part(root, ",".join(folders), tmp, None, "error", num_jobs, manifests=True)
+        n = prepare_part(root, ",".join(folders), tmp, None, "error", num_jobs, manifests=True)
         if n != n_utts:  # check_folders read the same transcripts: this would be the LibriSpeech writer disagreeing
             raise RuntimeError(f"{root} {split}: wrote {n} utterances, the transcripts list {n_utts}")
         dd = read_data_dir(tmp)

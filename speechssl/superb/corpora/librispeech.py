@@ -36,7 +36,7 @@ from speechssl.superb.corpora.common import (
     write_summary,
 )
 
-__all__ = ["DEFAULT_PARTS", "Transcript", "read_lexicon", "read_transcripts", "prepare_librispeech", "main"]
+__all__ = ["DEFAULT_PARTS", "Transcript", "read_lexicon", "read_transcripts", "prepare_librispeech", "prepare_part", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _phones(transcripts: list[Transcript], lexicon: dict[str, list[str]], oov: s
     return out
 
 
-def _prepare_part(corpus: Path, part: str, out: Path, lexicon: dict[str, list[str]] | None, oov: str, num_jobs: int,
+def prepare_part(corpus: Path, part: str, out: Path, lexicon: dict[str, list[str]] | None, oov: str, num_jobs: int,
                   manifests: bool = False) -> int:
     """One split from ``part``: a LibriSpeech part name, or several joined by commas (``train-clean-100,
     train-clean-360,train-other-500`` is train-960)."""
@@ -195,7 +195,7 @@ def prepare_librispeech(
     counts: dict[str, int] = {}
     with output_tree(out_dir) as tmp:
         for split, part in parts.items():
-            counts[split] = _prepare_part(corpus, part, tmp / split, lex, oov, num_jobs, manifests)
+            counts[split] = prepare_part(corpus, part, tmp / split, lex, oov, num_jobs, manifests)
         options = {"corpus_dir": corpus, "parts": parts, "lexicon": lexicon, "oov": oov, "manifests": manifests}
         return write_summary(tmp, "librispeech", options, counts)
 
