@@ -413,6 +413,8 @@ def build_ctc_model(init: str, overrides: EncoderOverrides | None, head: CTCHead
     from speechssl.models.frontend import set_per_row_norm
 
     src, sha1 = _encoder_source(init, trust_pickle)
+    if tune.mode != "full":  # the encoder stays frozen; its adapters / LoRA learn from the first update with the head
+        head = replace(head, freeze_updates=0)
     config = overrides.apply(src.config) if overrides is not None else src.config
     model = CTCModel(config, head)
     model.hubert.load_state_dict(src.state_dict(), strict=True)
@@ -448,7 +450,7 @@ def error_counts(refs: list[str], hyps: list[str], *, chars: bool = True) -> tup
     import jiwer
 
     if not any(r.strip() for r in refs):  # jiwer needs one reference word; insertions alone have no rate
-        return 0.0, 0.0, 0.0, 0.0
+        return float(sum(len(h.split()) for h in hyps)), 0.0, float(sum(len(h.strip()) for h in hyps) * chars), 0.0
     r, h = list(refs), list(hyps)
     w = jiwer.process_words(r, h)
     werr, wref = w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits
