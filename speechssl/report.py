@@ -23,7 +23,9 @@ What it finds in ``EXP`` (every stage's output is optional; a section without in
   their ``quality.png``; a k-means set of a hidden layer (``kmeans_iter1_L3_k100``) gets that layer's row of the
   ``units layers`` report and the untrained model's row at the same layer beside it;
 * **SUPERB** (``superb_dirs``: roots holding ``<upstream>/<task>/results.json``): the table of ``speechssl superb
-  table`` and one plot of the learned layer weights per upstream (a line per task).
+  table`` and one plot of the learned layer weights per upstream (a line per task);
+* **fine-tuning** (``asr_dirs``: roots holding ``<run>/decode_test/scores.json``, ``egs/mini_synth/asr/exp``): PER /
+  CER / WER per initialisation x labelled subset x tuning, the untrained model's rows marked as the baseline.
 
 A malformed input file is a :class:`~speechssl.errors.UserError` naming the file.
 """
@@ -766,8 +768,63 @@ def _machine() -> str:
 
 
 # ============================================================================================== entry point
+def _asr_section(dirs: Sequence[Path], rel) -> list[str]:
+    """The fine-tuning table: one row per (initialisation, labelled subset, what was tuned), PER of the phone-unit run,
+    CER / WER of the char-unit run, from every ``RUN/decode_test/scores.json`` under ``dirs`` (``speechssl finetune``
+    + ``speechssl decode``), with the run's ``best/config.json`` and ``config.yaml``."""
+    md = ["## Fine-tuning (CTC on the pretrained encoder, test split)", ""]
+    if not dirs:
+        return md + ["No fine-tuning run given (`speechssl report EXP --asr DIR`).", ""]
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    found = 0
+    for d in dirs:
+        if not d.is_dir():
+            raise MissingInputError(f"--asr {d}: no such directory (a fine-tuning exp root: RUN/decode_test/...)")
+        for f in sorted(d.glob("*/decode_test/scores.json"), key=_natural_key):
+            run = f.parent.parent
+            scores = _read_json(f, "decoding scores (`speechssl decode`)")
+            cfg = _read_yaml(run / "config.yaml")
+            best = _read_json(run / "best" / "config.json", "fine-tuned checkpoint")
+            extra = best.get("extra", {}) if isinstance(best, dict) else {}
+            init = str(_get(cfg, "init", ""))
+            if init.startswith("random:"):
+                label = f"untrained ({Path(init[7:]).parent.name} config)"
+            else:
+                label = Path(init).parent.name if Path(init).name == "best" else Path(init).name
+            split = Path(str(_get(cfg, "data.train", "?"))).name
+            tune = str(_get(cfg, "tune.mode", "full"))
+            row = rows.setdefault((label, split, tune), {"baseline": init.startswith("random:")})
+            for k in ("per", "cer", "wer"):
+                if isinstance(scores.get(k), (int, float)):
+                    row[k] = 100 * float(scores[k])
+            params = extra.get("params") or {}
+            if params.get("total"):
+                row["frac"] = 100 * params["trained"] / params["total"]
+            row.setdefault("steps", []).append(str(extra.get("step", "?")))
+            row.setdefault("decoders", set()).add(str(scores.get("decoder", "?")) + (
+                " + LM" if scores.get("lm") else ""))
+            found += 1
+    if not found:
+        return md + [f"No decoded fine-tuning run under {', '.join(f'`{rel(d)}`' for d in dirs)}.", ""]
+    order = sorted(rows, key=lambda k: (k[1] != "train_10min", k[1], k[2] != "full", not rows[k]["baseline"], k[0]))
+    md += ["| initialisation | labelled | tuned | trained params | PER % | CER % | WER % | best update |",
+           "|---|---|---|---|---|---|---|---|"]
+    for key in order:
+        r = rows[key]
+        label = f"{key[0]} (baseline)" if r["baseline"] else key[0]
+        frac = f"{r['frac']:.1f}%" if "frac" in r else "—"
+        cells = [f"{r[k]:.1f}" if k in r else "—" for k in ("per", "cer", "wer")]
+        md.append(f"| {label} | {key[1]} | {key[2]} | {frac} | {' | '.join(cells)} | {'/'.join(r['steps'])} |")
+    decoders = sorted({x for r in rows.values() for x in r["decoders"]})
+    md += ["", f"{found} runs from {', '.join(f'`{rel(d)}`' for d in dirs)}. PER: phone-unit runs, greedy decoding; "
+           f"CER / WER: char-unit runs (decoders: {', '.join(decoders)}). The baseline rows fine-tune the untrained "
+           "model of the same config (its frontend is fbank: the spectral features learned from the labels alone) "
+           "with the same recipe and steps; the best update is picked by validation error on dev.", ""]
+    return md
+
+
 def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.PathLike] = (),
-                 out: str | os.PathLike | None = None) -> Path:
+                 out: str | os.PathLike | None = None, asr_dirs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``EXP/report.md`` (or ``out``) and its PNGs in ``<out's dir>/<out's stem>/`` (``EXP/report/``);
     returns the path of the markdown. Reads the exp dir's stage outputs and the SUPERB runs under
     ``superb_dirs`` (see the module docstring); a section without input says so."""
@@ -779,6 +836,7 @@ def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.Path
     fig_dir = md_path.parent / md_path.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
     sdirs = [Path(s) for s in superb_dirs]
+    adirs = [Path(s) for s in asr_dirs]
 
     def rel(p: Path) -> str:
         return Path(os.path.relpath(Path(p).resolve(), md_path.parent.resolve())).as_posix()
@@ -800,6 +858,7 @@ def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.Path
         pnmi_png = fig_dir / "pnmi_by_layer.png"
         _plot_pnmi(layer_reports, pnmi_png)
         written.append(pnmi_png)
+    asr_md = _asr_section(adirs, rel)
     superb_md, superb_pngs = _superb_section(sdirs, fig_dir, rel)
     written += superb_pngs
     for stale in fig_dir.glob("*.png"):  # figures of sections that are gone (a re-run without SUPERB)
@@ -807,7 +866,8 @@ def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.Path
             stale.unlink()
 
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    cmd = f"speechssl report {exp.resolve()}" + "".join(f" --superb {s.resolve()}" for s in sdirs) + (
+    cmd = f"speechssl report {exp.resolve()}" + "".join(f" --superb {s.resolve()}" for s in sdirs) + "".join(
+        f" --asr {s.resolve()}" for s in adirs) + (
         f" --out {md_path.resolve()}" if out is not None else "")
     md = [f"# Experiment report: `{exp.resolve().name}`", "",
           f"- generated: {now}, by `{cmd}` (rerun it to refresh)",
@@ -820,6 +880,7 @@ def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.Path
     md += _layers_section(layer_reports, pnmi_png, rel)
     md += label_md
     md += superb_md
+    md += asr_md
     atomic_write_text(md_path, "\n".join(md).rstrip("\n") + "\n")
     log.debug("wrote %s and %d figure(s) in %s", md_path, len(written), fig_dir)
     return md_path

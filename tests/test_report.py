@@ -400,3 +400,45 @@ def test_train_log_lines_match_the_trainer():
             and "parameters; device %s; bf16 %s" in trainer)
     assert "stopped at update %d (%s) after %.1f min of training" in trainer
     assert re.search(r'"labels %s: k=%d', (root / "data.py").read_text())
+
+
+def _asr_run(root: Path, name: str, init: str, train: str, tune: str, scores: dict, trained: int = 10) -> None:
+    run = root / name
+    (run / "decode_test").mkdir(parents=True)
+    (run / "best").mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"init": init, "data": {"train": train}, "tune": {"mode": tune}}))
+    (run / "best" / "config.json").write_text(json.dumps(
+        {"format": "speechssl-hubert", "model_class": "CTCModel",
+         "extra": {"step": 120, "params": {"trained": trained, "total": 100}}}))
+    (run / "decode_test" / "scores.json").write_text(json.dumps({"decoder": "greedy", "lm": None, **scores}))
+
+
+def test_asr_section_rows_and_baselines(tmp_path):
+    """One row per (init, subset, tuning): PER from the phone run, CER / WER from the char run of the same row, the
+    untrained model's rows marked as the baseline and listed first within a subset."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    asr = tmp_path / "asr"
+    ck = "/x/exp/hubert_iter2/best"
+    _asr_run(asr, "phone_iter2_10min", ck, "/d/train_10min", "full", {"per": 0.412})
+    _asr_run(asr, "char_iter2_10min", ck, "/d/train_10min", "full", {"cer": 0.2, "wer": 0.55})
+    _asr_run(asr, "phone_random_10min", "random:" + ck, "/d/train_10min", "full", {"per": 0.70})
+    _asr_run(asr, "adapters_iter2_10min", ck, "/d/train_10min", "adapters", {"per": 0.5}, trained=3)
+    _asr_run(asr, "phone_iter2_1h", ck, "/d/train_1h", "full", {"per": 0.3})
+    md = write_report(exp, asr_dirs=[asr]).read_text()
+    section = md[md.index("## Fine-tuning"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0] == "| untrained (hubert_iter2 config) (baseline) | train_10min | full | 10.0% | 70.0 | — | — | 120 |"
+    assert rows[1] == "| hubert_iter2 | train_10min | full | 10.0% | 41.2 | 20.0 | 55.0 | 120/120 |"
+    assert rows[2] == "| hubert_iter2 | train_10min | adapters | 3.0% | 50.0 | — | — | 120 |"
+    assert rows[3].startswith("| hubert_iter2 | train_1h | full |")
+    assert "5 runs from" in section
+    assert f"--asr {asr.resolve()}" in md
+
+
+def test_asr_section_missing_dir_is_one_line(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    assert main(["report", str(exp), "--asr", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere: no such directory" in err[0]

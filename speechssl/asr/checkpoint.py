@@ -40,7 +40,9 @@ def load_finetuned(path: str | Path, *, trust_pickle: bool = False) -> tuple[CTC
         model, vocab, delim = load_hf_ctc(path)
         units = "char" if delim is not None else "phone"
         vocab = [BLANK] + [(WORD_DELIM if t == delim else t) for t in vocab[1:]]
-        return model.eval(), Tokenizer(units, vocab)
+        from speechssl.models.frontend import set_per_row_norm
+
+        return set_per_row_norm(model.eval()), Tokenizer(units, vocab)
     _, meta = read_config(path)
     if meta.get("model_class") != "CTCModel":
         raise CheckpointError(f"{path}: a {meta.get('model_class')} checkpoint, not a fine-tuned (CTC) one; "

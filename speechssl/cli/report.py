@@ -21,6 +21,8 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("exp", metavar="EXP", help="the recipe's experiment directory (e.g. egs/mini_synth/hubert/exp)")
     p.add_argument("--superb", action="append", default=[], metavar="DIR",
                    help="a SUPERB exp root holding <upstream>/<task>/results.json (repeatable)")
+    p.add_argument("--asr", action="append", default=[], metavar="DIR",
+                   help="a fine-tuning exp root holding <run>/decode_test/scores.json (repeatable)")
     p.add_argument("--out", metavar="FILE",
                    help="where to write the markdown (default EXP/report.md); figures go to FILE's dir/<stem>/")
     p.set_defaults(func=run)
@@ -29,5 +31,5 @@ def register(subparsers, help_: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechssl.report import write_report
 
-    print(write_report(args.exp, superb_dirs=args.superb, out=args.out))
+    print(write_report(args.exp, superb_dirs=args.superb, out=args.out, asr_dirs=args.asr))
     return 0

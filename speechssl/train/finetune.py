@@ -108,11 +108,16 @@ class FinetuneOptimConfig(OptimConfig):
     init_lr_scale: float = 0.01
     final_lr_scale: float = 0.05
     max_steps: int = 25000
+    # the CTC head's learning rate / lr (fairseq: 1, one rate for all). A fresh linear head on a frozen encoder is a
+    # probe, and probes want far higher rates than the pretrained encoder can take (SUPERB's phone probe: 1e-2); a
+    # short fine-tuning (the CPU demo) spends most of its updates waiting for the head otherwise
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.hold_steps < 0 or self.decay_steps < 0 or not 0 < self.final_lr_scale <= 1:
-            raise UserError("need optim.hold_steps >= 0, optim.decay_steps >= 0, 0 < optim.final_lr_scale <= 1")
+        if self.hold_steps < 0 or self.decay_steps < 0 or not 0 < self.final_lr_scale <= 1 or self.head_lr_scale <= 0:
+            raise UserError("need optim.hold_steps >= 0, optim.decay_steps >= 0, 0 < optim.final_lr_scale <= 1, "
+                            "optim.head_lr_scale > 0")
 
 
 @dataclass
@@ -271,6 +276,12 @@ class FinetuneTrainer(Trainer):
     def init_weights(self) -> None:
         """Nothing: :meth:`build_model` started from ``init`` already (the head is fresh)."""
 
+    def optimizer_groups(self) -> list[dict]:
+        """The encoder's trainable parameters at the schedule's rate, ``lm_head`` at ``optim.head_lr_scale`` x it."""
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and n.startswith("lm_head.")]
+        rest = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("lm_head.")]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": head, "lr_scale": self.cfg.optim.head_lr_scale}]
+
     def find_unused_parameters(self) -> bool:
         return True  # the frozen encoder (first updates, adapters / LoRA) and LayerDrop leave parameters unused
 
@@ -320,8 +331,10 @@ class FinetuneTrainer(Trainer):
 
     def checkpoint_extra(self) -> dict:
         c = self.cfg
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"kind": self.kind, "tokenizer": self.tokenizer.to_dict(), "init": c.init,
-                "init_sha1": self.base_sha1, "tune": vars(c.tune) | {"lora_targets": list(c.tune.lora_targets)}}
+                "init_sha1": self.base_sha1, "tune": vars(c.tune) | {"lora_targets": list(c.tune.lora_targets)},
+                "params": {"trained": trained, "total": sum(p.numel() for p in self.model.parameters())}}
 
     def save_options(self) -> dict:
         if self.cfg.tune.mode == "full":
