@@ -39,6 +39,7 @@ from speechssl.models.ctc import CTCHeadConfig, CTCModel
 from speechssl.models.hubert import LABEL_PAD, HubertModel
 from speechssl.train.config import CheckpointConfig, OptimConfig
 from speechssl.train.data import (
+    PretrainData,
     PretrainDataset,
     ResumableBatchSampler,
     _NumFrames,
@@ -48,7 +49,6 @@ from speechssl.train.data import (
     load_cuts,
 )
 from speechssl.train.distributed import all_reduce, barrier
-from speechssl.train.logs import fmt
 from speechssl.train.schedule import tri_stage_lr
 from speechssl.train.tokens import Tokenizer, build_tokenizer, read_transcripts
 from speechssl.train.trainer import Trainer
@@ -222,28 +222,6 @@ def _targets_of(data_dir: str, tok: Tokenizer, cuts, num_frames, dc: CTCDataConf
     return out, hours
 
 
-@dataclass
-class CTCData:
-    """The trainer's data (``PretrainData``'s contract): the train sampler, endless train batches, the dev loader."""
-
-    sampler: ResumableBatchSampler
-    train_loader: torch.utils.data.DataLoader
-    dev_loader: torch.utils.data.DataLoader | None
-    tokenizer: Tokenizer
-
-    def train_batches(self):
-        while True:
-            start_skip = self.sampler.batches_done
-            got = False
-            for batch in self.train_loader:
-                got = True
-                yield batch
-            if not got and start_skip == 0:
-                raise UserError("an epoch produced no full batch: lower data.num_buckets or data.max_duration "
-                                "(a small labelled set fills few duration buckets)")
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-
-
 # ============================================================================================== trainer
 class FinetuneTrainer(Trainer):
     """The pretraining trainer with a CTC model, CTC batches, the tri-stage schedule and validation by error rate."""
@@ -291,7 +269,7 @@ class FinetuneTrainer(Trainer):
                             decay_steps=o.decay_steps, init_lr_scale=o.init_lr_scale,
                             final_lr_scale=o.final_lr_scale)
 
-    def build_data(self) -> CTCData:
+    def build_data(self) -> PretrainData:
         cfg, d, dc = self.cfg, self.dist, self.cfg.data
         if not dc.train:
             raise UserError("data.train is not set (a data dir with transcripts)")
@@ -319,7 +297,9 @@ class FinetuneTrainer(Trainer):
 
         sampler, loader = split(dc.train, "train", train=True)
         dev_loader = split(dc.dev, "dev", train=False)[1] if dc.dev else None
-        return CTCData(sampler, loader, dev_loader, self.tokenizer)
+        return PretrainData([], sampler, loader, dev_loader, empty_epoch_error=(
+            f"{dc.train}: an epoch produced no full batch: lower data.num_buckets (now {dc.num_buckets}) or "
+            f"data.max_duration (now {dc.max_duration} s); a small labelled set fills few duration buckets"))
 
     def _to_device(self, batch: dict):
         wavs, lens, _ = super()._to_device(batch)
@@ -368,12 +348,7 @@ class FinetuneTrainer(Trainer):
         stats = {"loss": float(t[0]) / n, words: float(t[2]) / max(float(t[3]), 1.0)}
         if tok.units != "phone":
             stats["cer"] = float(t[4]) / max(float(t[5]), 1.0)
-        if self.dist.is_main:
-            if writer is not None:
-                for k, v in stats.items():
-                    writer.add_scalar(f"valid/{k}", v, self.step)
-            log.info("valid at update %d (%d utts): %s", self.step, int(n),
-                     " ".join(f"{k}={fmt(v)}" for k, v in stats.items()))
+        self._log_valid(stats, int(n), writer)
         return stats
 
 

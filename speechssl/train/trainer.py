@@ -423,15 +423,20 @@ class Trainer:
         t = all_reduce(t, self.dist)
         n = max(float(t[-1]), 1.0)
         stats = {k: float(v) / n for k, v in zip(keys, t[:-1].tolist())}
+        self._log_valid(stats, int(n), writer)
+        if self.dist.is_main:
+            if self.collapse_watch is not None:  # rank 0 only: rank_L{i}, std_L{i} join rank 0's stats
+                stats.update(self.collapse_watch.check(self.encoder, self.step, writer))
+        return stats
+
+    def _log_valid(self, stats: dict[str, float], utts: int, writer) -> None:
+        """Rank 0: validation numbers to TensorBoard (``valid/*``) and the log."""
         if self.dist.is_main:
             if writer is not None:
                 for k, v in stats.items():
                     writer.add_scalar(f"valid/{k}", v, self.step)
-            log.info("valid at update %d (%d utts): %s", self.step, int(n),
+            log.info("valid at update %d (%d utts): %s", self.step, utts,
                      " ".join(f"{k}={fmt(v)}" for k, v in stats.items()))
-            if self.collapse_watch is not None:  # rank 0 only: rank_L{i}, std_L{i} join rank 0's stats
-                stats.update(self.collapse_watch.check(self.encoder, self.step, writer))
-        return stats
 
     def _metric(self, valid: dict[str, float]) -> tuple[float, bool]:
         """(value, higher_is_better) of the best-checkpoint criterion."""
