@@ -63,6 +63,11 @@ schedule() {
 # one run: NAME INIT SPLIT UNITS STEPS [TUNE] -> $exp/NAME (fine-tuned) and $exp/NAME/decode_test (scored)
 run_one() {
   local name=$1 init=$2 split=$3 units=$4 n=$5 tune=${6:-full} out=$exp/$1 t0
+  if [ -f "$out/config.yaml" ] && ! grep -q "^  max_steps: $n\$" "$out/config.yaml"; then
+    log "$out was run with another number of updates ($(grep -m1 '^  max_steps:' "$out/config.yaml" | tr -d ' ')," \
+        "now $n): remove it, or give another --exp"
+    return 1
+  fi
   [ -f "$out/decode_test/scores.json" ] && return 0
   t0=$(date +%s)
   log "fine-tune $name: --init $init --train $split --units $units --tune $tune ($n updates)"
