@@ -12,7 +12,7 @@
 #      (encoder frozen) on iteration 2 and on the untrained model (10 minutes); then greedy decoding of test
 #   2: char-unit fine-tuning (CER / WER) of iteration 2 and the untrained model on the 10-minute subset, decoded with
 #      a beam search and a word 3-gram of the training transcripts
-#   3: exp/table.md and the hubert exp's report (speechssl report HUBERT_EXP --superb ../superb/exp --asr exp)
+#   3: the hubert exp's report (speechssl report HUBERT_EXP --superb ../superb/exp --asr exp)
 # Runs go in $nj lanes of nproc/nj threads (finished runs are skipped, so a rerun only does what is missing).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -131,5 +131,5 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   opts=(--asr "$exp")
   [ -d "$superb" ] && opts+=(--superb "$superb")
   report=$(speechssl report "$hubert/exp" "${opts[@]}")
-  log "report: $report (fine-tuning table: $exp/table.md)"
+  log "report: $report (its fine-tuning section: this recipe's runs)"
 fi
