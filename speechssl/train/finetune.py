@@ -311,7 +311,9 @@ class FinetuneTrainer(Trainer):
 
     def checkpoint_extra(self) -> dict:
         c = self.cfg
-        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen_frontend = self.model.config.feature_grad_mult == 0  # the CNN / fbank conv never gets a gradient
+        trained = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and not (
+            frozen_frontend and n.startswith("hubert.feature_extractor.")))
         return {"kind": self.kind, "tokenizer": self.tokenizer.to_dict(), "init": c.init,
                 "init_sha1": self.base_sha1, "tune": vars(c.tune) | {"lora_targets": list(c.tune.lora_targets)},
                 "params": {"trained": trained, "total": sum(p.numel() for p in self.model.parameters())}}
