@@ -15,14 +15,18 @@ DEMO_MINUTES ?= 5
 DEMO_OPTS = optim.max_minutes=$(DEMO_MINUTES) optim.max_steps=$$(( $(DEMO_MINUTES) * 120 )) optim.warmup_steps=$$(( $(DEMO_MINUTES) * 15 ))
 
 # The fine-tuning stage (egs/mini_synth/asr) runs ASR_STEPS updates per run (10 runs, two side by side); the recipe's own
-# default is 600, where the pretrained models pull ahead of the untrained one (README, "Fine-tuning").
-ASR_STEPS ?= 100
+# default is 600 (README, "Fine-tuning").
+ASR_STEPS ?= 80
+# SUPERB's ASR task (a BiLSTM CTC head on frozen features, 600 steps: WER above 90% for every upstream, it cannot rank
+# them) leaves the demo to the fine-tuning stage, which measures recognition with the encoder trained;
+# `make demo SUPERB_TASKS="pr asr ks sid asv ic"` runs it too.
+SUPERB_TASKS ?= pr ks sid asv ic
 
 demo: install
 	cd egs/mini_synth/hubert && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh \
 	  --iter1-opts "$(DEMO_OPTS)" --iter2-opts "$(DEMO_OPTS)"
-	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh
-	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS)
+	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --tasks "$(SUPERB_TASKS)"
+	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS) --valid 2
 	@test -f egs/mini_synth/hubert/exp/report.md && echo "report: egs/mini_synth/hubert/exp/report.md"
 
 test: install

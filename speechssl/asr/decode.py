@@ -33,9 +33,11 @@ __all__ = ["decode"]
 
 def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, beam: int = 0,
            lm: str | None = None, lm_weight: float = 0.5, word_score: float = 0.0, batch_seconds: float = 120.0,
-           device: str = "cpu", trust_pickle: bool = False) -> dict[str, Any]:
+           device: str = "cpu", trust_pickle: bool = False, bf16: bool | None = None) -> dict[str, Any]:
     """Decode ``data_dir`` with the fine-tuned model ``ckpt``; ``beam`` 0 = greedy (best path), else beam search of
-    that width (with ``lm``: an ARPA word n-gram, ``lm_weight``, ``word_score``). Returns the scores dict."""
+    that width (with ``lm``: an ARPA word n-gram, ``lm_weight``, ``word_score``). ``bf16``: the encoder under bf16
+    autocast (None: where the device supports it, as the trainer's validation; the CTC scores are float32 either
+    way). Returns the scores dict."""
     from speechssl.data.kaldi import load_utterance, read_data_dir
     from speechssl.progress import progress_bar
     from speechssl.superb import metrics
@@ -46,7 +48,12 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
     if lm and not beam:
         raise UserError("--lm needs a beam search: give --beam N (e.g. 50)")
     model, tok = load_finetuned(ckpt, trust_pickle=trust_pickle)
+    from speechssl.train.distributed import bf16_supported
+
     model = model.to(device).eval()
+    dev = torch.device(device)
+    if bf16 is None:
+        bf16 = bf16_supported(dev)
     dd = read_data_dir(data_dir)
     utts = list(dd.utterances())
     if not utts:
@@ -95,7 +102,8 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
             batch = torch.zeros(len(wavs), int(lens.max()))
             for i, w in enumerate(wavs):
                 batch[i, : len(w)] = w
-            logits, frame_lens = model.logits(batch.to(device), lens.to(device))
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+                logits, frame_lens = model.logits(batch.to(device), lens.to(device))
             if searcher is None:
                 toks = greedy_tokens(logits, frame_lens, tok.vocab)
             else:
@@ -108,6 +116,7 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
     ids = sorted(hyps, key=lambda s: s.encode())
     scores: dict[str, Any] = {"checkpoint": str(ckpt), "data": str(data_dir), "utterances": len(ids),
                               "units": tok.units, "decoder": "beam" if beam else "greedy", "beam": beam,
+                              "bf16": bool(bf16),
                               "lm": lm, "lm_weight": lm_weight if lm else None,
                               "word_score": word_score if lm else None}
     if refs is not None:

@@ -23,6 +23,8 @@ def register(subparsers, help_):
     p.add_argument("--word-score", type=float, default=0.0)
     p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per forward batch")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="encoder precision (auto: bf16 where the device supports it, as training's validation)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a fairseq pickle base (partial checkpoints)")
     p.set_defaults(func=run)
 
@@ -33,6 +35,6 @@ def run(args) -> int:
     out = args.out or str(Path(args.ckpt).parent / f"decode_{Path(args.data).name}")
     scores = decode(args.ckpt, args.data, out, beam=args.beam, lm=args.lm, lm_weight=args.lm_weight,
                     word_score=args.word_score, batch_seconds=args.batch_seconds, device=args.device,
-                    trust_pickle=args.trust_pickle)
+                    trust_pickle=args.trust_pickle, bf16={"auto": None, "fp32": False, "bf16": True}[args.precision])
     print(json.dumps({k: v for k, v in scores.items() if k in ("wer", "cer", "per", "utterances")}))
     return 0

@@ -22,11 +22,12 @@ stop_stage=100
 hubert=../hubert            # the hubert recipe: its data/ and exp/hubert_iter{1,2}/best
 superb=../superb/exp        # SUPERB exp for the report (if it exists)
 steps=600                   # updates per fine-tuning run (schedule stages are fractions of it: conf/finetune.yaml)
+valid=4                     # validations per run (each a candidate for best/; 290 dev utterances, ~4 s on one core)
 char_steps=""               # updates of the char-unit runs (default: $steps)
 nj=2
 seed=0
 exp=exp
-help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--superb DIR] [--steps N] [--char-steps N] [--nj N]
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--superb DIR] [--steps N] [--valid N] [--char-steps N] [--nj N]
           [--exp DIR]"
 . ../../../tools/parse_options.sh
 
@@ -56,8 +57,8 @@ fi
 schedule() {
   local n=$1
   echo "optim.max_steps=$n optim.warmup_steps=$(( n / 10 )) optim.hold_steps=$(( n * 4 / 10 ))" \
-       "optim.decay_steps=$(( n - n / 10 - n * 4 / 10 )) ctc.freeze_updates=$(( n / 4 )) valid_every=$(( n / 4 ))" \
-       "ckpt.every_steps=$(( n / 4 ))"
+       "optim.decay_steps=$(( n - n / 10 - n * 4 / 10 )) ctc.freeze_updates=$(( n / 4 ))" \
+       "valid_every=$(( n / valid )) ckpt.every_steps=$(( n / valid ))"
 }
 
 # one run: NAME INIT SPLIT UNITS STEPS [TUNE] -> $exp/NAME (fine-tuned) and $exp/NAME/decode_test (scored)
