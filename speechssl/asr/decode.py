@@ -36,8 +36,9 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
            device: str = "cpu", trust_pickle: bool = False, bf16: bool | None = None) -> dict[str, Any]:
     """Decode ``data_dir`` with the fine-tuned model ``ckpt``; ``beam`` 0 = greedy (best path), else beam search of
     that width (with ``lm``: an ARPA word n-gram, ``lm_weight``, ``word_score``). ``bf16``: the encoder under bf16
-    autocast (None: where the device supports it, as the trainer's validation; the CTC scores are float32 either
-    way). Returns the scores dict."""
+    autocast (None: as the fine-tuning run validated, so that decoding dev repeats its validation, where the device
+    supports it; float32 for a checkpoint that does not say, e.g. a transformers directory; the CTC scores are
+    float32 either way). Returns the scores dict."""
     from speechssl.data.kaldi import load_utterance, read_data_dir
     from speechssl.progress import progress_bar
     from speechssl.superb import metrics
@@ -53,7 +54,8 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
     model = model.to(device).eval()
     dev = torch.device(device)
     if bf16 is None:
-        bf16 = bf16_supported(dev)
+        trained = _trained_bf16(Path(ckpt))
+        bf16 = bool(trained) and bf16_supported(dev)
     dd = read_data_dir(data_dir)
     utts = list(dd.utterances())
     if not utts:
@@ -132,6 +134,16 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
     log.info("decoded %d utterances of %s with %s (%s): %s -> %s", len(ids), data_dir, ckpt, scores["decoder"],
              shown or "no references", out_dir)
     return scores
+
+
+def _trained_bf16(ckpt: Path) -> bool | None:
+    """Whether the fine-tuning run of a speechssl checkpoint validated under bf16 (None: not recorded)."""
+    try:
+        extra = json.loads((ckpt / "config.json").read_text()).get("extra", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = extra.get("bf16") if isinstance(extra, dict) else None
+    return value if isinstance(value, bool) else None
 
 
 def _write_outputs(out: Path, ids: list[str], hyps: dict[str, str], refs: dict[str, str] | None,

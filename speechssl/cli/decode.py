@@ -24,7 +24,7 @@ def register(subparsers, help_):
     p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per forward batch")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="encoder precision (auto: bf16 where the device supports it, as training's validation)")
+                   help="encoder precision (auto: as the fine-tuning run validated, fp32 for other checkpoints)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a fairseq pickle base (partial checkpoints)")
     p.set_defaults(func=run)
 

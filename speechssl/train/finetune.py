@@ -316,7 +316,8 @@ class FinetuneTrainer(Trainer):
             frozen_frontend and n.startswith("hubert.feature_extractor.")))
         return {"kind": self.kind, "tokenizer": self.tokenizer.to_dict(), "init": c.init,
                 "init_sha1": self.base_sha1, "tune": vars(c.tune) | {"lora_targets": list(c.tune.lora_targets)},
-                "params": {"trained": trained, "total": sum(p.numel() for p in self.model.parameters())}}
+                "params": {"trained": trained, "total": sum(p.numel() for p in self.model.parameters())},
+                "bf16": self.bf16}  # the precision validation ran in: speechssl decode's default
 
     def save_options(self) -> dict:
         if self.cfg.tune.mode == "full":
