@@ -16,7 +16,7 @@ DEMO_OPTS = optim.max_minutes=$(DEMO_MINUTES) optim.max_steps=$$(( $(DEMO_MINUTE
 
 # The fine-tuning stage (egs/mini_synth/asr) runs ASR_STEPS updates per run (10 runs, two side by side); the recipe's own
 # default is 600 (README, "Fine-tuning").
-ASR_STEPS ?= 80
+ASR_STEPS ?= 60
 # SUPERB's ASR task (a BiLSTM CTC head on frozen features, 600 steps: WER above 90% for every upstream, it cannot rank
 # them) leaves the demo to the fine-tuning stage, which measures recognition with the encoder trained;
 # `make demo SUPERB_TASKS="pr asr ks sid asv ic"` runs it too.
