@@ -178,11 +178,16 @@ class HubertConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HubertConfig":
         """Inverse of :meth:`to_dict`; an unknown key is an error that names it."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown HubertConfig key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
+
+
+def dataclass_from_dict(cls, data: dict[str, Any]):
+    """``cls(**data)`` for a config dataclass; an unknown key is a :class:`UserError` naming it and the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(names)}")
+    return cls(**data)
 
 
 def _build(defaults: dict[str, Any], overrides: dict[str, Any]) -> HubertConfig:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.errors import UserError
-from .config import HubertConfig
+from .config import HubertConfig, dataclass_from_dict
 from .frontend import lengths_to_mask
 from .hubert import LABEL_PAD, HubertModel
 from .masking import compute_mask_indices
@@ -74,11 +74,8 @@ class CTCHeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CTCHeadConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown CTC head key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; an unknown key is an error that names it."""
+        return dataclass_from_dict(cls, data)
 
 
 def channel_mask(batch: int, channels: int, prob: float, length: int,
