@@ -29,6 +29,11 @@ TASK_HELP = {
     "er": "emotion recognition: mean-pool + linear over utt2emo, 5 folds by utt2session; accuracy",
     "ic": "intent classification: mean-pool + 3 linear heads over utt2intent 'action object location'; accuracy "
           "(all three right)",
+    "qbe": "query-by-example spoken term detection: subsequence DTW (cosine) of each query in each document per "
+           "layer, no training; the layer picked on dev; MTWV (and ATWV) with QUESST 2014's costs",
+    "sd": "speaker diarization: LSTM + linear per frame, permutation-invariant BCE over the speakers of rttm; DER",
+    "sf": "slot filling: BiLSTM + CTC over characters with slot tags (text with <slot> ... </slot>); slot-type F1, "
+          "slot-value CER",
 }
 TASKS = tuple(TASK_HELP)
 
@@ -94,6 +99,9 @@ _DEFAULTS: dict[str, tuple[dict, dict]] = {
     "asv": ({"optimizer": "adamw", "lr": 1e-4, "max_steps": 200000, "max_duration": 400.0}, {"proj_dim": 512}),
     "er": ({"lr": 1e-4, "max_steps": 30000, "max_duration": 144.0}, {"proj_dim": 256}),        # batch 4 x accum 8
     "ic": ({"lr": 1e-4, "max_steps": 200000, "max_duration": 75.0}, {"proj_dim": 256}),        # batch 32
+    "qbe": ({"max_steps": 0}, {}),                                                             # no training
+    "sd": ({"lr": 1e-4, "max_steps": 30000, "max_duration": 400.0}, {"proj_dim": 256, "hidden": 512, "num_layers": 1}),
+    "sf": ({"lr": 1e-4, "max_steps": 200000, "max_duration": 400.0}, {"proj_dim": 1024}),     # as asr
 }
 
 
