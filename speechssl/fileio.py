@@ -54,17 +54,28 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, mode: int = 0o755) -> Iterator[Path]:
-    """Yield a temp directory beside ``path`` (which must not exist yet); on success it becomes ``path`` by one
-    rename, on error it is removed. The files written into it should be fsynced by their writer."""
+def atomic_dir(path: str | os.PathLike, mode: int = 0o755, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside ``path`` (``.NAME.tmp-*``); on success it becomes ``path`` by one rename, on
+    error it is removed. The one way a directory is replaced atomically (checkpoints, data dirs, corpus trees).
+
+    ``path`` must not exist, unless ``replace``: then the old directory is moved aside (``.NAME.old-*``) just
+    before the rename and deleted after it, so a reader sees the old directory or the new one (a crash between
+    the two renames leaves the old one beside, under its ``.old-`` name). The files written into the temp
+    directory should be fsynced by their writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
         fsync_dir(tmp)
         os.chmod(tmp, mode)  # mkdtemp creates 0700
-        os.rename(tmp, path)
+        if replace and path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

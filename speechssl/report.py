@@ -6,7 +6,7 @@
 Where it sits (DESIGN.md "Dependency direction"): floor 8, between ``train`` / ``superb`` (floor 7) and ``cli``
 (now floor 9). It reads the files the stages wrote and nothing else: JSON, YAML, ``train.log`` and TensorBoard
 event files (``tensorboard.backend.event_processing.event_accumulator``). It imports no training code; the one
-room it imports is ``superb.runner``, for :func:`~speechssl.superb.runner.results_table` (the one SUPERB table
+room it imports is ``superb.table``, for :func:`~speechssl.superb.table.results_table` (the one SUPERB table
 builder), and only when a SUPERB run is given.
 
 What it finds in ``EXP`` (every stage's output is optional; a section without input says so in one line):
@@ -658,7 +658,7 @@ def _superb_section(dirs: Sequence[Path], out_dir: Path, rel) -> tuple[list[str]
             raise UserError(f"{f}: not a `speechssl superb` result (needs task, upstream_label and numeric test "
                             "metrics); rerun that task or delete the file")
         results.append((f, r))
-    from speechssl.superb.runner import results_table
+    from speechssl.superb.table import results_table
 
     md += [results_table([glob.escape(str(f)) for f in files]).rstrip("\n"), ""]
     labels = [r["upstream_label"] for _, r in results]

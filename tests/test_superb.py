@@ -23,7 +23,8 @@ from speechssl.models import HubertModel, hubert_tiny, save_model
 from speechssl.superb.cache import LiveFeatures, PooledFeatures, build_cache
 from speechssl.superb.config import TASKS, load_superb_config
 from speechssl.superb.featurizer import HierarchicalConv, WeightedSum, conv_depth, save_layer_weights
-from speechssl.superb.runner import HeadTrainer, duration_batches, pools_first, results_table, run_superb
+from speechssl.data.batching import duration_batches
+from speechssl.superb.runner import HeadTrainer, pools_first, results_table, run_superb
 from speechssl.superb.tasks import make_task, make_trials
 
 WORDS = ["YES", "NO", "UP", "DOWN"]
@@ -159,11 +160,12 @@ def test_duration_batches_bound_padded_seconds():
 
 # ------------------------------------------------------------------------------------------------ cache
 def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp_path):
-    from speechssl.superb.upstreams import load_upstream
+    from speechssl.superb.upstreams import resolve_upstream
 
     dd = read_data_dir(corpus / "train")
-    up = load_upstream(str(ckpt))
-    cached = build_cache(str(ckpt), corpus / "train", "all", tmp_path / "cache", upstream=up, progress=False)
+    resolved = resolve_upstream(str(ckpt))
+    up = resolved.module
+    cached = build_cache(resolved, corpus / "train", cache_root=tmp_path / "cache", progress=False)
     assert cached.layers == [0, 1, 2] and (cached.cache_dir / "cache.json").is_file()
     again = build_cache(str(ckpt), corpus / "train", "all", tmp_path / "cache", progress=False)  # found, reused
     assert again.cache_dir == cached.cache_dir
@@ -278,7 +280,9 @@ def test_asr_with_sentencepiece_units(corpus, tmp_path):
                    overrides=_SMALL + _TASK_OVERRIDES["asr"] + ["head.units=bpe", "head.bpe_vocab=16"],
                    cache_dir=tmp_path / "cache")
     assert r["test"]["wer"] >= 0.0 and math.isfinite(r["test"]["cer"])
-    state = json.loads(next((tmp_path / "bpe").glob("lr_*/ckpt-*/state.json")).read_text())["task_state"]
+    from speechssl.train.state import load_bundle
+
+    state = load_bundle(next((tmp_path / "bpe").glob("lr_*/step-*")), "train_state")["task_state"]
     assert "spm_model" in state
     task = make_task(load_superb_config("asr", None, ["head.units=bpe"]))
     task.load_state(state)   # the saved sentencepiece model tokenises and detokenises exactly
@@ -312,7 +316,7 @@ def test_head_resume_is_exact(corpus, ckpt, tmp_path):
     full.run()
     first = trainer(tmp_path / "split")
     first.run(stop_after=3)
-    assert [p.name for p in (tmp_path / "split").glob("ckpt-*")] == ["ckpt-3"]
+    assert [p.name for p in (tmp_path / "split").glob("step-*")] == ["step-00000003"]
     with pytest.raises(UserError, match="--resume"):
         trainer(tmp_path / "split").run()
     second = trainer(tmp_path / "split")

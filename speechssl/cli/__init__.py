@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["superb", "prepare"]:  # the corpus preparers parse their own options
+        from speechssl.cli.superb import prepare
+
+        return prepare(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -4,12 +4,31 @@
     speechssl superb --task sid --upstream fbank --data data --out exp/superb/fbank/sid --lr-sweep 1e-4,1e-3,1e-2
     speechssl superb table 'exp/superb/*/*'
     speechssl superb trials --data data/test_spk --out exp/superb/trials_test_spk
+    speechssl superb prepare fluent_speech_commands --corpus FSC --out data/superb/fsc
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+# the corpus preparers of speechssl.superb.corpora (`speechssl superb prepare CORPUS ...`)
+CORPORA = ("librispeech", "librilight", "speech_commands", "voxceleb1", "iemocap", "fluent_speech_commands",
+           "quesst14", "libri2mix", "snips")
+
+
+def prepare(argv: list[str]) -> int:
+    """``speechssl superb prepare CORPUS [options]``: the corpus module's own parser, errors and exit code."""
+    import importlib
+
+    if not argv or argv[0] not in CORPORA:
+        got = f" {argv[0]!r}" if argv else ""
+        print(f"speechssl superb prepare: error: corpus{got}: choose one of {', '.join(CORPORA)} "
+              "(speechssl superb prepare CORPUS --help)", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"speechssl.superb.corpora.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
 
 
 def _task_list() -> str:
@@ -25,11 +44,15 @@ def register(subparsers, help_):
         "  speechssl superb --task T --upstream U --data DIR --out EXP [options] [key=value ...]\n"
         "Other verbs:\n  speechssl superb table RESULTS_GLOB... [--out FILE]   one markdown table (rows: upstreams, "
         "columns: tasks)\n  speechssl superb trials --data DIR --out FILE [--per-utt 2] [--seed 0]   speaker-"
-        f"verification trials from utt2spk\n\ntasks:\n{_task_list()}\n\n"
+        "verification trials from utt2spk\n  speechssl superb prepare CORPUS --corpus DIR --out DIR [...]   a real "
+        f"corpus as data dirs (CORPUS: {', '.join(CORPORA)}; CORPUS --help: its options)\n\n"
+        f"tasks:\n{_task_list()}\n\n"
         "upstreams: a checkpoint dir (speechssl or transformers), random:CKPT (untrained model of CKPT's config), "
         "fbank (80-d), mfcc (39-d).",
     )
-    p.add_argument("--task", choices=["pr", "asr", "ks", "sid", "asv", "er", "ic"], help="the task (see above)")
+    from speechssl.superb.config import TASKS
+
+    p.add_argument("--task", choices=TASKS, help="the task (see above)")
     p.add_argument("--upstream", help="checkpoint dir | random:CKPT | fbank | mfcc")
     p.add_argument("--data", help="dir with train/ dev/ test/ Kaldi data dirs (er: one data dir with utt2session)")
     p.add_argument("--train", help="training data dir (overrides DATA/train)")
@@ -96,7 +119,7 @@ def run(args) -> int:
 def _table(patterns: list[str], out: str | None) -> int:
     from speechssl.errors import UserError
     from speechssl.fileio import atomic_write_text
-    from speechssl.superb.runner import results_table
+    from speechssl.superb.table import results_table
 
     if not patterns:
         raise UserError("superb table: give results.json files or run dirs (globs), e.g. 'exp/superb/*/*'")

@@ -19,7 +19,7 @@ from speechssl.data.kaldi import DataDir, DataDirError, c_sorted, read_data_dir,
 from speechssl.errors import UserError
 from speechssl.progress import progress_bar
 
-__all__ = ["map_audio", "recording_durations", "utterance_durations", "compute_durations", "filter_data_dir"]
+__all__ = ["map_audio", "recording_durations", "utterance_durations", "durations_of", "compute_durations", "filter_data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,17 @@ def utterance_durations(dd: DataDir, reco2dur: dict[str, float]) -> dict[str, fl
             raise DataDirError(f"segments: utterance {utt!r} starts at {start} s, after the end of recording {rec!r} ({reco2dur[rec]:.3f} s)")
         out[utt] = dur
     return out
+
+
+def durations_of(dd: DataDir, ids: Sequence[str] | None = None, *, nj: int = 4) -> dict[str, float]:
+    """Seconds of each utterance of ``ids`` (default: all): ``utt2dur`` where it covers them, else audio headers
+    and segments (:func:`utterance_durations`: truncated at the recording end). The one way a reader asks how long
+    an utterance is."""
+    ids = dd.utt_ids() if ids is None else list(ids)
+    if dd.utt2dur is not None and all(u in dd.utt2dur for u in ids):
+        return {u: float(dd.utt2dur[u]) for u in ids}
+    sub = dd.subset(ids) if len(ids) != len(dd) else dd
+    return utterance_durations(sub, recording_durations(sub, nj=nj, progress=False))
 
 
 def compute_durations(data_dir: str | os.PathLike, *, nj: int = 1, progress: bool = True) -> DataDir:

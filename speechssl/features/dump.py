@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from speechssl.data.batching import padded_batches, prefetch
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
 from speechssl.errors import UserError
@@ -112,13 +112,7 @@ def batch_extractor(
     def run(wavs: list[np.ndarray]) -> list[np.ndarray]:
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
         out: list[np.ndarray] = [np.empty(0)] * len(wavs)
-        max_padded = int(batch_seconds * SAMPLE_RATE)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(wavs[order[end]]) * (end + 1 - start) <= max_padded:
-                end += 1
-            idx = order[start:end]
+        for idx in padded_batches(order, lambda i: len(wavs[i]), int(batch_seconds * SAMPLE_RATE)):
             if len(idx) == 1:  # no padding needed
                 batch = torch.from_numpy(np.ascontiguousarray(wavs[idx[0]], dtype=np.float32)).unsqueeze(0)
                 lengths = None
@@ -131,36 +125,24 @@ def batch_extractor(
                 feats = extract(batch.to(dev), lengths=lengths, cmvn=cmvn).cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = feats[j, : num_frames(len(wavs[i]))]
-            start = end
         return out
 
     return run
 
 
 def _load_chunks(utts: list[Utterance], chunk_seconds: float, workers: int) -> Iterator[list[tuple[Utterance, np.ndarray]]]:
-    """Load audio in chunks of about ``chunk_seconds`` (read in parallel threads; order preserved)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        i = 0
-        step = 16  # utterances submitted at a time; chunks close once they hold chunk_seconds of audio
-        pending = [pool.submit(load_utterance, u, SAMPLE_RATE) for u in utts[i : i + step]]
-        i += step
-        chunk: list[tuple[Utterance, np.ndarray]] = []
-        seconds = 0.0
-        base = 0
-        while pending:
-            fut = pending.pop(0)
-            wav = fut.result()
-            chunk.append((utts[base], wav))
-            base += 1
-            seconds += len(wav) / SAMPLE_RATE
-            if len(pending) < step and i < len(utts):
-                pending += [pool.submit(load_utterance, u, SAMPLE_RATE) for u in utts[i : i + step]]
-                i += step
-            if seconds >= chunk_seconds:
-                yield chunk
-                chunk, seconds = [], 0.0
-        if chunk:
+    """Load audio in chunks of about ``chunk_seconds`` (read ahead in parallel threads; order preserved)."""
+    chunk: list[tuple[Utterance, np.ndarray]] = []
+    seconds = 0.0
+    for utt, wav in prefetch(functools.partial(load_utterance, sample_rate=SAMPLE_RATE), utts, workers=workers,
+                             ahead=32):
+        chunk.append((utt, wav))
+        seconds += len(wav) / SAMPLE_RATE
+        if seconds >= chunk_seconds:
             yield chunk
+            chunk, seconds = [], 0.0
+    if chunk:
+        yield chunk
 
 
 def dump_meta(meta: dict[str, Any], utt_ids: Sequence[str], nshard: int) -> dict[str, Any]:

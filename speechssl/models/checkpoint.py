@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from speechssl.errors import UserError
-from speechssl.fileio import fsync_dir
+from speechssl.fileio import atomic_dir
 
 from .config import HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
@@ -57,12 +56,9 @@ class CheckpointError(UserError):
 
 def _write_dir_atomic(out_dir: Path, files: dict[str, Any], add_files: Callable[[Path], None] | None = None) -> None:
     """Write ``files`` (name -> dict of tensors for .safetensors, a file to hard-link or copy, or a JSON-able object)
-    into a temp directory beside ``out_dir``, let ``add_files(temp_dir)`` add more, fsync, then rename it into place
-    (an existing ``out_dir`` is replaced)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    into a temp directory beside ``out_dir``, let ``add_files(temp_dir)`` add more, then rename it into place
+    (:func:`speechssl.fileio.atomic_dir`; an existing ``out_dir`` is replaced)."""
+    with atomic_dir(out_dir, replace=True) as tmp:
         for name, content in files.items():
             path = tmp / name
             if isinstance(content, Path):
@@ -75,18 +71,6 @@ def _write_dir_atomic(out_dir: Path, files: dict[str, Any], add_files: Callable[
                 os.fsync(f.fileno())
         if add_files is not None:
             add_files(tmp)
-        fsync_dir(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

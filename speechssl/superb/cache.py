@@ -37,14 +37,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from speechssl.audio import SAMPLE_RATE, audio_info, is_pipe
+from speechssl.audio import SAMPLE_RATE, is_pipe
+from speechssl.data.durations import durations_of
 from speechssl.data.kaldi import DataDir, load_utterance, read_data_dir
 from speechssl.errors import UserError
 from speechssl.features.store import FeatureReader
 from speechssl.fileio import atomic_write_text
 
-__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "PooledFeatures", "build_cache", "cache_dir_for", "data_fingerprint",
-           "utterance_durations", "disk_estimate", "forward_layers"]
+__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "PooledFeatures", "UnionFeatures", "build_cache",
+           "cache_dir_for", "data_fingerprint", "disk_estimate", "forward_layers"]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -57,19 +58,6 @@ class FeatureSource(Protocol):
 
     def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``([L, B, T, D] float32, lens [B])`` for these utterances (zero-padded past each length)."""
-
-
-def utterance_durations(dd: DataDir) -> dict[str, float]:
-    """Seconds per utterance: ``utt2dur``, else segment times, else the audio header (pipes decoded)."""
-    if dd.utt2dur is not None:
-        return {u: float(d) for u, d in dd.utt2dur.items()}
-    out: dict[str, float] = {}
-    for utt in dd.utterances():
-        if utt.end is not None:
-            out[utt.utt_id] = utt.end - utt.start
-        else:
-            out[utt.utt_id] = audio_info(utt.source, utt_id=utt.utt_id).duration - utt.start
-    return out
 
 
 def data_fingerprint(dd: DataDir) -> str:
@@ -169,6 +157,29 @@ class PooledFeatures:
         return torch.stack([self._means[u] for u in utt_ids], 1).unsqueeze(2), torch.ones(len(utt_ids), dtype=torch.long)
 
 
+class UnionFeatures:
+    """One feature source over several per-data-dir sources (ER pools its data dirs): each utterance is read from
+    the first source that has it."""
+
+    def __init__(self, sources: Sequence[Any]):
+        self.parts = list(sources)
+        self.layers, self.dim, self.frame_rate = self.parts[0].layers, self.parts[0].dim, self.parts[0].frame_rate
+
+    def __contains__(self, utt: str) -> bool:
+        return any(utt in src for src in self.parts)
+
+    def get(self, utt_ids: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if len(self.parts) == 1:
+            return self.parts[0].get(utt_ids)
+        per: dict[str, np.ndarray] = {}
+        for src in self.parts:
+            mine = [u for u in dict.fromkeys(utt_ids) if u in src and u not in per]
+            if mine:
+                x, lens = src.get(mine)
+                per.update({u: x[:, b, : int(lens[b])].numpy() for b, u in enumerate(mine)})
+        return _pad_stack([per[u] for u in utt_ids])
+
+
 class LiveFeatures:
     """Runs the upstream on every call (``--cache none``; s3prl's way): loads the audio of the utterances and
     returns the selected layers. ``round_fp16`` rounds them as the cache stores them."""
@@ -203,52 +214,52 @@ def forward_layers(upstream: nn.Module, wavs: list[Tensor], layers: Sequence[int
     return x, lens
 
 
-def build_cache(upstream_spec: str, data_dir: str | os.PathLike, layers: str | Sequence[int], cache_root: str | Path,
-                *, upstream: nn.Module | None = None, device: str = "cpu", max_duration: float | None = None,
-                shard_utts: int = 256, label: str | None = None, progress: bool = True) -> CachedFeatures:
-    """Extract ``layers`` of ``upstream_spec`` for every utterance of the data dir into the cache (or find it done).
+def build_cache(upstream: Any, data_dir: str | os.PathLike, layers: str | Sequence[int] = "all",
+                cache_root: str | Path = "feature_cache", *, dd: DataDir | None = None,
+                durations: dict[str, float] | None = None, device: str = "cpu", max_duration: float | None = None,
+                shard_utts: int = 256, progress: bool = True) -> CachedFeatures:
+    """Extract the layers of ``upstream`` for every utterance of the data dir into the cache (or find it done).
 
+    ``upstream``: a :class:`speechssl.superb.upstreams.ResolvedUpstream` (its layers; ``layers`` is then unused),
+    or a spec, resolved here with ``layers``. ``dd`` / ``durations``: the data dir already read (else read here).
     The stores are written by :func:`speechssl.upstream.extract.extract_with` (the one way layers are dumped:
     duration-sorted batches of at most ``max_duration`` padded seconds, rows independent of their batch,
     sharded and resumable) into ``<cache dir>/layer_<L>/``; ``nshard = ceil(utterances / shard_utts)``.
-    ``upstream``: the loaded upstream of that spec (else loaded here). Returns the reader of the finished cache.
+    Returns the reader of the finished cache.
     """
-    from speechssl.upstream import parse_layers
     from speechssl.upstream.extract import extract_with
 
-    from speechssl.superb.upstreams import load_upstream, upstream_fingerprint, upstream_label
+    from speechssl.superb.upstreams import ResolvedUpstream, resolve_upstream
 
-    dd = read_data_dir(data_dir)
-    fp = upstream_fingerprint(upstream_spec)
-    up = upstream if upstream is not None else load_upstream(upstream_spec, device=device)
-    layer_list = parse_layers(layers, up.num_layers, up.source)
+    up = upstream if isinstance(upstream, ResolvedUpstream) else resolve_upstream(upstream, layers, device=device)
+    dd = read_data_dir(data_dir) if dd is None else dd
     data_sha1 = data_fingerprint(dd)
-    out = cache_dir_for(cache_root, label or upstream_label(upstream_spec), fp["sha1"], layer_list, data_sha1)
+    out = cache_dir_for(cache_root, up.label, up.sha1, up.layers, data_sha1)
     if (out / "cache.json").is_file():
         log.info("feature cache %s: complete, reused", out)
         return CachedFeatures(out)
     utt_ids = dd.utt_ids()
     if not utt_ids:
         raise UserError(f"{data_dir}: data dir has no utterances")
-    durs = utterance_durations(dd)
-    dims = [int(up.hidden_sizes[x]) for x in layer_list]
+    durs = durations_of(dd) if durations is None else durations
+    dims = [int(up.module.hidden_sizes[x]) for x in up.layers]
     if len(set(dims)) != 1:
-        raise UserError(f"{upstream_spec}: layers {layer_list} differ in width {dims}; select layers of one width")
-    need = disk_estimate(sum(durs.values()), float(up.frame_rate), dims)
+        raise UserError(f"{up.spec}: layers {up.layers} differ in width {dims}; select layers of one width")
+    need = disk_estimate(sum(durs.values()), up.frame_rate, dims)
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     log.info("feature cache %s: %s, layers %s, %d utterances (%.2f h): about %.2f GB on disk (float16), %.1f GB free",
-             out, upstream_spec, layer_list, len(utt_ids), sum(durs.values()) / 3600, need / 1e9, free / 1e9)
+             out, up.spec, up.layers, len(utt_ids), sum(durs.values()) / 3600, need / 1e9, free / 1e9)
     if need > free:
         raise UserError(f"{out}: the feature cache needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is "
                         "free; use --cache none (upstream every step) or another --cache-dir")
     nshard = max(1, math.ceil(len(utt_ids) / shard_utts))
-    complete = extract_with(up, fp["sha1"], data_dir, out, layer_list, max_duration=max_duration, dtype="float16",
-                            nshard=nshard, progress=progress)
+    complete = extract_with(up.module, up.sha1, data_dir, out, up.layers, max_duration=max_duration,
+                            dtype="float16", nshard=nshard, progress=progress, dd=dd)
     if not complete:
         raise UserError(f"{out}: some shards are still being extracted by another process; rerun when it is done")
-    info = {"version": CACHE_VERSION, "upstream": fp, "layers": layer_list, "dim": dims[0],
-            "frame_rate": float(up.frame_rate), "dtype": "float16", "data_sha1": data_sha1,
+    info = {"version": CACHE_VERSION, "upstream": up.fingerprint, "layers": up.layers, "dim": dims[0],
+            "frame_rate": up.frame_rate, "dtype": "float16", "data_sha1": data_sha1,
             "data_dir": str(data_dir), "num_utts": len(utt_ids), "seconds": round(sum(durs.values()), 3),
             "bytes_estimate": need, "nshard": nshard}
     atomic_write_text(out / "cache.json", json.dumps(info, indent=1) + "\n")

@@ -75,6 +75,17 @@ class OptimConfig:
     save_every: int = 1000       # resumable checkpoint every N steps, and at the end
     log_every: int = 100
 
+    def __post_init__(self) -> None:
+        bad = [f"optim.{k} must be {rule}, got {getattr(self, k)!r}" for k, ok, rule in (
+            ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_steps", self.max_steps >= 0, ">= 0"), ("max_duration", self.max_duration > 0, "> 0 seconds"),
+            ("eval_max_duration", self.eval_max_duration > 0, "> 0 seconds"),
+            ("num_buckets", self.num_buckets >= 1, ">= 1"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
+            ("eval_every", self.eval_every >= 1, ">= 1 step"), ("save_every", self.save_every >= 1, ">= 1 step"),
+            ("log_every", self.log_every >= 1, ">= 1 step")) if not ok]
+        if bad:
+            raise UserError("; ".join(bad))
+
 
 @dataclass
 class SuperbConfig:
@@ -88,6 +99,8 @@ class SuperbConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"task {self.task!r}: choose from {', '.join(TASKS)}")
+        if self.folds < 1 or not 0 < self.dev_frac < 1:
+            raise UserError(f"need folds >= 1 and 0 < dev_frac < 1, got folds={self.folds} dev_frac={self.dev_frac}")
 
 
 # SUPERB (s3prl) defaults per task: (optim overrides, head overrides)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +32,8 @@ from speechssl.errors import MissingInputError
 from speechssl.features.dump import feature_meta
 from speechssl.features.kaldi import fbank, mfcc, num_frames
 
-__all__ = ["SPECTRAL", "SpectralUpstream", "load_upstream", "upstream_fingerprint", "upstream_label"]
+__all__ = ["SPECTRAL", "SpectralUpstream", "ResolvedUpstream", "resolve_upstream", "load_upstream",
+           "upstream_fingerprint", "upstream_label"]
 
 SPECTRAL = ("fbank", "mfcc", "fbank:nocmvn", "mfcc:nocmvn")
 RANDOM_PREFIX = "random:"
@@ -80,6 +82,37 @@ class SpectralUpstream(nn.Module):
         feats = fn(wavs, lengths=wavs_len, cmvn=self.cmvn)
         lens = torch.tensor([num_frames(int(n)) for n in wavs_len], dtype=torch.long, device=self.device)
         return [feats], lens
+
+
+@dataclass
+class ResolvedUpstream:
+    """An ``--upstream`` resolved once for a run: its spec, table label, fingerprint (the weights' SHA-1 or the
+    spectral options'), the loaded module and the layers the featurizer reads."""
+
+    spec: str
+    label: str
+    fingerprint: dict[str, Any]
+    module: nn.Module
+    layers: list[int]
+
+    @property
+    def sha1(self) -> str:
+        return self.fingerprint["sha1"]
+
+    @property
+    def frame_rate(self) -> float:
+        return float(self.module.frame_rate)
+
+
+def resolve_upstream(spec: str, layers: str | Sequence[int] = "all", *,
+                     device: str | torch.device = "cpu") -> ResolvedUpstream:
+    """Load ``spec`` (:func:`load_upstream`), fingerprint it and resolve the layer selection, once."""
+    from speechssl.upstream import parse_layers
+
+    fp = upstream_fingerprint(spec)
+    module = load_upstream(spec, device=device)
+    return ResolvedUpstream(spec, upstream_label(spec), fp, module,
+                            parse_layers(layers, module.num_layers, module.source))
 
 
 def load_upstream(spec: str, *, device: str | torch.device = "cpu") -> nn.Module:

@@ -37,13 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from speechssl import __version__
+from speechssl.data.batching import prefetch
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import c_sorted
 from speechssl.errors import UserError
@@ -90,19 +90,6 @@ def _num_samples(utt: Any) -> int:
         if info.sample_rate == SAMPLE_RATE:
             return int(info.num_frames)
     return len(load_utterance(utt, SAMPLE_RATE))
-
-
-def _prefetch(fn: Callable[[str], Any], ids: Sequence[str], ahead: int = 4) -> Iterator[tuple[str, Any]]:
-    """``(id, fn(id))`` in order, ``fn`` running ``ahead`` items in advance on one thread (audio decoding)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [(u, pool.submit(fn, u)) for u in ids[:ahead]]
-        nxt = len(pending)
-        while pending:
-            u, fut = pending.pop(0)
-            if nxt < len(ids):
-                pending.append((ids[nxt], pool.submit(fn, ids[nxt])))
-                nxt += 1
-            yield u, fut.result()
 
 
 TRAINED, RANDOM = "trained", "random"  # model names: keys ``(name, layer)`` of samplers, centroids, counts
@@ -223,7 +210,7 @@ def evaluate_layers(
         return load_utterance(utts[u], SAMPLE_RATE)
 
     # Pass 1: sample frames of every layer of every model (and MFCC) in one forward per model.
-    for u, wav in progress_bar(_prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
+    for u, wav in progress_bar(prefetch(load_wav, ids), total=len(ids), desc="layers: sampling", unit="utt",
                                disable=not progress):
         if len(wav) != samples[u]:
             raise UserError(f"utt {u} ({utts[u].source}): {len(wav)} samples, header said {samples[u]}")
@@ -259,7 +246,7 @@ def evaluate_layers(
         counters[key].add(assigners[key](np.asarray(feats)), alis[u], rate, framing, label_file=where)
 
     sources = {name: m.source for name, m in models}
-    for u, wav in progress_bar(_prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
+    for u, wav in progress_bar(prefetch(load_wav, aligned), total=len(aligned), desc="layers: scoring", unit="utt",
                                disable=not progress):
         for name, run in runners.items():
             for layer, h in run(wav).items():

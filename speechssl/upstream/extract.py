@@ -42,8 +42,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from speechssl.audio import SAMPLE_RATE
-from speechssl.data.durations import recording_durations, utterance_durations
+from speechssl.data.batching import padded_batches, prefetch
+from speechssl.data.durations import durations_of
 from speechssl.data.kaldi import DataDir, Utterance, load_utterance, read_data_dir
 from speechssl.errors import UserError
 from speechssl.features.dump import dump_meta, shard_finished
@@ -213,27 +214,8 @@ def extract_meta(up: Upstream, layer: int, ckpt_sha1: str, *, dtype: str = "floa
     return meta
 
 
-def _durations(dd: DataDir, ids: Sequence[str]) -> list[float]:
-    """Seconds of each utterance of ``ids``: ``utt2dur`` where it has them all, else audio headers (pipes and
-    resampled files decoded)."""
-    if dd.utt2dur is not None and all(u in dd.utt2dur for u in ids):
-        return [float(dd.utt2dur[u]) for u in ids]
-    sub = dd.subset(ids)
-    durs = utterance_durations(sub, recording_durations(sub, nj=4, progress=False))
-    return [durs[u] for u in ids]
-
-
-def _prefetch(utts: Sequence[Utterance], workers: int, ahead: int = 32) -> Iterator[tuple[Utterance, np.ndarray]]:
-    """``(utt, audio)`` in order, read by ``workers`` threads at most ``ahead`` utterances in advance."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: list[tuple[Utterance, Future]] = []
-        nxt = 0
-        while nxt < len(utts) or pending:
-            while nxt < len(utts) and len(pending) < ahead:
-                pending.append((utts[nxt], pool.submit(load_utterance, utts[nxt], SAMPLE_RATE)))
-                nxt += 1
-            u, fut = pending.pop(0)
-            yield u, fut.result()
+def _load(utt: Utterance) -> np.ndarray:
+    return load_utterance(utt, SAMPLE_RATE)
 
 
 def _extract_stream(up: Upstream, audio: Iterable[tuple[Any, np.ndarray]], layers: Sequence[int], *,
@@ -245,31 +227,19 @@ def _extract_stream(up: Upstream, audio: Iterable[tuple[Any, np.ndarray]], layer
     longest row; a longer one alone); one longer than ``chunk_seconds`` (if given) through
     :func:`chunked_forward`."""
     limit = _max_samples(up, max_duration)
-    batch: list[tuple[Any, np.ndarray]] = []
-    longest = 0
 
-    def run() -> Iterator[tuple[Any, int, dict[int, np.ndarray]]]:
-        outs = forward_rows(up, [w for _, w in batch], layers, precision=precision)
+    def alone(wav: np.ndarray) -> bool:
+        return chunk_seconds is not None and len(wav) > chunk_seconds * SAMPLE_RATE
+
+    for batch in padded_batches(audio, lambda kw: math.inf if alone(kw[1]) else len(kw[1]), limit):
+        if len(batch) == 1 and alone(batch[0][1]):
+            key, wav = batch[0]
+            outs = [chunked_forward(up, wav, layers, chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds,
+                                    max_duration=max_duration, precision=precision)]
+        else:
+            outs = forward_rows(up, [w for _, w in batch], layers, precision=precision)
         for (key, wav), out in zip(batch, outs):
             yield key, len(wav), {layer: h.astype(dtype, copy=False) for layer, h in out.items()}
-        batch.clear()
-
-    for key, wav in audio:
-        if chunk_seconds is not None and len(wav) > chunk_seconds * SAMPLE_RATE:
-            if batch:
-                yield from run()
-            out = chunked_forward(up, wav, layers, chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds,
-                                  max_duration=max_duration, precision=precision)
-            yield key, len(wav), {layer: h.astype(dtype, copy=False) for layer, h in out.items()}
-            continue
-        if batch and (len(batch) + 1) * max(longest, len(wav)) > limit:
-            yield from run()
-        if not batch:
-            longest = 0
-        batch.append((key, wav))
-        longest = max(longest, len(wav))
-    if batch:
-        yield from run()
 
 
 # ------------------------------------------------------------------------------------------------ the verb
@@ -317,7 +287,8 @@ def hidden_store_meta(up: Upstream, layer: int, ckpt_sha1: str, ids: Sequence[st
 def shard_utterances(dd: DataDir, block: Sequence[str]) -> tuple[list[Utterance], float]:
     """The utterances of one shard's ``block`` of ids sorted by duration (the order they are computed and stored
     in), and their total seconds."""
-    durations = _durations(dd, block)
+    durs = durations_of(dd, block)
+    durations = [durs[u] for u in block]
     order = sorted(range(len(block)), key=lambda i: durations[i])
     return [dd.utterance(block[i]) for i in order], float(sum(durations))
 
@@ -329,7 +300,7 @@ def hidden_stream(up: Upstream, utts: Sequence[Utterance], layers: Sequence[int]
     """``(utt, num_samples, {layer: [T, D] dtype})`` for each of ``utts`` in order: audio read ahead by ``workers``
     threads, batches of ``max_duration`` padded seconds (chunked past ``chunk_seconds``), cast to the store
     ``dtype``. What :func:`extract` writes, and what streaming labels assign, computed the one way."""
-    return _extract_stream(up, _checked(_prefetch(utts, workers), up), layers, max_duration=max_duration,
+    return _extract_stream(up, _checked(prefetch(_load, utts, workers=workers, ahead=32), up), layers, max_duration=max_duration,
                            chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds, precision=precision,
                            dtype=np.dtype(dtype))
 
@@ -339,12 +310,12 @@ def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_
                  nshard: int | None = None, rank: int | None = None, overwrite: bool = False,
                  chunk_seconds: float | None = None, overlap_seconds: float | None = None,
                  precision: str = "fp32", workers: int = 2, progress: bool = True,
-                 sample_frac: float | None = None, seed: int = 0) -> bool:
+                 sample_frac: float | None = None, seed: int = 0, dd: DataDir | None = None) -> bool:
     """:func:`extract` with an :class:`Upstream` already loaded and the SHA-1 naming its weights; returns True
-    once every shard of every layer's store is finished."""
+    once every shard of every layer's store is finished. ``dd``: the data dir already read."""
     chosen = parse_layers(layers, up.num_layers, up.source)
     _max_samples(up, max_duration)  # option checks before any work
-    dd = read_data_dir(data_dir)
+    dd = read_data_dir(data_dir) if dd is None else dd
     ids = dd.utt_ids()
     if not ids:
         raise UserError(f"{data_dir}: data dir has no utterances")

@@ -57,18 +57,16 @@ def _trainer(args, source_kind: str):
     from speechssl.data.kaldi import read_data_dir
     from speechssl.superb.cache import LiveFeatures, build_cache
     from speechssl.superb.config import load_superb_config
-    from speechssl.superb.runner import HeadTrainer
     from speechssl.superb.tasks import make_task
-    from speechssl.superb.upstreams import load_upstream
+    from speechssl.superb.trainer import HeadTrainer
+    from speechssl.superb.upstreams import resolve_upstream
 
     dd = read_data_dir(args.data)
-    up = load_upstream(args.upstream, device=args.device)
-    layers = list(range(up.num_layers))
+    up = resolve_upstream(args.upstream, "all", device=args.device)
     if source_kind == "cached":
-        src = build_cache(args.upstream, args.data, layers, args.cache_dir, upstream=up, device=args.device,
-                          progress=False)
+        src = build_cache(up, args.data, cache_root=args.cache_dir, dd=dd, progress=False)
     else:
-        src = LiveFeatures(up, dd, layers)
+        src = LiveFeatures(up.module, dd, up.layers)
     cfg = load_superb_config(args.task, None, [f"optim.max_duration={args.max_duration}", "optim.eval_every=1000000",
                                                "optim.save_every=1000000", f"optim.max_steps={args.steps + 3}"])
     task = make_task(cfg)

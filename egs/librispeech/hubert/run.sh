@@ -59,7 +59,7 @@ if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ "$node_rank" -eq 0 ] && [ 
 d(sys.argv[1], dataset_parts=sys.argv[2].split(','))" "$(dirname "$corpus")" "$train_parts,$dev_parts"
   fi
   log "stage 0: LibriSpeech $train_parts -> $data/train, $dev_parts -> $data/dev"
-  python3 -m speechssl.superb.corpora.librispeech --corpus "$corpus" --out "$data" --train-part "$train_parts" \
+  python3 -m speechssl superb prepare librispeech --corpus "$corpus" --out "$data" --train-part "$train_parts" \
     --dev-part "$dev_parts" --test-part "" --manifests --nj "$nj"
 fi
 if [ "$node_rank" -ne 0 ]; then  # the other nodes start once the head has prepared the data

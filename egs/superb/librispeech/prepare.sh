@@ -6,4 +6,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=python3
-exec "$python" -m speechssl.superb.corpora.librispeech "$@"
+exec "$python" -m speechssl superb prepare librispeech "$@"

@@ -11,6 +11,6 @@ module                             tasks       writes
 `fluent_speech_commands`           IC          ``{train,dev,test}/``: text, utt2intent ("action object location")
 =================================  ==========  ======================================================================
 
-Run one as ``python -m speechssl.superb.corpora.<module> --corpus DIR --out DIR`` (what
+Run one as ``speechssl superb prepare <module> --corpus DIR --out DIR`` (what
 ``egs/superb/<corpus>/prepare.sh`` does). Nothing here downloads: egs/superb/README.md has the download commands.
 """

@@ -28,7 +28,7 @@ speaker = the reader id, plus ``prepare.json`` (split, folders, counts). It appe
 succeeded; an existing ``OUT`` is never touched. Nothing is downloaded.
 
 Run it as ``speechssl data librilight-limited --root DIR/librispeech_finetuning --split 1h --out DIR`` or
-``python -m speechssl.superb.corpora.librilight --corpus DIR/librispeech_finetuning --split 1h --out DIR``.
+``speechssl superb prepare librilight --corpus DIR/librispeech_finetuning --split 1h --out DIR``.
 """
 
 from __future__ import annotations
