@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from speechssl.errors import MissingInputError, UserError
+from speechssl.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +148,8 @@ def _trained_bf16(ckpt: Path) -> bool | None:
 def _write_outputs(out: Path, ids: list[str], hyps: dict[str, str], refs: dict[str, str] | None,
                    scores: dict[str, Any]) -> None:
     """hyp.txt, ref.txt, scores.json into ``out`` in one rename: a half-written result never looks finished."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         (tmp / "hyp.txt").write_text("".join(f"{u} {hyps[u]}\n" for u in ids), encoding="utf-8")
         if refs is not None:
             (tmp / "ref.txt").write_text("".join(f"{u} {refs[u]}\n" for u in ids), encoding="utf-8")
         (tmp / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechssl.errors import MissingInputError, UserError
+from speechssl.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,8 @@ def kneser_ney(sentences: Iterable[str], order: int = 3) -> NgramModel:
 def write_arpa(model: NgramModel, out_path: str | os.PathLike) -> Path:
     """Write ``model`` as an ARPA file, atomically (temp file, fsync, rename)."""
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     order, prob, bow = model.order, model.prob, model.backoff
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n\\data\\\n")
         for n in range(1, order + 1):
             f.write(f"ngram {n}={len(prob[n])}\n")
@@ -175,9 +174,6 @@ def write_arpa(model: NgramModel, out_path: str | os.PathLike) -> Path:
                     line += f"\t{math.log10(b):.7f}" if b > 0 else "\t-99"
                 f.write(line + "\n")
         f.write("\n\\end\\\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
     return out
 
 
