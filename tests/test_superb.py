@@ -23,7 +23,6 @@ from speechssl.models import HubertModel, hubert_tiny, save_model
 from speechssl.superb.cache import LiveFeatures, PooledFeatures, build_cache
 from speechssl.superb.config import TASKS, load_superb_config
 from speechssl.superb.featurizer import HierarchicalConv, WeightedSum, conv_depth, save_layer_weights
-from speechssl.data.batching import duration_batches
 from speechssl.superb.runner import HeadTrainer, pools_first, results_table, run_superb
 from speechssl.superb.tasks import make_task, make_trials
 
@@ -146,16 +145,6 @@ def test_layer_weights_saved(tmp_path):
     info = save_layer_weights(ws, [0, 1, 2], tmp_path, title="x")
     assert json.loads((tmp_path / "layer_weights.json").read_text())["weights"] == pytest.approx([1 / 3] * 3)
     assert info["kind"] == "weighted_sum" and (tmp_path / "layer_weights.png").stat().st_size > 0
-
-
-def test_duration_batches_bound_padded_seconds():
-    durs = [0.5, 3.0, 1.0, 2.0, 0.7, 4.0, 1.2, 2.5]
-    for shuffle in (True, False):
-        batches = duration_batches(durs, 4.0, num_buckets=2, seed=1, shuffle=shuffle)
-        assert sorted(i for b in batches for i in b) == list(range(len(durs)))
-        assert all(len(b) == 1 or max(durs[i] for i in b) * len(b) <= 4.0 for b in batches)
-    assert duration_batches(durs, 4.0, seed=1, epoch=0) == duration_batches(durs, 4.0, seed=1, epoch=0)
-    assert duration_batches(durs, 4.0, seed=1, epoch=0) != duration_batches(durs, 4.0, seed=1, epoch=1)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -378,3 +367,29 @@ def test_table_across_tasks_and_upstreams(tmp_path):
     assert lines[2] == "| fbank | 50.0 | – | – | 25.0 | – | – |"
     assert lines[3] == "| random:hubert_iter1 | 40.0 | – | – | – | – | – |"
     assert lines[4] == "| hubert_iter2 | – | 90.0 | 30.0 | – | 10.0 | 0.500 |"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.eval_every=0"], "optim.eval_every must be >= 1 step, got 0"),
+    (["optim.max_duration=-1", "optim.lr=0"], "optim.lr must be > 0, got 0.0; optim.max_duration must be > 0"),
+    (["--max-steps", "0"], "optim.max_steps must be >= 1 for task pr"),
+    (["folds=0"], "need folds >= 1"),
+])
+def test_bad_optim_values_are_one_line_errors(args, message, corpus, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "speechssl", "superb", "--task", "pr", "--upstream", "fbank", "--data",
+                        str(corpus), "--out", str(tmp_path / "o"), "--no-progress", *args],
+                       capture_output=True, text=True)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and message in err[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_verb_runs_the_corpus_preparer(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "speechssl", "superb", "prepare", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    r = run("fluent_speech_commands", "--help")
+    assert r.returncode == 0 and "--corpus" in r.stdout
+    r = run("fluent_speech_commands", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
+    r = run("no_such_corpus")
+    assert r.returncode == 2 and "choose one of librispeech" in r.stderr
