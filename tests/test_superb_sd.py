@@ -380,7 +380,16 @@ def test_make_mixtures(tmp_path):
         assert (tmp_path / "mix" / split / "rttm").read_text() == (tmp_path / "mix2" / split / "rttm").read_text()
         one = sorted((tmp_path / "mix" / "wav" / split).iterdir())
         assert [p.read_bytes() for p in one] == [(tmp_path / "mix2" / "wav" / split / p.name).read_bytes() for p in one]
-    with pytest.raises(UserError, match=r"only [34] mixtures of two speakers from 9 read utterances"):
-        make_mixtures.make_mixtures(corpus, tmp_path / "mix3", counts={"train": 5}, seed=3)
+    with pytest.raises(UserError, match=r"only \d+ mixtures of two speakers from 9 read utterances"):
+        make_mixtures.make_mixtures(corpus, tmp_path / "mix3", counts={"train": 40}, seed=3)   # 27 pairs exist
     assert not (tmp_path / "mix3").exists()
     assert json.loads((tmp_path / "mix" / "prepare.json").read_text())["options"]["seed"] == 3
+    # more mixtures than utterances: sources are reused with new partners, never the same pair twice
+    make_mixtures.make_mixtures(corpus, tmp_path / "many", counts={"dev": 12}, seed=0)
+    ids = read_data_dir(tmp_path / "many" / "dev").utt_ids()
+    assert len({frozenset(i.split("_")) for i in ids}) == 12
+    # --max-source: only utterances aligned up to that many seconds
+    make_mixtures.make_mixtures(corpus, tmp_path / "short", counts={"dev": 1}, seed=0, max_source=2.0)
+    ali = make_mixtures.read_alignments(corpus / "dev" / "phones.ctm")
+    (mix_id,) = read_data_dir(tmp_path / "short" / "dev").utt_ids()
+    assert all(ali[u].end <= 2.0 for u in mix_id.split("_"))

@@ -55,26 +55,35 @@ def speech_intervals(ali, min_gap: float = MIN_GAP) -> np.ndarray:
 
 
 def _pairs(utts: list[str], utt2spk: dict[str, str], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-    pool = [utts[i] for i in rng.permutation(len(utts))]
-    pairs = []
-    while len(pool) >= 2 and len(pairs) < n:
-        a = pool.pop(0)
-        j = next((i for i, u in enumerate(pool) if utt2spk[u] != utt2spk[a]), None)
-        if j is None:
+    """``n`` pairs of utterances of two speakers: the utterances shuffled and paired in order (a partner of the
+    same speaker skipped); when a pass runs out, the next pass reshuffles them (no pair twice)."""
+    pairs: list[tuple[str, str]] = []
+    seen: set[frozenset[str]] = set()
+    for _ in range(8):
+        pool = [utts[i] for i in rng.permutation(len(utts))]
+        while len(pool) >= 2 and len(pairs) < n:
+            a = pool.pop(0)
+            j = next((i for i, u in enumerate(pool) if utt2spk[u] != utt2spk[a] and frozenset((a, u)) not in seen), None)
+            if j is not None:
+                pairs.append((a, pool.pop(j)))
+                seen.add(frozenset(pairs[-1]))
+        if len(pairs) >= n:
             break
-        pairs.append((a, pool.pop(j)))
     return pairs
 
 
-def make_split(corpus: Path, split: str, n: int, seed: int, tmp: Path, final: Path) -> tuple[list[Mixture], float]:
-    """Mix ``n`` pairs of the split's read utterances; returns the mixtures and the overlapped share of speech."""
+def make_split(corpus: Path, split: str, n: int, seed: int, tmp: Path, final: Path,
+               max_source: float = 0.0) -> tuple[list[Mixture], float]:
+    """Mix ``n`` pairs of the split's read utterances (of at most ``max_source`` seconds; 0: any); returns the
+    mixtures and the overlapped share of speech."""
     path = corpus / split
     dd = read_data_dir(path)
     types = dd.extra.get("utt2type")
     if types is None:
         raise UserError(f"{path / 'utt2type'}: no such file; mixtures are made of the read utterances")
     ali = read_alignments(path / "phones.ctm")
-    reads = [u for u in c_sorted(types) if types[u].strip() == "read" and u in ali]
+    reads = [u for u in c_sorted(types) if types[u].strip() == "read" and u in ali
+             and (max_source <= 0 or ali[u].end <= max_source)]
     rng = np.random.default_rng([seed, ("train", "dev", "test").index(split)])
     pairs = _pairs(reads, dd.utt2spk, n, rng)
     if len(pairs) < n:
@@ -111,7 +120,8 @@ def make_split(corpus: Path, split: str, n: int, seed: int, tmp: Path, final: Pa
     return mixtures, overlap / max(speech, 1e-9)
 
 
-def make_mixtures(corpus: str | Path, out: str | Path, *, counts: dict[str, int], seed: int = 0) -> dict:
+def make_mixtures(corpus: str | Path, out: str | Path, *, counts: dict[str, int], seed: int = 0,
+                  max_source: float = 0.0) -> dict:
     corpus, out = Path(corpus), fresh_output(out)
     if not (corpus / "corpus.json").is_file():
         raise UserError(f"{corpus}/corpus.json: no such file; build the mini_synth corpus first (../hubert/run.sh)")
@@ -119,11 +129,11 @@ def make_mixtures(corpus: str | Path, out: str | Path, *, counts: dict[str, int]
     summary: dict[str, dict] = {}
     with output_tree(out) as tmp:
         for split, n in counts.items():
-            mixtures, share = make_split(corpus, split, n, seed, tmp, out.resolve())
+            mixtures, share = make_split(corpus, split, n, seed, tmp, out.resolve(), max_source)
             write_mixture_split(tmp, split, mixtures)
             summary[split] = {"mixtures": len(mixtures), "hours": round(sum(m.duration for m in mixtures) / 3600, 4),
                               "overlap_share_of_speech": round(share, 4)}
-        opts = {"corpus": str(corpus), "seed": seed, "min_gap": MIN_GAP, "level_db": LEVEL_DB, "start_at": START_AT,
+        opts = {"corpus": str(corpus), "seed": seed, "max_source": max_source, "min_gap": MIN_GAP, "level_db": LEVEL_DB, "start_at": START_AT,
                 "seconds": round(time.time() - t0, 1)}
         return write_summary(tmp, "mini_synth_mixtures", opts, summary)
 
@@ -133,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="the mini_synth corpus (../hubert/data)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-source", type=float, default=5.0, help="longest read utterance mixed, seconds (0: any)")
     for split, n in (("train", 240), ("dev", 50), ("test", 50)):
         p.add_argument(f"--{split}", type=int, default=n, help=f"{split} mixtures (default {n})")
     return p
@@ -140,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(_parser, lambda a: make_mixtures(a.corpus, a.out, counts={"train": a.train, "dev": a.dev,
-                                                                             "test": a.test}, seed=a.seed), argv)
+                                                                             "test": a.test}, seed=a.seed,
+                                                       max_source=a.max_source), argv)
 
 
 if __name__ == "__main__":
