@@ -23,7 +23,7 @@ What SUPERB does (s3prl ``downstream/diarization``: ``model.py``, ``utils.py``, 
   pyannote.metrics in the tests).
 
 Differences: s3prl trains on chunks of 2,000 label frames (20 s at a 10 ms shift) and infers test recordings
-chunk by chunk; here whole mixtures go through the head (Libri2Mix mixtures are at most ~35 s, mini_synth's ~7 s).
+chunk by chunk; here whole mixtures go through the head (Libri2Mix mixtures are at most ~35 s, mini_synth's ~5 s).
 s3prl's ``score.sh`` also sweeps thresholds 0.3-0.7 and median filters 1/11 and reports the best test DER; here
 threshold 0.5 without filtering (its training-time DER), so no test-set tuning. Batches are seconds of audio
 (``optim.max_duration``), not s3prl's 8 chunks x 4 accumulation.

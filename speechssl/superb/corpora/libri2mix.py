@@ -97,8 +97,10 @@ def write_mixture_split(root: Path, name: str, mixtures: Sequence[Mixture]) -> i
 
 def read_mixture_csv(path: Path) -> list[tuple[str, list[tuple[str, float]], tuple[str, float] | None, str]]:
     """(mixture_ID, [(source path, gain)], (noise path, gain) or None, "file:line") per row of a LibriMix CSV."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not valid UTF-8 ({e.reason}); is this a LibriMix metadata CSV?") from None
     if not rows:
         raise CorpusError(f"{path}: empty file; expected the header mixture_ID,source_1_path,source_1_gain,...")
     header = [h.strip() for h in rows[0]]
