@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# mini_synth SUPERB: PR, ASR, KS, SID, ASV and IC on the hubert recipe's corpus for four upstreams — fbank
-# (SUPERB's spectral baseline), the untrained model of iteration 1's config (random init), and the iteration-1 and
-# iteration-2 checkpoints — then one markdown table (exp/table.md), and the hubert exp's report (report.md, with
-# this SUPERB exp in it).
+# mini_synth SUPERB: the ten tasks (PR, ASR, KS, QbE, SID, ASV, SD, ER, IC, SF) on the hubert recipe's corpus for
+# four upstreams — fbank (SUPERB's spectral baseline), the untrained model of iteration 1's config (random init),
+# and the iteration-1 and iteration-2 checkpoints — then one markdown table (exp/table.md), and the hubert exp's
+# report (report.md, with this SUPERB exp in it). PR, ASR, KS, SID, ASV and IC read the corpus itself; QbE, SD, ER
+# and SF read data made from it in stage 0 by local/make_{qbe,mixtures,emotions,slots}.py (queries and documents,
+# two-speaker mixtures with RTTMs, emotional styles in 5 sessions, slot-tagged commands).
 #   ./run.sh                          # after ../hubert/run.sh
 #   ./run.sh --upstreams "fbank mfcc" --tasks "pr sid"
 #   ./run.sh --stage 2                # only the table and the report
@@ -20,7 +22,7 @@ hubert=../hubert          # the hubert recipe: its data/ and exp/hubert_iter{1,2
 data=""                   # its data dir (default $hubert/data)
 ckpt1=""                  # iteration-1 checkpoint (default $hubert/exp/hubert_iter1/best)
 ckpt2=""                  # iteration-2 checkpoint (default $hubert/exp/hubert_iter2/best)
-tasks="pr asr ks sid asv ic"
+tasks="pr asr ks qbe sid asv sd er ic sf"
 upstreams=""              # default: fbank random:ITER1 ITER1 ITER2 (the checkpoints that exist)
 train_every=3             # train on every 3rd training utterance (40 of the 120 minutes) to fit the budget
 nj=2                      # upstreams evaluated side by side (each lane gets nproc/nj threads)
@@ -28,9 +30,10 @@ superb_opts=""            # extra options for every `speechssl superb` run (e.g.
 exp=exp
 hubert_exp=""             # the hubert exp whose report gets this SUPERB table (default: the dir above ckpt1's run)
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--data DIR] [--ckpt1 DIR] [--ckpt2 DIR]
-          [--tasks 'pr asr ks sid asv ic'] [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N] [--nj N]
-          [--superb-opts '...'] [--exp DIR] [--hubert-exp DIR]
-  stage 0: training subset + speaker-verification trials; 1: every task x upstream; 2: the table;
+          [--tasks 'pr asr ks qbe sid asv sd er ic sf'] [--upstreams 'fbank random:CKPT CKPT ...'] [--train-every N]
+          [--nj N] [--superb-opts '...'] [--exp DIR] [--hubert-exp DIR]
+  stage 0: training subset + speaker-verification trials, and the data of QbE, SD, ER and SF (for the tasks asked
+  for); 1: every task x upstream; 2: the table;
   3: the hubert exp's report regenerated with this SUPERB exp (speechssl report HUBERT_EXP --superb EXP)."
 . ../../../tools/parse_options.sh
 
@@ -60,6 +63,25 @@ if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ] && [ ! -f "$exp/data/.done" ]; 
   touch "$exp/data/.done"
 fi
 
+# stage 0, the tasks with data of their own (each tree appears by one rename; an existing one is kept)
+make_task_data() {  # task -> its generator
+  case "$1" in
+    qbe) echo "local/make_qbe.py --corpus $data --out $exp/data/qbe" ;;
+    sd) echo "local/make_mixtures.py --corpus $data --out $exp/data/sd" ;;
+    er) echo "local/make_emotions.py --hubert-data $data --out $exp/data/er" ;;
+    sf) echo "local/make_slots.py --corpus $data --out $exp/data/sf" ;;
+  esac
+}
+if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
+  for task in $tasks; do
+    gen=$(make_task_data "$task")
+    if [ -n "$gen" ] && [ ! -d "$exp/data/$task" ]; then
+      log "stage 0: $task data -> $exp/data/$task"
+      python3 $gen
+    fi
+  done
+fi
+
 name_of() {  # directory name of an upstream: fbank, random_hubert_iter1, hubert_iter1, ...
   case "$1" in
     random:*) echo "random_$(basename "$(dirname "${1#random:}")")" ;;
@@ -75,9 +97,12 @@ run_upstream() {  # every task for one upstream, in order
     out=$exp/$(name_of "$up")/$task
     [ -f "$out/results.json" ] && continue
     log "stage 1: $task on $up -> $out"
-    opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test")
-    [ "$task" = asv ] && opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test_spk"
-                               --dev-trials "$exp/data/trials_dev" --test-trials "$exp/data/trials_test_spk")
+    case "$task" in
+      asv) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test_spk"
+                 --dev-trials "$exp/data/trials_dev" --test-trials "$exp/data/trials_test_spk") ;;
+      qbe|sd|er|sf) opts=(--data "$exp/data/$task") ;;
+      *) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test") ;;
+    esac
     speechssl superb --task "$task" --upstream "$up" "${opts[@]}" --conf "conf/$task.yaml" \
       --cache-dir "$exp/feature_cache" --out "$out" --resume $superb_opts
   done
