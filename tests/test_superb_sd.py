@@ -123,7 +123,8 @@ def test_rttm_round_trip_and_errors(tmp_path):
                                             "mix2": [Turn("s1", 0.5, 1.25)]}
     assert format_rttm(turns).splitlines()[0] == "SPEAKER mix1 1 0.000 2.000 <NA> <NA> a <NA> <NA>"
     # s3prl's make_rttm.py writes 9 fields; other RTTM types are skipped
-    (tmp_path / "nine").write_text("SPKR-INFO f 1 <NA> <NA> <NA> unknown a <NA>\nSPEAKER f 1 0.5 1.0 <NA> <NA> a <NA>\n")
+    (tmp_path / "nine").write_text("SPKR-INFO f 1 <NA> <NA> <NA> unknown a <NA>\n"
+                                   "SPEAKER f 1 0.5 1.0 <NA> <NA> a <NA>\n")
     assert read_rttm(tmp_path / "nine") == {"f": [Turn("a", 0.5, 1.5)]}
     for bad, what in [("SPEAKER f 1 0.5 1.0 <NA> a", "9 or 10 fields"), ("SPEAKER f 1 x 1.0 <NA> <NA> a <NA>", "not"),
                       ("SPEAKER f 1 0.5 -1 <NA> <NA> a <NA>", ">= 0")]:
@@ -226,7 +227,8 @@ def test_task_label_errors(tmp_path):
     task.fit(Split("train", tmp_path, dd, [Example("m1", 2.0, turns["m1"] + [Turn("B", 1, 2)])]))
     with pytest.raises(UserError, match=r"d/rttm: utterance m2 has 3 speakers"):
         task.check(split)
-    (tmp_path / "d" / "rttm").write_text("SPEAKER m1 1 0 1 <NA> <NA> A <NA> <NA>\nSPEAKER zz 1 0 1 <NA> <NA> A <NA> <NA>\n")
+    (tmp_path / "d" / "rttm").write_text("SPEAKER m1 1 0 1 <NA> <NA> A <NA> <NA>\n"
+                                         "SPEAKER zz 1 0 1 <NA> <NA> A <NA> <NA>\n")
     with pytest.raises(UserError, match=r"d/rttm: no SPEAKER line for utterance m2"):
         task.labels(dd, tmp_path / "d", "dev")
     (tmp_path / "d" / "rttm").unlink()

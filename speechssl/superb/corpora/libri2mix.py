@@ -58,7 +58,8 @@ class Mixture:
     turns: list[Turn]    # reference speaker turns in the mixture
 
 
-def mix_sources(sources: Sequence[np.ndarray], gains: Sequence[float], offsets: Sequence[int] | None = None) -> np.ndarray:
+def mix_sources(sources: Sequence[np.ndarray], gains: Sequence[float],
+                offsets: Sequence[int] | None = None) -> np.ndarray:
     """LibriMix ``max`` mode: each source times its gain, starting at its offset in samples (LibriMix: all 0),
     summed; as long as the latest-ending source."""
     offsets = list(offsets) if offsets is not None else [0] * len(sources)

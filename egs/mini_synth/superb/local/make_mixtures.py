@@ -65,7 +65,8 @@ def _pairs(utts: list[str], utt2spk: dict[str, str], n: int, rng: np.random.Gene
         pool = [utts[i] for i in rng.permutation(len(utts))]
         while len(pool) >= 2 and len(pairs) < n:
             a = pool.pop(0)
-            j = next((i for i, u in enumerate(pool) if utt2spk[u] != utt2spk[a] and frozenset((a, u)) not in seen), None)
+            j = next((i for i, u in enumerate(pool)
+                      if utt2spk[u] != utt2spk[a] and frozenset((a, u)) not in seen), None)
             if j is not None:
                 pairs.append((a, pool.pop(j)))
                 seen.add(frozenset(pairs[-1]))
@@ -104,7 +105,8 @@ def make_split(corpus: Path, split: str, n: int, seed: int, tmp: Path, final: Pa
         gains = []
         for w, sp in zip(wavs, spans):
             seg = np.concatenate([w[int(s * SAMPLE_RATE):int(e * SAMPLE_RATE)] for s, e in sp])
-            gains.append(10 ** (rng.uniform(*LEVEL_DB) / 20) / max(float(np.sqrt(np.mean(seg.astype(np.float64) ** 2))), 1e-6))
+            rms = float(np.sqrt(np.mean(seg.astype(np.float64) ** 2)))
+            gains.append(10 ** (rng.uniform(*LEVEL_DB) / 20) / max(rms, 1e-6))
         mix = mix_sources(wavs, gains, offsets)
         peak = float(np.abs(mix).max())
         if peak > 0.95:
@@ -135,7 +137,8 @@ def make_mixtures(corpus: str | Path, out: str | Path, *, counts: dict[str, int]
             write_mixture_split(tmp, split, mixtures)
             summary[split] = {"mixtures": len(mixtures), "hours": round(sum(m.duration for m in mixtures) / 3600, 4),
                               "overlap_share_of_speech": round(share, 4)}
-        opts = {"corpus": str(corpus), "seed": seed, "max_source": max_source, "min_gap": MIN_GAP, "level_db": LEVEL_DB, "start_at": START_AT,
+        opts = {"corpus": str(corpus), "seed": seed, "max_source": max_source, "min_gap": MIN_GAP,
+                "level_db": LEVEL_DB, "start_at": START_AT,
                 "seconds": round(time.time() - t0, 1)}
         return write_summary(tmp, "mini_synth_mixtures", opts, summary)
 
