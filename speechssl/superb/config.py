@@ -32,8 +32,8 @@ TASK_HELP = {
     "qbe": "query-by-example spoken term detection: subsequence DTW (cosine) of each query in each document per "
            "layer, no training; the layer picked on dev; MTWV (and ATWV) with QUESST 2014's costs",
     "sd": "speaker diarization: LSTM + linear per frame, permutation-invariant BCE over the speakers of rttm; DER",
-    "sf": "slot filling: BiLSTM + CTC over characters with slot tags (text with <slot> ... </slot>); slot-type F1, "
-          "slot-value CER",
+    "sf": "slot filling: BiLSTM + CTC over characters and B-/E- slot tags (utt2slots: the transcript with "
+          "<type> ... </type>); slot-type F1, slot-value CER",
 }
 TASKS = tuple(TASK_HELP)
 
@@ -51,7 +51,8 @@ class HeadConfig:
     hidden: int = 1024           # asr: LSTM units per direction
     num_layers: int = 2          # asr: BiLSTM layers
     dropout: float = 0.2         # asr: between and after the LSTMs
-    downsample: int = 1          # asr: concatenate k consecutive frames before the LSTMs (s3prl sample_rate)
+    downsample: int = 1          # asr, sf: concatenate k consecutive frames before the LSTMs (s3prl sample_rate);
+                                 # sf: 0 = to 50 Hz whatever the upstream's rate (fbank in pairs)
     tdnn: list[list[int]] = field(default_factory=lambda: [[512, 5, 1], [512, 3, 2], [512, 3, 3], [512, 1, 1],
                                                            [1500, 1, 1]])  # asv: (channels, kernel, dilation)
     emb_dim: int = 512           # asv: x-vector size
