@@ -9,6 +9,9 @@ module                             tasks       writes
 `voxceleb1`                        SID, ASV    ``sid/{train,dev,test}/``, ``asv/{train,test}/``, ``asv/test/trials``
 `iemocap`                          ER          ``all/``: utt2emo (4 classes), utt2session (folds)
 `fluent_speech_commands`           IC          ``{train,dev,test}/``: text, utt2intent ("action object location")
+`quesst14`                         QbE         ``{dev,test}/``: queries + documents, utt2role, qbe_truth, utt2lang
+`libri2mix`                        SD          ``{train,dev,test}/``: two-speaker mixtures (``wav/``), rttm
+`snips`                            SF          ``{train,dev,test}/``: text, utt2slots (transcript with slot tags)
 =================================  ==========  ======================================================================
 
 Run one as ``speechssl superb prepare <module> --corpus DIR --out DIR`` (what
