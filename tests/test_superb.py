@@ -41,7 +41,8 @@ def _make_split(root, name, spks, n_per_spk, seed):
     d = root / name
     (d / "wav").mkdir(parents=True)
     rows = {k: {} for k in ("wav.scp", "utt2spk", "text", "utt2dur", "utt2phones", "utt2kw", "utt2intent",
-                            "utt2emo", "utt2session")}
+                            "utt2emo", "utt2session", "utt2slots", "utt2role")}
+    rttm = []
     for s in spks:
         f0 = 100 + 40 * s
         for i in range(n_per_spk):
@@ -62,8 +63,20 @@ def _make_split(root, name, spks, n_per_spk, seed):
             rows["utt2intent"][utt] = INTENTS[w] if i % 6 != 4 else "- - -"
             rows["utt2emo"][utt] = EMOS[w]
             rows["utt2session"][utt] = f"Ses0{(i // 4) % 2 + 1}"
+            # sf: the first word is a slot; qbe: each speaker's first utterance a query (of its first word); sd: two "speakers"
+            # in every utterance, overlapping in the middle, who starts first alternating
+            rows["utt2slots"][utt] = f"<first> {WORDS[w]} </first> {WORDS[(w + 1) % 4]}"
+            rows["utt2role"][utt] = "query" if i == 0 else "doc"
+            first, second = ("A", "B") if i % 2 else ("B", "A")
+            rttm.append(f"SPEAKER {utt} 1 0.000 {0.6 * dur:.3f} <NA> <NA> {first} <NA> <NA>\n")
+            rttm.append(f"SPEAKER {utt} 1 {0.4 * dur:.3f} {0.6 * dur:.3f} <NA> <NA> {second} <NA> <NA>\n")
     for f, r in rows.items():
         _write(d / f, r)
+    (d / "rttm").write_text("".join(rttm))
+    queries = [u for u, r in rows["utt2role"].items() if r == "query"]
+    (d / "qbe_truth").write_text("".join(
+        f"{q} {u} 0 {float(rows['utt2dur'][u]) / 2:.3f}\n" for q in sorted(queries) for u in sorted(rows["text"])
+        if rows["utt2role"][u] == "doc" and rows["text"][q].split()[0] in rows["text"][u].split()))
     spk2utt = {}
     for u, s in rows["utt2spk"].items():
         spk2utt.setdefault(s, []).append(u)
@@ -227,9 +240,10 @@ _SMALL = ["optim.max_duration=6", "optim.eval_every=4", "optim.save_every=4", "h
 _TASK_OVERRIDES = {
     "pr": [], "asr": ["head.hidden=16", "head.num_layers=1", "head.proj_dim=16"], "ks": [], "sid": [],
     "asv": ["head.tdnn=[[16,3,1],[32,1,1]]", "head.emb_dim=8"], "er": ["folds=2"], "ic": [],
+    "qbe": [], "sd": ["head.hidden=8"], "sf": ["head.hidden=16", "head.num_layers=1", "head.proj_dim=16"],
 }
 _METRICS = {"pr": "per", "asr": "wer", "ks": "accuracy", "sid": "accuracy", "asv": "eer", "er": "accuracy",
-            "ic": "accuracy"}
+            "ic": "accuracy", "qbe": "mtwv", "sd": "der", "sf": "slot_f1"}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -244,8 +258,11 @@ def test_every_task_trains_and_scores(task, corpus, tmp_path):
                    lr_sweep=[1e-3, 1e-2], cache_dir=tmp_path / "cache", progress=False, **kw)
     assert r["metric"] == _METRICS[task]
     value = r["test"][r["metric"]]
-    assert 0.0 <= value <= (5.0 if task in ("pr", "asr") else 1.0)
-    assert r["lr"] in ([1e-3, 1e-2] if task != "er" else [[a, b] for a in (1e-3, 1e-2) for b in (1e-3, 1e-2)])
+    assert (0.0 if task != "qbe" else -1e3) <= value <= (5.0 if task in ("pr", "asr", "sd") else 1.0)
+    if task == "qbe":   # nothing trained: no lr, the layer picked on dev
+        assert r["lr"] is None and r["layer"] in r["layers"] and not list((tmp_path / task).glob("lr_*"))
+    else:
+        assert r["lr"] in ([1e-3, 1e-2] if task != "er" else [[a, b] for a in (1e-3, 1e-2) for b in (1e-3, 1e-2)])
     saved = json.loads((tmp_path / task / "results.json").read_text())
     assert saved["test"] == r["test"] and saved["upstream_label"] == "fbank"
     if task == "asv":
