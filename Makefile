@@ -19,8 +19,8 @@ DEMO_OPTS = optim.max_minutes=$(DEMO_MINUTES) optim.max_steps=$$(( $(DEMO_MINUTE
 ASR_STEPS ?= 60
 # SUPERB's ASR task (a BiLSTM CTC head on frozen features, 600 steps: WER above 90% for every upstream, it cannot rank
 # them) leaves the demo to the fine-tuning stage, which measures recognition with the encoder trained;
-# `make demo SUPERB_TASKS="pr asr ks sid asv ic"` runs it too.
-SUPERB_TASKS ?= pr ks sid asv ic
+# `make demo SUPERB_TASKS="pr asr ks qbe sid asv sd er ic sf"` runs all ten.
+SUPERB_TASKS ?= pr ks qbe sid asv sd er ic sf
 
 demo: install
 	cd egs/mini_synth/hubert && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh \
