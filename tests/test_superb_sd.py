@@ -395,3 +395,21 @@ def test_make_mixtures(tmp_path):
     ali = make_mixtures.read_alignments(corpus / "dev" / "phones.ctm")
     (mix_id,) = read_data_dir(tmp_path / "short" / "dev").utt_ids()
     assert all(ali[u].end <= 2.0 for u in mix_id.split("_"))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 11])
+def test_median_filter_equals_scipy_medfilt(k):
+    """head.median_filter: each speaker's 0/1 activity median-filtered with zero padding, as s3prl's
+    scipy.signal.medfilt; the task turns seconds into an odd frame count."""
+    medfilt = pytest.importorskip("scipy.signal").medfilt
+    from speechssl.superb.config import load_superb_config
+    from speechssl.superb.diarization import SpeakerDiarization, median_filter
+
+    a = np.random.default_rng(k).random((60, 2)) > 0.5
+    ref = np.stack([medfilt(a[:, s].astype(float), k) for s in range(2)], 1) > 0.5
+    np.testing.assert_array_equal(median_filter(a, k), ref)
+    task = SpeakerDiarization(load_superb_config("sd", None, ["head.median_filter=0.25"]))
+    task.frame_rate = 50.0
+    assert task._median_frames() == 13     # 12.5 frames -> 13 (odd)
+    task.frame_rate = 100.0
+    assert task._median_frames() == 25

@@ -58,6 +58,8 @@ class HeadConfig:
     emb_dim: int = 512           # asv: x-vector size
     am_s: float = 30.0           # asv: AM-softmax scale
     am_m: float = 0.4            # asv: AM-softmax margin
+    median_filter: float = 0.0   # sd: seconds of median filter over each speaker's 0/1 activity before scoring
+                                 # (s3prl score.sh: 11 frames at 10 ms); 0: none
     units: Literal["char", "bpe"] = "char"   # asr: output units (bpe: sentencepiece unigram on the train text)
     bpe_vocab: int = 300         # asr: sentencepiece vocabulary size
 

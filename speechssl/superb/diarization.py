@@ -25,7 +25,7 @@ What SUPERB does (s3prl ``downstream/diarization``: ``model.py``, ``utils.py``, 
 Differences: s3prl trains on chunks of 2,000 label frames (20 s at a 10 ms shift) and infers test recordings
 chunk by chunk; here whole mixtures go through the head (Libri2Mix mixtures are at most ~35 s, mini_synth's ~5 s).
 s3prl's ``score.sh`` also sweeps thresholds 0.3-0.7 and median filters 1/11 and reports the best test DER; here
-threshold 0.5 without filtering (its training-time DER), so no test-set tuning. Batches are seconds of audio
+threshold 0.5 and a fixed ``head.median_filter`` (seconds; default 0 = none), so no test-set tuning. Batches are seconds of audio
 (``optim.max_duration``), not s3prl's 8 chunks x 4 accumulation.
 """
 
@@ -85,6 +85,17 @@ def pit_bce(logits: Tensor, targets: Tensor, lens: Tensor) -> tuple[Tensor, Tens
     return best.sum() / mask.sum().clamp(min=1), idx
 
 
+def median_filter(active: np.ndarray, k: int) -> np.ndarray:
+    """``[T, S]`` 0/1 activity, each column median-filtered over ``k`` (odd) frames with zeros past both ends
+    (``scipy.signal.medfilt``, as s3prl's ``make_rttm.py``): on 0/1 values the median is the majority."""
+    if k <= 1:
+        return active
+    a = np.asarray(active, dtype=np.float32).reshape(len(active), -1)
+    window = np.ones(k, dtype=np.float32)
+    votes = np.stack([np.convolve(a[:, s], window, mode="same") for s in range(a.shape[1])], 1)
+    return votes > k // 2
+
+
 class SpeakerDiarization(Task):
     name, metric, higher_is_better = "sd", "der", False
     collar = 0.0          # seconds each side of a reference boundary left out (SUPERB/dscore: 0)
@@ -128,6 +139,11 @@ class SpeakerDiarization(Task):
         h = self.cfg.head
         return SDHead(in_dim, self.num_speakers, proj_dim=h.proj_dim, hidden=h.hidden, num_layers=h.num_layers)
 
+    def _median_frames(self) -> int:
+        """``head.median_filter`` seconds as an odd number of frames (1: no filter)."""
+        k = int(round(self.cfg.head.median_filter * self._rate()))
+        return max(1, k + 1 - k % 2)
+
     def _rate(self) -> float:
         if not self.frame_rate or self.frame_rate <= 0:
             raise RuntimeError("SpeakerDiarization.frame_rate is not set (the runner sets the features' rate)")
@@ -151,7 +167,7 @@ class SpeakerDiarization(Task):
         for exs, x, lens in batches:
             active = (torch.sigmoid(head(x, lens)) > self.threshold).cpu().numpy()
             for b, ex in enumerate(exs):
-                hyp = frames_to_turns(active[b, : int(lens[b])], rate)
+                hyp = frames_to_turns(median_filter(active[b, : int(lens[b])], self._median_frames()), rate)
                 for k, v in der_components(ex.target, hyp, collar=self.collar,
                                            skip_overlap=self.skip_overlap).items():
                     acc[k] += v

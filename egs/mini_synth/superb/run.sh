@@ -91,42 +91,54 @@ name_of() {  # directory name of an upstream: fbank, random_hubert_iter1, hubert
   esac
 }
 
-run_upstream() {  # every task for one upstream, in order
-  local up=$1 task out up_start
-  up_start=$(date +%s)
-  for task in $tasks; do
-    out=$exp/$(name_of "$up")/$task
-    [ -f "$out/results.json" ] && continue
-    log "stage 1: $task on $up -> $out"
-    case "$task" in
-      asv) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test_spk"
-                 --dev-trials "$exp/data/trials_dev" --test-trials "$exp/data/trials_test_spk") ;;
-      qbe|sd|er|sf) opts=(--data "$exp/data/$task") ;;
-      *) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test") ;;
-    esac
-    speechssl superb --task "$task" --upstream "$up" "${opts[@]}" --conf "conf/$task.yaml" \
-      --cache-dir "$exp/feature_cache" --out "$out" --resume $superb_opts
-  done
-  log "stage 1: $up took $(( $(date +%s) - up_start )) s"
+run_task() {  # one task on one upstream, unless another lane claimed it (mkdir is atomic) or it is finished
+  local up=$1 task=$2 out opts
+  out=$exp/$(name_of "$up")/$task
+  [ -f "$out/results.json" ] && return 0
+  mkdir "$exp/.claims/$(name_of "$up")_$task" 2> /dev/null || return 0
+  log "stage 1: $task on $up -> $out"
+  case "$task" in
+    asv) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test_spk"
+               --dev-trials "$exp/data/trials_dev" --test-trials "$exp/data/trials_test_spk") ;;
+    qbe|sd|er|sf) opts=(--data "$exp/data/$task") ;;
+    *) opts=(--train "$exp/data/train" --dev "$data/dev" --test "$data/test") ;;
+  esac
+  speechssl superb --task "$task" --upstream "$up" "${opts[@]}" --conf "conf/$task.yaml" \
+    --cache-dir "$exp/feature_cache" --out "$out" --resume $superb_opts
 }
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   # Upstreams are independent (each has its own feature cache), so they run in $nj lanes of
   # $(nproc)/$nj threads each: on 2 cores two 1-thread lanes finish the stage ~1.2x sooner than one 2-thread
-  # process (the small heads do not scale to 2 threads). Lane i takes upstreams i, i+nj, ...
+  # process (the small heads do not scale to 2 threads). Lane i takes upstreams i, i+nj, ..., every task in order;
+  # then, so that no lane idles while another still works, it takes the tasks with data dirs of their own
+  # (sf er sd qbe: no other task extracts their features, so two lanes never build one cache) of the other lanes'
+  # upstreams, last first. Each (upstream, task) is claimed once, by mkdir.
   start=$(date +%s)
   read -r -a ups <<< "$upstreams"
   threads=$(( $(nproc) / nj )); [ "$threads" -ge 1 ] || threads=1
+  rm -rf "$exp/.claims"
+  mkdir -p "$exp/.claims"
+  own_data=""
+  for task in $tasks; do case "$task" in qbe|sd|er|sf) own_data="$task $own_data" ;; esac; done
   pids=()
   for (( lane = 0; lane < nj; lane++ )); do
     (
       export OMP_NUM_THREADS=$threads
-      for (( i = lane; i < ${#ups[@]}; i += nj )); do run_upstream "${ups[$i]}"; done
+      for (( i = lane; i < ${#ups[@]}; i += nj )); do
+        up_start=$(date +%s)
+        for task in $tasks; do run_task "${ups[$i]}" "$task"; done
+        log "stage 1: lane $lane: ${ups[$i]} took $(( $(date +%s) - up_start )) s"
+      done
+      for (( i = ${#ups[@]} - 1; i >= 0; i-- )); do
+        for task in $own_data; do run_task "${ups[$i]}" "$task"; done
+      done
     ) &
     pids+=($!)
   done
   failed=0
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  rm -rf "$exp/.claims"
   [ "$failed" = 0 ] || { log "stage 1 failed (see the errors above)"; exit 1; }
   log "stage 1 took $(( $(date +%s) - start )) s ($nj lanes x $threads threads)"
 fi
