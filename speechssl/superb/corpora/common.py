@@ -38,6 +38,7 @@ __all__ = [
     "fresh_output",
     "output_tree",
     "write_split",
+    "labelled_data_dir",
     "write_summary",
     "token",
     "run_main",
@@ -132,6 +133,17 @@ def write_split(root: Path, name: str, dd: DataDir) -> int:
     write_data_dir(dd, root / name)
     log.info("%s: %d utterances, %d speakers", name, len(dd), len(set(dd.utt2spk.values())))
     return len(dd)
+
+
+def labelled_data_dir(rows: Mapping[str, tuple], label_file: str, *, with_durations: bool, desc: str) -> DataDir:
+    """The data dir of rows ``utt -> (speaker, wav path, text, label, where)`` (``where``: the list line naming the
+    utterance), its labels in ``label_file`` (``utt2intent``, ``utt2slots``, ...), ``utt2dur`` from the headers."""
+    durs = None
+    if with_durations:
+        durs = durations({u: str(r[1]) for u, r in rows.items()}, {u: r[4] for u, r in rows.items()}, desc=desc)
+    return DataDir(wav_scp={u: str(r[1]) for u, r in rows.items()}, utt2spk={u: r[0] for u, r in rows.items()},
+                   text={u: r[2] for u, r in rows.items()}, utt2dur=durs,
+                   extra={label_file: {u: r[3] for u, r in rows.items()}})
 
 
 def write_summary(root: Path, corpus: str, options: dict, counts: dict) -> dict:

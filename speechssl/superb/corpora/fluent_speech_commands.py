@@ -20,12 +20,11 @@ import csv
 import logging
 from pathlib import Path
 
-from speechssl.data.kaldi import DataDir
 from speechssl.superb.corpora.common import (
+    labelled_data_dir,
     corpus_parser,
     CorpusError,
     check_listed_audio,
-    durations,
     need_dir,
     need_file,
     fresh_output,
@@ -90,13 +89,7 @@ def prepare_fluent_speech_commands(corpus_dir: str | Path, out_dir: str | Path, 
     counts: dict[str, dict[str, int]] = {}
     with output_tree(out_dir) as tmp:
         for split, rows in splits.items():
-            durs = None
-            if with_durations:
-                durs = durations({u: str(r[1]) for u, r in rows.items()}, {u: r[4] for u, r in rows.items()},
-                                 desc=f"{split} durations")
-            dd = DataDir(wav_scp={u: str(r[1]) for u, r in rows.items()}, utt2spk={u: r[0] for u, r in rows.items()},
-                         text={u: r[2] for u, r in rows.items()}, utt2dur=durs,
-                         extra={"utt2intent": {u: r[3] for u, r in rows.items()}})
+            dd = labelled_data_dir(rows, "utt2intent", with_durations=with_durations, desc=f"{split} durations")
             write_split(tmp, split, dd)
             counts[split] = {"utterances": len(rows), "speakers": len({r[0] for r in rows.values()}),
                              "intents": len({r[3] for r in rows.values()})}

@@ -29,11 +29,10 @@ import logging
 import re
 from pathlib import Path
 
-from speechssl.data.kaldi import DataDir
 from speechssl.superb.corpora.common import (
+    labelled_data_dir,
     CorpusError,
     corpus_parser,
-    durations,
     fresh_output,
     need_dir,
     need_file,
@@ -142,13 +141,7 @@ def prepare_snips(corpus_dir: str | Path, out_dir: str | Path, *, with_durations
                          "unlabelled_wavs": unlabelled}
     with output_tree(out_dir) as tmp:
         for split, rows in splits.items():
-            durs = None
-            if with_durations:
-                durs = durations({u: str(r[1]) for u, r in rows.items()}, {u: r[4] for u, r in rows.items()},
-                                 desc=f"{split} durations")
-            dd = DataDir(wav_scp={u: str(r[1]) for u, r in rows.items()}, utt2spk={u: r[0] for u, r in rows.items()},
-                         text={u: r[2] for u, r in rows.items()}, utt2dur=durs,
-                         extra={"utt2slots": {u: r[3] for u, r in rows.items()}})
+            dd = labelled_data_dir(rows, "utt2slots", with_durations=with_durations, desc=f"{split} durations")
             write_split(tmp, split, dd)
         return write_summary(tmp, "snips", {"corpus_dir": corpus, "durations": with_durations}, counts)
 
