@@ -116,8 +116,9 @@ _DEFAULTS: dict[str, tuple[dict, dict]] = {
     "er": ({"lr": 1e-4, "max_steps": 30000, "max_duration": 144.0}, {"proj_dim": 256}),        # batch 4 x accum 8
     "ic": ({"lr": 1e-4, "max_steps": 200000, "max_duration": 75.0}, {"proj_dim": 256}),        # batch 32
     "qbe": ({"max_steps": 0}, {}),                                                             # no training
-    "sd": ({"lr": 1e-4, "max_steps": 30000, "max_duration": 400.0}, {"proj_dim": 256, "hidden": 512, "num_layers": 1}),
-    "sf": ({"lr": 1e-4, "max_steps": 200000, "max_duration": 400.0}, {"proj_dim": 1024}),     # as asr
+    "sd": ({"lr": 1e-4, "max_steps": 30000, "max_duration": 640.0, "eval_every": 500, "save_every": 500},
+           {"proj_dim": 0, "hidden": 512, "num_layers": 1}),   # 8 chunks of 20 s x accum 4; LSTM 512, no projector
+    "sf": ({"lr": 1e-4, "max_steps": 200000, "max_duration": 100.0}, {"proj_dim": 1024}),     # batch 32 x ~3 s
 }
 
 
