@@ -410,3 +410,30 @@ def test_prepare_verb_runs_the_corpus_preparer(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
     r = run("no_such_corpus")
     assert r.returncode == 2 and "choose one of librispeech" in r.stderr
+
+
+def test_table_refuses_unreadable_or_foreign_json_in_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"a/results.json: unreadable \(JSONDecodeError"):
+        results_table([str(tmp_path / "a")])
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"task": "pr", "test": {"per": "high"}}))
+    with pytest.raises(UserError, match="not a `speechssl superb` result"):
+        results_table([str(tmp_path / "a")])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr-sweep=-1e-3"], "learning rates must be > 0"),
+    (["--lr-sweep", "0,1e-3"], "learning rates must be > 0"),
+])
+def test_bad_lr_sweep_is_one_line(args, message, corpus, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "speechssl", "superb", "--task", "ks", "--upstream", "fbank", "--data",
+                        str(corpus), "--out", str(tmp_path / "o"), *args], capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("per_utt", ["0", "-2"])
+def test_trials_per_utt_must_be_positive(per_utt, corpus, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "speechssl", "superb", "trials", "--data", str(corpus / "dev"), "--out",
+                        str(tmp_path / "t"), "--per-utt", per_utt], capture_output=True, text=True)
+    assert r.returncode == 1 and "--per-utt must be >= 1" in r.stderr and not (tmp_path / "t").exists(), r.stderr

@@ -104,6 +104,8 @@ def run(args) -> int:
             sweep = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
         except ValueError:
             raise UserError(f"--lr-sweep {args.lr_sweep!r}: expected numbers like 1e-4,1e-3") from None
+        if not sweep or any(not lr > 0 for lr in sweep):
+            raise UserError(f"--lr-sweep {args.lr_sweep!r}: learning rates must be > 0, like 1e-4,1e-3")
     from speechssl.superb.runner import run_superb
 
     r = run_superb(args.task, args.upstream, args.out, data=args.data, train=args.train, dev=args.dev,
@@ -138,6 +140,9 @@ def _trials(a) -> int:
 
     if not a.data or not a.out:
         raise UserError("superb trials: give --data DIR and --out FILE")
+    if a.per_utt < 1:
+        raise UserError(f"superb trials: --per-utt must be >= 1 (target and non-target trials per utterance), got "
+                        f"{a.per_utt}")
     trials = make_trials(read_data_dir(a.data), per_utt=a.per_utt, seed=a.seed)
     atomic_write_text(a.out, "".join(f"{e} {t} {'target' if y else 'nontarget'}\n" for e, t, y in trials))
     print(f"{a.out}: {len(trials)} trials ({sum(y for *_, y in trials)} target)")

@@ -40,7 +40,15 @@ def results_table(patterns: Sequence[str]) -> str:
     cells: dict[tuple[str, str, str], float] = {}
     rows: list[str] = []
     for f in files:
-        r = json.loads(f.read_text())
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{f}: unreadable ({type(e).__name__}: {e}); rerun that task or delete the file") from None
+        if not (isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("upstream_label"), str)
+                and isinstance(r.get("test"), dict)
+                and all(isinstance(v, (int, float)) for v in r["test"].values())):
+            raise UserError(f"{f}: not a `speechssl superb` result (needs task, upstream_label and numeric test "
+                            "metrics); rerun that task or delete the file")
         label = r["upstream_label"]
         if label not in rows:
             rows.append(label)
