@@ -111,7 +111,7 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
         else:
             r = t_obj.score(fold_sources, fold.splits)
         if fold.name:
-            r["session" if t_obj.name == "er" else "fold"] = fold.name
+            r[t_obj.fold_key] = fold.name
         results.append(r)
     if len(results) == 1:
         chosen = results[0]

@@ -80,6 +80,7 @@ class Task:
     pools_first = False
     trains = True                          # False: no head; the runner calls score() (QbE)
     split_names = ("train", "dev", "test")  # the data dirs the task reads (--data DIR/<name>, --<name> DIR)
+    fold_key = "fold"                      # what results.json calls a fold's name (er: "session")
 
     def __init__(self, cfg: SuperbConfig):
         self.cfg = cfg

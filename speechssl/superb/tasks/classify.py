@@ -122,6 +122,7 @@ class EmotionRecognition(Classification):
 
     name, label_file = "er", "utt2emo"
     split_names = ("all",)
+    fold_key = "session"
 
     def folds(self, data: dict[str, SplitData]) -> list[Fold]:
         pooled: list[Example] = []
