@@ -82,7 +82,7 @@ def test_data_dir_valid_with_emotions_and_sessions(made):
     for u, path in dd.wav_scp.items():
         audio, sr = sf.read(path, dtype="int16")
         assert sr == 16000 and audio.ndim == 1 and abs(len(audio) / sr - dd.utt2dur[u]) < 1e-3
-        assert 1.0 < len(audio) / sr < 8.0
+        assert 1.0 < len(audio) / sr < 8.0   # the rendered utterance lasts 1-8 s of audio (a length, not a timing)
     assert json.loads((out / "er.json").read_text())["utterances"] == {e: 8 for e in sorted(EMOTIONS)}
 
 
