@@ -2,18 +2,25 @@
 
 A reader sees either the old file or the complete new one, never a half-written one: data goes to a temp file in
 the same directory, is fsynced, then renamed over the target; the directory entry is fsynced after the rename.
+
+Output preflight: every verb that writes calls :func:`check_writable_dir` / :func:`check_writable_file` on its
+outputs before any work, so a file in the way or a read-only directory is one line naming the path and the option
+at once, not a traceback after an hour of computing. :func:`os_error_line` is the command line's safety net for an
+``OSError`` about a path that slipped past them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-__all__ = ["fsync_dir", "atomic_open", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["fsync_dir", "atomic_open", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text",
+           "check_writable_dir", "check_writable_file", "os_error_line"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -97,3 +104,76 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------ output preflight
+
+
+def _user_error(msg: str) -> Exception:
+    from speechssl.errors import UserError  # floor 0 as well; imported here to keep this module's imports minimal
+
+    return UserError(msg)
+
+
+def _check_dir(p: Path, shown: Path, what: str, create: bool) -> None:
+    """``p`` is (or can become) a writable directory; messages name ``shown`` and the option ``what``."""
+    if p.exists() and not p.is_dir():
+        raise _user_error(f"{what} {shown}: {p} is a file, not a directory; remove it or give another {what}")
+    anc = p
+    while not anc.exists():  # the nearest existing ancestor decides whether p can be created
+        if os.path.lexists(anc):
+            raise _user_error(f"{what} {shown}: {anc} is a broken symbolic link; remove it or give another {what}")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise _user_error(f"{what} {shown}: {anc} is a file, not a directory; remove it or give another {what}")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise _user_error(f"{what} {shown}: directory {anc} is not writable; make it writable or give another {what}")
+    if create and not p.exists():
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _user_error(f"{what} {shown}: cannot create directory {e.filename or p}: {e.strerror or e}; give "
+                              f"another {what}") from e
+
+
+def check_writable_dir(path: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+    """Preflight of an output directory, before any work: ``path`` is a directory this process can write in.
+
+    ``create``: make it now (with its parents), for outputs written into an existing directory (stores, label dirs).
+    ``create=False``: create nothing, only check that ``path`` is a directory or absent and that the nearest existing
+    directory above it is writable, for outputs that appear by one rename (:func:`atomic_dir`) or must not exist yet.
+    Raises :class:`~speechssl.errors.UserError` naming ``what`` (the option, e.g. ``--out``) and the path: a file in the
+    way (of ``path`` or a parent), a directory that is not writable. Returns ``path`` as a Path."""
+    p = Path(path)
+    _check_dir(p, p, what, create)
+    return p
+
+
+def check_writable_file(path: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+    """Preflight of an output file (written with :func:`atomic_path` & co.): not a directory, and its directory is
+    (or can become, created now unless ``create=False``) writable. Errors as :func:`check_writable_dir`."""
+    p = Path(path)
+    if p.is_dir():
+        raise _user_error(f"{what} {p}: a directory is in the way of this output file; remove it or give another "
+                          f"{what}")
+    _check_dir(p.parent, p, what, create)
+    return p
+
+
+# errno values of an OSError that are about the user's file system, never a bug: one line, no traceback
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOSPC, errno.EROFS,
+                errno.ENOTEMPTY, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """``PATH: strerror`` for an ``OSError`` about the file system that names its path (permission, a file or
+    directory in the way, a read-only file system, a full disk), else None (a bug: it deserves its traceback).
+    A full disk is named even without a path (``write()`` reports none)."""
+    if not isinstance(e, OSError) or e.errno not in _PATH_ERRNOS:
+        return None
+    what = e.strerror or os.strerror(e.errno)
+    if e.filename is None:
+        return f"{what} (errno {errno.errorcode.get(e.errno, e.errno)}); free some space" if e.errno in _FULL else None
+    where = f"{e.filename} -> {e.filename2}" if getattr(e, "filename2", None) else f"{e.filename}"
+    return f"{where}: {what}"

@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a bug (ours or a library's): where it happened matters more than the message
+        from speechssl.fileio import os_error_line
+
+        line = os_error_line(e)  # safety net: a permission / file-in-the-way / disk-full OSError naming its path
+        if line is not None:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"speechssl {args.group}: error: {line}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"speechssl {args.group}: internal error ({type(e).__name__}: {e}); not a problem speechssl knows in "
               "your input: the traceback above says where. Please report it.", file=sys.stderr)
