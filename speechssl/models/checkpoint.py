@@ -18,8 +18,14 @@ adds its own files to the same atomic write through ``add_files``, and makes ``E
 :func:`load_weights` the only one that reads ``model.safetensors`` (into a given model, keys checked strictly; the
 encoder alone with ``encoder_only``); :func:`load_model` is ``read_config`` + build + ``load_weights``.
 
+Every checkpoint file is opened here: :func:`read_safetensors` (weights, and the trainer's state bundles) and
+:func:`read_json` (``config.json`` and the JSON files of transformers directories); :func:`checkpoint_dir`
+checks a path given as a checkpoint directory. A file that cannot be read (truncated, garbage, empty, not JSON),
+a ``config.json`` that does not describe the weights beside it, and a weights file given where its directory is
+expected are each one :class:`CheckpointError` line naming the file and what to do, never a library's exception.
+
 transformers directories (reading and ``export_hf``) are :mod:`speechssl.models.hf`'s business; it writes through
-:func:`_write_dir_atomic` too.
+:func:`_write_dir_atomic` and reads through :func:`read_safetensors` / :func:`read_json` too.
 Training state (optimizer, scheduler, RNG) is the trainer's business and lives in separate files.
 """
 
@@ -32,17 +38,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from speechssl.errors import UserError
+from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_dir
 
 from .config import HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
 from .hubert import HubertModel, HubertPretrainModel
 
-__all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError"]
+__all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError", "read_safetensors", "read_json",
+           "checkpoint_dir", "REDO"]
 
 FORMAT = "speechssl-hubert"
 VERSION = 1
@@ -52,6 +60,69 @@ CONFIG = "config.json"
 
 class CheckpointError(UserError):
     """A checkpoint directory that cannot be read as asked; the message names the directory and the problem."""
+
+
+REDO = "re-copy or re-export the checkpoint"  # what to do about a damaged checkpoint file
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def read_safetensors(path, *, device: str | torch.device = "cpu", advice: str = REDO) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file ``path`` (on ``device``): the one place a ``.safetensors`` file is opened
+    (model weights, transformers weights, the trainer's state bundles).
+
+    An empty, truncated or garbage file is one :class:`CheckpointError` line: ``PATH: corrupt or truncated
+    safetensors file (what safetensors says); ADVICE`` (``advice``: what to do, by default :data:`REDO`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a safetensors file")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; {advice}")
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes), not a safetensors file; {advice}")
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:  # not our CheckpointError (a ValueError)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {_one_line(e)}); "
+                              f"{advice}") from None
+
+
+def read_json(path, *, advice: str = REDO) -> dict[str, Any]:
+    """The JSON object in file ``path`` (a checkpoint's ``config.json``, a transformers directory's JSON files).
+
+    A missing file is a :class:`~speechssl.errors.MissingInputError`; an unreadable one, one that is not JSON, or
+    JSON that is not an object is one :class:`CheckpointError` line naming the file, ending in ``advice``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {_one_line(e)}); {advice}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)}); {advice}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object; {advice}")
+    return data
+
+
+def checkpoint_dir(path) -> Path:
+    """``path`` as a checkpoint directory; a checkpoint's own file given instead (its ``model.safetensors`` or
+    another ``.safetensors`` file, its ``config.json``) is one :class:`CheckpointError` line naming the directory
+    to give. Whether the directory exists and what it holds is the reader's to say."""
+    path = Path(path)
+    if path.is_file() and (path.suffix == ".safetensors" or path.name == CONFIG):
+        what = "a safetensors file" if path.suffix == ".safetensors" else f"a checkpoint's {CONFIG}"
+        where = (f"{path.parent}, with {CONFIG}" if (path.parent / CONFIG).is_file()
+                 else f"a directory with {CONFIG} and {WEIGHTS}; {path.parent} has no {CONFIG}")
+        raise CheckpointError(f"{path} is {what}; give the checkpoint directory that holds it ({where})")
+    return path
 
 
 def _write_dir_atomic(out_dir: Path, files: dict[str, Any], add_files: Callable[[Path], None] | None = None) -> None:
@@ -143,15 +214,26 @@ def save_model(
 
 
 def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
-    """``(HubertConfig, full config.json dict)`` of a checkpoint written by :func:`save_model`."""
-    path = Path(ckpt_dir) / CONFIG
+    """``(HubertConfig, full config.json dict)`` of a checkpoint written by :func:`save_model`; anything else
+    (no such directory, a file, no or a broken ``config.json``, another format) is one :class:`CheckpointError`
+    line naming the path."""
+    ckpt_dir = checkpoint_dir(ckpt_dir)
+    path = ckpt_dir / CONFIG
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {CONFIG} (not a speechssl checkpoint directory)")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} "
                               "(a transformers directory? load it through speechssl.upstream)")
-    return HubertConfig.from_dict(meta["model"]), meta
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: no 'model' settings (the encoder's config); {REDO}")
+    try:
+        return HubertConfig.from_dict(model), meta
+    except (TypeError, ValueError) as e:  # unknown keys, values out of range (UserError is a ValueError)
+        raise CheckpointError(f"{path}: 'model' settings unusable ({_one_line(e)}); {REDO}") from None
 
 
 def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
@@ -166,7 +248,12 @@ def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
     if not pretrain_head:
         model = HubertModel(config)
     elif meta.get("model_class") == "CTCModel":
-        model = CTCModel(config, CTCHeadConfig.from_dict(meta["ctc"]))
+        try:
+            head = CTCHeadConfig.from_dict(meta["ctc"])
+        except (KeyError, TypeError, ValueError) as e:  # UserError is a ValueError
+            what = "no 'ctc' settings" if isinstance(e, KeyError) else f"'ctc' settings unusable ({_one_line(e)})"
+            raise CheckpointError(f"{Path(ckpt_dir) / CONFIG}: {what}; {REDO}") from None
+        model = CTCModel(config, head)
     else:
         model = HubertPretrainModel(config)
     load_weights(model, ckpt_dir, encoder_only=not pretrain_head)
@@ -191,17 +278,20 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
             raise CheckpointError(f"{ckpt_dir}: model config differs from the checkpoint's in {diff}")
     weights = ckpt_dir / WEIGHTS
     if not weights.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}")
-    state = load_file(str(weights))
+        raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}; {REDO}")
+    state = read_safetensors(weights)
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
+    # a model built from this very config.json: a mismatch is the checkpoint's own (config and weights disagree)
+    own = _plain(getattr(getattr(model, "config", None), "to_dict", dict)()) == _plain(saved_config.to_dict())
+    hint = f"{CONFIG} and {WEIGHTS} describe different models; {REDO}" if own else ""
     saved_class = meta.get("model_class")
     saved_head = saved_class in ("HubertPretrainModel", "CTCModel")  # the encoder under "hubert."
     if "partial" in meta:
         if encoder_only or not isinstance(model, CTCModel):
             raise CheckpointError(f"{ckpt_dir}: holds only the tensors tuned on the frozen base "
                                   f"{meta['partial']['base']}; load it with speechssl.train.finetune.load_finetuned")
-        _load_strict(model, state, weights, encoder_only, subset=True)
+        _load_strict(model, state, weights, encoder_only, subset=True, hint=hint)
         return meta
     if encoder_only:
         model = model.hubert if isinstance(model, (HubertPretrainModel, CTCModel)) else model
@@ -210,7 +300,7 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
     elif isinstance(model, (HubertPretrainModel, CTCModel)) and saved_class != type(model).__name__:
         raise CheckpointError(f"{ckpt_dir}: holds a {saved_class}, not a {type(model).__name__}; load its encoder "
                               "alone (load_model: pretrain_head=False; load_weights: encoder_only=True)")
-    _load_strict(model, state, weights, encoder_only)
+    _load_strict(model, state, weights, encoder_only, hint=hint)
     return meta
 
 
@@ -219,10 +309,14 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+_SHOWN = 5  # names listed per kind of mismatch
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encoder_only: bool, *,
-                 subset: bool = False) -> None:
+                 subset: bool = False, hint: str = "") -> None:
     """Every tensor of ``model`` from ``state`` and no other (``subset``: ``state`` holds some of the model's
-    tensors, the others are kept), shapes equal; a :class:`CheckpointError` listing what does not match."""
+    tensors, the others are kept), shapes equal; a :class:`CheckpointError` listing what does not match (the first
+    few of each kind, and how many more), then ``hint`` (what to do)."""
     expected = model.state_dict()
     missing = [] if subset else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -231,6 +325,8 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, encod
     if missing or unexpected or shapes:
         what = (("encoder parameters missing", "unexpected encoder parameters", "encoder shape mismatches")
                 if encoder_only else ("missing keys", "unexpected keys", "shape mismatches"))
-        parts = [f"{label} {found}" for label, found in zip(what, (missing, unexpected, shapes)) if found]
-        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
+        parts = [f"{label} {found[:_SHOWN]}" + (f" (+{len(found) - _SHOWN} more)" if len(found) > _SHOWN else "")
+                 for label, found in zip(what, (missing, unexpected, shapes)) if found]
+        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts)
+                              + (f"; {hint}" if hint else ""))
     model.load_state_dict(state, strict=not subset)

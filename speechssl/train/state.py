@@ -137,14 +137,18 @@ def load_bundle(directory: str | Path, name: str, map_location: str | torch.devi
     for p in (jpath, tpath):
         if not p.is_file():
             raise MissingInputError(f"training state file missing: {p}")
+    # the models room's readers: a damaged file is one CheckpointError line naming it and what to do
+    from speechssl.models.checkpoint import CheckpointError, read_json, read_safetensors
+
+    advice = f"re-copy it, or delete {directory} to resume from an earlier checkpoint"
+    header = read_json(jpath, advice=advice)
+    if header.get("format") != "speechssl-state-1" or "data" not in header:
+        raise CheckpointError(f"{jpath}: unknown training state format {header.get('format')!r}; {advice}")
+    tensors = read_safetensors(tpath, device=map_location, advice=advice)
     try:
-        header = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{jpath}: corrupt training state ({e})") from e
-    if header.get("format") != "speechssl-state-1":
-        raise UserError(f"{jpath}: unknown training state format {header.get('format')!r}")
-    tensors = load_file(str(tpath), device=str(map_location))
-    return _decode(header["data"], tensors)
+        return _decode(header["data"], tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # the JSON names tensors the file lacks, ...
+        raise CheckpointError(f"{jpath}: does not match {tpath.name} ({type(e).__name__}: {e}); {advice}") from None
 
 
 # ---------------------------------------------------------------------------------------------- RNG
