@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from speechssl.models.ctc import CTCHeadConfig, CTCModel
@@ -28,12 +27,13 @@ def load_finetuned(path: str | Path, *, trust_pickle: bool = False) -> tuple[CTC
     LoRA, rebuilt on its base after checking the base's SHA-1) or a transformers ``HubertForCTC`` /
     ``Wav2Vec2ForCTC`` directory (``vocab.json``; its ``<pad>`` is the blank)."""
     from speechssl.errors import MissingInputError
-    from speechssl.models.checkpoint import CheckpointError, load_model, load_weights, read_config
+    from speechssl.models.checkpoint import (REDO, CheckpointError, checkpoint_dir, load_model, load_weights,
+                                             read_config, read_json)
 
-    path = Path(path)
+    path = checkpoint_dir(path)  # a checkpoint's model.safetensors or config.json: name its directory
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path}: no config.json (expected a fine-tuned checkpoint directory)")
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_json(path / "config.json")
     if meta.get("format") != "speechssl-hubert":
         from speechssl.models.hf import load_hf_ctc
 
@@ -48,17 +48,23 @@ def load_finetuned(path: str | Path, *, trust_pickle: bool = False) -> tuple[CTC
         raise CheckpointError(f"{path}: a {meta.get('model_class')} checkpoint, not a fine-tuned (CTC) one; "
                               "fine-tune it first (speechssl finetune --init ...)")
     extra = meta.get("extra", {})
-    tok = Tokenizer.from_dict(extra["tokenizer"])
-    if "partial" not in meta:
+    try:
+        tok = Tokenizer.from_dict(extra["tokenizer"])
+        part = meta.get("partial")
+        tune = TuneConfig(**extra["tune"]) if part is not None else None
+        if part is not None:
+            base, base_sha1 = str(part["base"]), part["base_sha1"]
+            head = CTCHeadConfig.from_dict(meta["ctc"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # UserError is a ValueError
+        what = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise CheckpointError(f"{path / 'config.json'}: fine-tuning record unusable ({what}); {REDO}") from None
+    if part is None:
         from speechssl.models.frontend import set_per_row_norm
 
         return set_per_row_norm(load_model(path)), tok
-    part = meta["partial"]
-    tune = TuneConfig(**extra["tune"])
-    model, sha1 = build_ctc_model(part["base"], None, CTCHeadConfig.from_dict(meta["ctc"]), tune,
-                                  trust_pickle=trust_pickle)
-    if sha1 != part["base_sha1"]:
-        raise CheckpointError(f"{path}: tuned on base {part['base']} with weights SHA-1 {part['base_sha1']}, but "
-                              f"{part['base']} now holds {sha1}; the adapters / LoRA only make sense on their base")
+    model, sha1 = build_ctc_model(base, None, head, tune, trust_pickle=trust_pickle)
+    if sha1 != base_sha1:
+        raise CheckpointError(f"{path}: tuned on base {base} with weights SHA-1 {base_sha1}, but "
+                              f"{base} now holds {sha1}; the adapters / LoRA only make sense on their base")
     load_weights(model, path)
     return model.eval(), tok

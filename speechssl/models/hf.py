@@ -29,19 +29,18 @@ names are transformers' base-model names, so reading is a key check and writing 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from speechssl.errors import MissingInputError, UserError
 
-from .checkpoint import FORMAT, _load_strict, _state_dict, _write_dir_atomic, load_model
+from .checkpoint import (FORMAT, REDO, _load_strict, _state_dict, _write_dir_atomic, checkpoint_dir, load_model,
+                         read_json, read_safetensors)
 from .config import MODEL_TYPES, HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
 from .hubert import HubertModel, HubertPretrainModel
@@ -80,15 +79,11 @@ _COPIED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermedi
 
 # ----------------------------------------------------------------------------------------------- reading
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: no such file (expected a transformers model directory)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return data
+    """A JSON object file of a transformers directory (:func:`speechssl.models.checkpoint.read_json`: one line
+    naming the file when it is missing, unreadable or not a JSON object)."""
+    if not path.exists():
+        raise MissingInputError(f"{path}: no such file (expected a transformers model directory)")
+    return read_json(path)
 
 
 def _unsupported(cfg: dict[str, Any], model_type: str) -> list[str]:
@@ -125,7 +120,7 @@ def read_hf_config(path: str | os.PathLike) -> HubertConfig:
     Raises :class:`UserError` naming the file and key for an unknown ``model_type`` or an option our modules do
     not implement. Pretraining-head fields keep our defaults (transformers has no HuBERT head).
     """
-    path = Path(path)
+    path = checkpoint_dir(path)
     file = path / CONFIG
     cfg = _read_json(file)
     model_type = cfg.get("model_type")
@@ -163,15 +158,14 @@ def read_hf_config(path: str | os.PathLike) -> HubertConfig:
 
 def _load_weight_file(file: Path) -> dict[str, Tensor]:
     if file.suffix == ".safetensors":
-        try:
-            return load_file(str(file))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return read_safetensors(file)  # a corrupt file: one CheckpointError line naming it
+    if not file.is_file():
+        raise MissingInputError(f"{file}: no such file (a weight file the directory names)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors: not a plain state dict of tensors
         raise UserError(f"{file}: cannot be read as a state dict of tensors with torch.load(weights_only=True) "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {' '.join(str(e).split())}); {REDO}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{file}: holds no plain state dict of tensors")
     return state
@@ -228,11 +222,14 @@ def _split_base(state: dict[str, Tensor], source: Path) -> tuple[dict[str, Tenso
     return renamed, heads, prefix
 
 
+_MISMATCH = f"{CONFIG} and the weights describe different models; {REDO}"  # a model built from the config.json
+
+
 def load_hf_dir(path: str | os.PathLike) -> HubertModel:
     """A :class:`HubertModel` (HuBERT, wav2vec 2.0 or WavLM encoder) with the weights of transformers directory
     ``path``, in eval mode. Keys and shapes are checked strictly (:class:`~speechssl.models.checkpoint.
     CheckpointError` listing the missing, unexpected and mis-shaped ones); ``masked_spec_embed`` may be absent."""
-    path = Path(path)
+    path = checkpoint_dir(path)
     config = read_hf_config(path)
     state = read_hf_state_dict(path)
     model = HubertModel(config)
@@ -240,7 +237,7 @@ def load_hf_dir(path: str | os.PathLike) -> HubertModel:
         log.info("%s: no masked_spec_embed (mask_time_prob = 0 in transformers); keeping a random one "
                  "(used by pretraining only)", path)
         state["masked_spec_embed"] = model.masked_spec_embed.detach().clone()
-    _load_strict(model, state, _weight_files(path)[0], encoder_only=False)
+    _load_strict(model, state, _weight_files(path)[0], encoder_only=False, hint=_MISMATCH)
     return model.eval()
 
 
@@ -299,7 +296,7 @@ def hf_config_dict(config: HubertConfig) -> dict[str, Any]:
 
 def _encoder_of(model_or_dir) -> HubertModel:
     if isinstance(model_or_dir, (str, os.PathLike)):
-        path = Path(model_or_dir)
+        path = checkpoint_dir(model_or_dir)
         if _read_json(path / CONFIG).get("format") == FORMAT:
             return load_model(path, pretrain_head=False)
         return load_hf_dir(path)
@@ -563,7 +560,7 @@ def load_hf_ctc(path: str | os.PathLike) -> tuple[CTCModel, list[str], str | Non
     The head config takes ``final_dropout`` and the ``mask_time_*`` / ``mask_feature_*`` settings of
     ``config.json``; ``freeze_updates`` is 0 (the head is trained already).
     """
-    path = Path(path)
+    path = checkpoint_dir(path)
     config = read_hf_config(path)
     file = path / CONFIG
     cfg = _read_json(file)
@@ -600,5 +597,5 @@ def load_hf_ctc(path: str | os.PathLike) -> tuple[CTCModel, list[str], str | Non
         encoder["masked_spec_embed"] = model.hubert.masked_spec_embed.detach().clone()
     state = {"hubert." + k: v for k, v in encoder.items()}
     state.update(heads)
-    _load_strict(model, state, files[0], encoder_only=False)
+    _load_strict(model, state, files[0], encoder_only=False, hint=_MISMATCH)
     return model.eval(), vocab, delim

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from speechssl.errors import MissingInputError, UserError
-from speechssl.models.checkpoint import CheckpointError, load_weights, save_model
+from speechssl.models.checkpoint import CheckpointError, checkpoint_dir, load_weights, save_model
 from speechssl.models.config import HubertConfig
 from speechssl.train import state as st
 
@@ -131,6 +131,10 @@ def init_encoder(model: nn.Module, path: str, *, trust_pickle: bool = False) -> 
     encoder = getattr(encoder, "_orig_mod", encoder)
     encoder = getattr(encoder, "hubert", encoder)
     where = f"ckpt.init_from {path}"
+    try:
+        checkpoint_dir(path)  # a checkpoint's own model.safetensors / config.json: one line naming its directory
+    except CheckpointError as e:
+        raise CheckpointError(f"ckpt.init_from: {e}") from e
     if Path(path).is_file() and not trust_pickle:
         raise UserError(f"{where}: a pickle checkpoint (fairseq / s3prl); unpickling can run arbitrary code, so it is "
                         "refused by default. If you trust its source: speechssl pretrain --trust-pickle (config: "

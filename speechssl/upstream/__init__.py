@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from speechssl.audio import SAMPLE_RATE
 from speechssl.errors import MissingInputError, UserError
-from speechssl.models.checkpoint import load_model, read_config
+from speechssl.models.checkpoint import checkpoint_dir, load_model, read_config, read_json
 from speechssl.models.frontend import ConvFeatureExtractor, lengths_to_mask, set_per_row_norm
 from speechssl.models.hubert import HubertModel
 
@@ -49,11 +49,18 @@ def checkpoint_sha1(path: str | Path) -> str:
     """SHA-1 of a checkpoint's weights: names the exact weights features came from.
 
     A directory's ``model.safetensors`` (speechssl or transformers; a transformers directory without one: its
-    ``pytorch_model.bin``), or a pickle checkpoint file itself."""
+    ``pytorch_model.bin``), or a pickle checkpoint file itself (any file is hashed as it is: whether it is a
+    checkpoint is the loader's to say). A directory without weights, or a path that does not exist, is a
+    :class:`~speechssl.errors.MissingInputError` (an ``OSError`` too)."""
     path = Path(path)
     if path.is_dir():
-        path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
-                    path / "model.safetensors")
+        found = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        if found is None:
+            raise MissingInputError(f"{path}: no model.safetensors or pytorch_model.bin (not a checkpoint "
+                                    "directory, or its weights were not copied)")
+        path = found
+    elif not path.is_file():
+        raise MissingInputError(f"{path}: no such checkpoint")
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -171,7 +178,7 @@ def load(path: str | Path, *, trust_pickle: bool = False, device: str | torch.de
     """
     if str(path).startswith(RANDOM_PREFIX):
         return random_init(str(path)[len(RANDOM_PREFIX):], device=device)
-    path = Path(path)
+    path = checkpoint_dir(path)  # a checkpoint's model.safetensors or config.json: name its directory
     if path.is_file():
         if not trust_pickle:
             raise UserError(f"{path}: a pickle checkpoint (fairseq / s3prl); unpickling can run arbitrary code, so it "
@@ -197,12 +204,7 @@ def load(path: str | Path, *, trust_pickle: bool = False, device: str | torch.de
 def _is_speechssl_dir(path: Path) -> bool:
     """True for a directory written by ``models.checkpoint.save_model``; False for anything else with a config.json
     (a transformers directory, judged by :func:`speechssl.models.hf.load_hf_dir`)."""
-    import json
-
-    try:
-        return json.loads((path / "config.json").read_text()).get("format") == "speechssl-hubert"
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{path / 'config.json'}: not a JSON object ({e})") from None
+    return read_json(checkpoint_dir(path) / "config.json").get("format") == "speechssl-hubert"
 
 
 def random_init(path: str | Path, *, seed: int = 0, device: str | torch.device = "cpu") -> Upstream:
