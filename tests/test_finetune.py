@@ -570,3 +570,32 @@ def test_adapters_checkpoint_holds_only_tuned_tensors_and_checks_its_base(asr, t
     assert main(["decode", "--ckpt", str(exp / "best"), "--data", str(dev), "--out", str(tmp_path / "d2")]) == 1
     line = error_line(capsys.readouterr().err, "decode")
     assert sha1 in line and checkpoint_sha1(copy) in line and str(exp / "best") in line, line
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(asr, tmp_path):
+    """``speechssl finetune`` killed -9 after its first checkpoint and resumed with the same options ends with the
+    uninterrupted run's weights and best dev error; another unit inventory or init is refused in one line."""
+    from killing import cli, kill_when
+
+    train, dev, base = asr
+    common = ["data.max_duration=8.0", "optim.decay_steps=20", "optim.max_steps=30", "ctc.freeze_updates=3",
+              "ckpt.every_steps=3", "ckpt.keep_last=1", "valid_every=3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = cli(tiny_ft(full, train, dev, base, *common))
+    assert r.returncode == 0, r.stderr[-2000:]
+    kill_when(tiny_ft(cut, train, dev, base, *common), cut / "checkpoints", "step-*/COMPLETE")
+    line = error_line(cli(tiny_ft(cut, train, dev, base, *common, "--resume", "auto", units="phone")).stderr,
+                      "finetune")
+    assert "--resume with units = phone, but the run was made with char" in line
+    line = error_line(cli(tiny_ft(cut, train, dev, f"random:{base}", *common, "--resume", "auto")).stderr, "finetune")
+    assert f"init = random:{base}" in line
+    r = cli(tiny_ft(cut, train, dev, base, *common, "--resume", "auto"))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    last = st.step_dir_name(30)
+    pa, pb = params_of(full / "checkpoints" / last), params_of(cut / "checkpoints" / last)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    ea, eb = (json.loads((d / "best" / "config.json").read_text())["extra"] for d in (full, cut))
+    assert (ea["step"], ea["valid"]) == (eb["step"], eb["valid"])
+    # a rerun without --resume is refused
+    assert "holds a finetune run already" in error_line(cli(tiny_ft(cut, train, dev, base, *common)).stderr,
+                                                          "finetune")

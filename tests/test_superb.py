@@ -437,3 +437,42 @@ def test_trials_per_utt_must_be_positive(per_utt, corpus, tmp_path):
     r = subprocess.run([sys.executable, "-m", "speechssl", "superb", "trials", "--data", str(corpus / "dev"), "--out",
                         str(tmp_path / "t"), "--per-utt", per_utt], capture_output=True, text=True)
     assert r.returncode == 1 and "--per-utt must be >= 1" in r.stderr and not (tmp_path / "t").exists(), r.stderr
+
+
+def test_sigkill_mid_sweep_then_resume_equals_the_uninterrupted_run_and_never_mixes(corpus, ckpt, tmp_path):
+    """Kill -9 while the second lr of a sweep trains (the first one finished): a resume with another upstream,
+    --max-steps or --seed is refused naming it (it would reuse the finished lr); the same options finish with the
+    uninterrupted run's result; a finished run resumed with other options is refused, with its own returns it."""
+    from killing import cli, kill_when
+
+    args = ["superb", "--task", "pr", "--upstream", str(ckpt), "--data", str(corpus), "--cache", "none",
+            "--lr-sweep", "1e-3,1e-2", "--max-steps", "80", "--seed", "1", "--no-progress", *_SMALL]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli([*args, "--out", str(full)]).returncode == 0
+    kill_when([*args, "--out", str(cut)], cut, "lr_0.01/step-*/COMPLETE")
+    assert (cut / "lr_0.001" / "result.json").is_file() and not (cut / "results.json").exists()
+    kw = dict(data=corpus, cache="none", lr_sweep=[1e-3, 1e-2], max_steps=80, seed=1, overrides=_SMALL,
+              progress=False, resume=True)
+    for change, named in [({"upstream": "fbank"}, "input upstream"), ({"max_steps": 90}, "optim.max_steps = 90"),
+                          ({"seed": 2}, "seed = 2, but the run was made with 1")]:
+        opts = {**kw, **change}
+        with pytest.raises(UserError, match="--resume with") as e:
+            run_superb("pr", opts.pop("upstream", str(ckpt)), cut, **opts)
+        assert named.replace("input ", "") in str(e.value) and "--overwrite" in str(e.value)
+    r = cli([*args, "--out", str(cut), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (full, cut))
+    for r in (a, b):
+        for lr in r["sweep"]:
+            lr.pop("train_seconds")
+    assert (a["test"], a["dev"], a["lr"], a["sweep"]) == (b["test"], b["dev"], b["lr"], b["sweep"])
+    # finished: another option is refused, the same ones return the result; a rerun without --resume is refused
+    with pytest.raises(UserError, match="seed = 5"):
+        run_superb("pr", str(ckpt), cut, **{**kw, "seed": 5})
+    assert run_superb("pr", str(ckpt), cut, **kw)["test"] == b["test"]
+    with pytest.raises(UserError, match="holds a superb run already"):
+        run_superb("pr", str(ckpt), cut, **{**kw, "resume": False})
+    # --overwrite starts over: the old lrs are gone before the new run trains
+    r = run_superb("pr", "fbank", cut, **{**kw, "resume": False, "lr_sweep": [1e-2], "max_steps": 4},
+                   overwrite=True)
+    assert r["upstream"] == "fbank" and sorted(p.name for p in cut.glob("lr_*")) == ["lr_0.01"]

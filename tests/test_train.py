@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from speechssl.audio import save_audio
 from speechssl.config import ConfigError, load_config
+from speechssl.errors import UserError
 from speechssl.models.config import hubert_tiny
 from speechssl.models.hubert import HubertPretrainModel
 from speechssl.train import state as st
@@ -217,8 +219,6 @@ def test_exact_resume_is_bit_identical(tmp_path, corpus):
     b_exp = tmp_path / "b"
     (b_exp / "checkpoints").mkdir(parents=True)
     src = tmp_path / "a" / "checkpoints" / st.step_dir_name(10)
-    import shutil
-
     shutil.copytree(src, b_exp / "checkpoints" / src.name)
     torch.manual_seed(12345)  # disturb the global RNGs: resume must restore / re-derive them
     np.random.seed(999)
@@ -426,3 +426,55 @@ def test_bf16_autocast_step_runs(tmp_path, corpus):
     assert summary["step"] == 2 and summary["bad_steps"] == 0
     # fp32 master weights: parameters stay float32 under bf16 autocast
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ runs never mix
+def test_used_exp_dir_is_refused_a_resume_is_checked_and_overwrite_starts_clean(tmp_path, corpus):
+    data, labdir = corpus
+    exp = tmp_path / "exp"
+    pretrain(tiny_cfg(exp, data, labdir, "optim.max_steps=10"))
+    with pytest.raises(UserError, match="holds a pretrain run already: --resume continues it"):
+        pretrain(tiny_cfg(exp, data, labdir, "optim.max_steps=10"))
+    with pytest.raises(UserError, match="seed = 4, but the run was made with 3"):
+        pretrain(tiny_cfg(exp, data, labdir, "seed=4", "optim.max_steps=10"), resume="auto")
+    with pytest.raises(UserError, match="model.hidden_dropout = 0.2"):
+        pretrain(tiny_cfg(exp, data, labdir, "model.hidden_dropout=0.2"), resume="auto")
+    # the same label dir with other contents (a k-means rerun into it)
+    other = tmp_path / "labels"
+    shutil.copytree(labdir, other)
+    pretrain(tiny_cfg(tmp_path / "exp2", data, other, "optim.max_steps=5"))
+    (other / "meta.json").write_text((other / "meta.json").read_text().replace("}", ', "rerun": 1}', 1))
+    with pytest.raises(UserError, match=r"--resume with data.train_labels\[0\] \(its contents changed\)"):
+        pretrain(tiny_cfg(tmp_path / "exp2", data, other, "optim.max_steps=5"), resume="auto")
+    # budgets may change: 2 more updates
+    assert pretrain(tiny_cfg(exp, data, labdir, "optim.max_steps=12", "log_every=1"), resume="auto")["step"] == 12
+    # --overwrite: the old run's checkpoints are gone, so a later --resume auto cannot pick them
+    pretrain(tiny_cfg(exp, data, labdir, "optim.max_steps=5", "ckpt.every_steps=5", "seed=4"), overwrite=True)
+    assert [p.name for p in (exp / "checkpoints").iterdir()] == [st.step_dir_name(5)]
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, corpus):
+    """``speechssl pretrain`` killed -9 after its first checkpoint, resumed with the same options: the final weights
+    and validation equal an uninterrupted run's, bit for bit; another defining option is refused."""
+    from killing import cli, kill_when
+
+    from speechssl.config import to_yaml
+
+    data, labdir = corpus
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(to_yaml(tiny_cfg(tmp_path / "unused", data, labdir, "optim.max_steps=40", "ckpt.every_steps=5",
+                                     "valid_every=5", "ckpt.keep_last=1", dev=True)))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = cli(["pretrain", "--config", str(conf), f"exp_dir={full}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    kill_when(["pretrain", "--config", str(conf), f"exp_dir={cut}"], cut / "checkpoints", "step-*/COMPLETE")
+    r = cli(["pretrain", "--config", str(conf), "--resume", "auto", f"exp_dir={cut}", "optim.lr=0.01"])
+    assert r.returncode == 1 and "optim.lr = 0.01, but the run was made with 0.001" in r.stderr.splitlines()[-1]
+    r = cli(["pretrain", "--config", str(conf), "--resume", "auto", f"exp_dir={cut}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    last = st.step_dir_name(40)
+    pa, pb = params_of(full / "checkpoints" / last), params_of(cut / "checkpoints" / last)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    ea, eb = (json.loads((d / "best" / "config.json").read_text())["extra"] for d in (full, cut))
+    assert (ea["step"], ea["valid"]) == (eb["step"], eb["valid"])

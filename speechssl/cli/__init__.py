@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return prepare(argv[2:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides anywhere on the line, also after options (argparse takes one run of positionals)
+    if hasattr(args, "overrides"):
+        words = [w for w in extra if "=" in w and not w.startswith("-")]
+        args.overrides = list(args.overrides) + words
+        extra = [w for w in extra if w not in words]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -27,7 +27,10 @@ def register(subparsers, help_):
     p.add_argument("--out", help="experiment dir (exp_dir)")
     p.add_argument("--tune", choices=["full", "adapters", "lora"], help="what is trained (tune.mode)")
     p.add_argument("--trust-pickle", action="store_true", help="allow --init from a fairseq / s3prl pickle")
-    p.add_argument("--resume", default=None, metavar="auto|DIR", help="auto: the newest complete checkpoint in EXP")
+    p.add_argument("--resume", default=None, metavar="auto|DIR",
+                   help="continue the run in EXP with its options (any other defining option is refused): auto = its "
+                   "newest complete checkpoint; or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in EXP and start over")
     p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied after the options")
     p.set_defaults(func=run)
@@ -48,7 +51,7 @@ def run(args) -> int:
         sys.stdout.write(to_yaml(cfg))
         return 0
     try:
-        summary = finetune(cfg, resume=args.resume)
+        summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingAborted as e:
         print(f"speechssl finetune: aborted: {e}", file=sys.stderr)
         return 3

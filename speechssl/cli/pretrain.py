@@ -27,8 +27,11 @@ def register(subparsers, help_):
         "--resume",
         default=None,
         metavar="auto|DIR",
-        help="auto: the newest complete checkpoint in EXP/checkpoints (none: start fresh); or a checkpoint dir",
+        help="continue the run in exp_dir with its options (any other defining option is refused): auto = its "
+        "newest complete checkpoint (none: start fresh); or a checkpoint dir",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in exp_dir (checkpoints, logs, best) and start over")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -48,7 +51,7 @@ def run(args) -> int:
         sys.stdout.write(to_yaml(cfg))
         return 0
     try:
-        summary = pretrain(cfg, resume=args.resume)
+        summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingAborted as e:
         print(f"speechssl pretrain: aborted: {e}", file=sys.stderr)
         return 3

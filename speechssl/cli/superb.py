@@ -67,7 +67,10 @@ def register(subparsers, help_):
                    help="disk: extract the upstream's layers once into a float16 feature cache (default); "
                         "none: run the upstream on every step")
     p.add_argument("--cache-dir", help="feature cache root (default: OUT/../feature_cache)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run (finished lrs are reused)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT with its options (finished lrs are reused; a finished run prints its "
+                   "result); another task, upstream, data, seed, sweep or config is refused")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in OUT and start over")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dev-trials", help="asv: dev trials file (default DEV/trials)")
     p.add_argument("--test-trials", help="asv: test trials file (default TEST/trials)")
@@ -111,6 +114,7 @@ def run(args) -> int:
     r = run_superb(args.task, args.upstream, args.out, data=args.data, train=args.train, dev=args.dev,
                    test=args.test, conf=args.conf, overrides=words, lr_sweep=sweep, max_steps=args.max_steps,
                    seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, resume=args.resume,
+                   overwrite=args.overwrite,
                    device=args.device, dev_trials=args.dev_trials, test_trials=args.test_trials,
                    progress=not args.no_progress, tensorboard=args.tensorboard)
     print(f"{r['task']} {r['upstream_label']}: test " + " ".join(f"{k}={v:.4f}" for k, v in r["test"].items())

@@ -37,7 +37,8 @@ from speechssl.superb.splits import read_splits, resolve_splits
 from speechssl.superb.table import results_table
 from speechssl.superb.tasks import Fold, SplitData, Task, make_task
 from speechssl.superb.trainer import HeadTrainer, train_head
-from speechssl.superb.upstreams import ResolvedUpstream, resolve_upstream
+from speechssl.superb.upstreams import ResolvedUpstream, resolve_upstream, upstream_fingerprint
+from speechssl.train import state as st
 
 __all__ = ["run_superb", "pools_first", "results_table", "HeadTrainer"]
 
@@ -71,8 +72,11 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
                max_steps: int | None = None, seed: int = 0, cache: str = "disk", cache_dir: str | Path | None = None,
                resume: bool = False, device: str = "cpu", dev_trials: str | Path | None = None,
                test_trials: str | Path | None = None, progress: bool = True, tensorboard: bool = False,
-               extract_max_duration: float | None = None) -> dict[str, Any]:
-    """One task on one upstream, the lr picked on dev, reported on test; writes ``OUT/results.json`` (returned)."""
+               extract_max_duration: float | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """One task on one upstream, the lr picked on dev, reported on test; writes ``OUT/results.json`` (returned).
+
+    ``OUT`` must be new, or hold this very run (``resume``: same task, upstream weights, data, seed, sweep and
+    config; :func:`speechssl.train.state.open_run`), or be deleted first (``overwrite``)."""
     t_start = time.time()
     overrides = list(overrides)
     if max_steps is not None:
@@ -81,15 +85,26 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
     if cache not in ("disk", "none"):
         raise UserError(f"--cache {cache!r}: choose disk or none")
     out = Path(out)
-    if (out / "results.json").is_file() and not resume:
-        raise UserError(f"{out}/results.json exists: this run is finished (--resume reuses it; or another --out)")
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
     t_obj = make_task(cfg)
     if t_obj.trains and cfg.optim.max_steps < 1:
         raise UserError(f"optim.max_steps must be >= 1 for task {task} (it trains a head), got {cfg.optim.max_steps}")
     t_obj.configure(dev_trials=dev_trials, test_trials=test_trials)
     data = read_splits(resolve_splits(t_obj, data, train, dev, test))
+    sweep = list(lr_sweep) if lr_sweep else [cfg.optim.lr]
+    inputs = {"upstream": upstream_fingerprint(upstream)["sha1"],
+              **{f"data {k}": st.dir_fingerprint(d.path) for k, d in data.items()},
+              **{f"{k} trials": st.dir_fingerprint(p) for k, p in (("dev", dev_trials), ("test", test_trials)) if p}}
+    options = {**to_dict(cfg), "task": task, "seed": seed, "lr_sweep": sweep, "cache": cache,
+               "cache_dir": str(cache_dir), "device": device, "progress": progress, "tensorboard": tensorboard,
+               "extract_max_duration": extract_max_duration}
+    if st.open_run(out, "superb", options, resume=resume, overwrite=overwrite, inputs=inputs,
+                   markers=("results.json", "lr_*", "fold_*")) and (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    folds = t_obj.folds(data)  # reads every split's labels
+    for fold in folds if t_obj.trains else ():  # label sets checked before any feature is extracted
+        t_obj.fit(fold.splits["train"])
+        for name in ("dev", "test"):
+            t_obj.check(fold.splits[name])
     up = resolve_upstream(upstream, cfg.featurizer.layers, device=device)
     t_obj.frame_rate = up.frame_rate
     pooled = pools_first(t_obj, cfg) and t_obj.trains
@@ -100,14 +115,12 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
     sources = _sources(up, data, cache, root, device, extract_max_duration, progress, pooled)
     cache_seconds = time.time() - t_cache
 
-    folds = t_obj.folds(data)
-    sweep = list(lr_sweep) if lr_sweep else [cfg.optim.lr]
     results = []
     for fold in folds:
         fold_sources = {name: sources[key] for name, key in fold.sources.items()}
         if t_obj.trains:
             r = _sweep(t_obj, cfg, fold, fold_sources, sweep, out / f"fold_{fold.name}" if fold.name else out, seed,
-                       resume, progress, tensorboard, device)
+                       resume, progress, tensorboard, device, inputs)
         else:
             r = t_obj.score(fold_sources, fold.splits)
         if fold.name:
@@ -143,14 +156,13 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
 
 
 def _sweep(task: Task, cfg: SuperbConfig, fold: Fold, sources: dict[str, Any], sweep: Sequence[float], out: Path,
-           seed: int, resume: bool, progress: bool, tensorboard: bool, device: str) -> dict[str, Any]:
+           seed: int, resume: bool, progress: bool, tensorboard: bool, device: str,
+           inputs: dict[str, str]) -> dict[str, Any]:
     """Train every lr, pick the best dev score, evaluate its best head on test."""
     splits = fold.splits
-    task.fit(splits["train"])
-    for name in ("dev", "test"):
-        task.check(splits[name])
+    task.fit(splits["train"])  # this fold's vocabularies (its labels were checked before the features)
     trainers = [train_head(task, cfg, splits["train"], splits["dev"], sources, lr, out / f"lr_{lr:g}", seed=seed,
-                           resume=resume, progress=progress, tensorboard=tensorboard, device=device)
+                           resume=resume, progress=progress, tensorboard=tensorboard, device=device, inputs=inputs)
                 for lr in sweep]
     scored = [(tr, tr.result["best"]["dev"][task.metric]) for tr in trainers if tr.result["best"]]
     if not scored:

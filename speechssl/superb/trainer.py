@@ -32,7 +32,6 @@ from torch import Tensor
 
 from speechssl.config import to_dict
 from speechssl.data.batching import duration_batches
-from speechssl.errors import UserError
 from speechssl.fileio import atomic_dir, atomic_write_text
 from speechssl.progress import progress_bar
 from speechssl.superb.config import SuperbConfig
@@ -51,8 +50,9 @@ class HeadTrainer:
 
     def __init__(self, task: Task, cfg: SuperbConfig, train: Split, dev: Split, sources: dict[str, Any], lr: float,
                  run_dir: Path, *, seed: int = 0, progress: bool = True, tensorboard: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", inputs: dict[str, str] | None = None):
         self.task, self.cfg, self.train, self.dev, self.sources = task, cfg, train, dev, sources
+        self.inputs = inputs or {}  # fingerprints of the upstream and data (the run record's inputs)
         self.lr, self.run_dir, self.seed = lr, Path(run_dir), seed
         self.progress, self.tensorboard, self.device = progress, tensorboard, device
         src = sources["train"]
@@ -119,9 +119,6 @@ class HeadTrainer:
 
     def load(self, ckpt: Path) -> None:
         state = st.load_bundle(ckpt, "train_state")
-        if state["lr"] != self.lr or state["task"] != self.cfg.task:
-            raise UserError(f"{ckpt}: a checkpoint of task {state['task']} at lr {state['lr']}, not "
-                            f"{self.cfg.task} at {self.lr}; use another --out")
         self.task.load_state(state["task_state"])
         self._load_weights(ckpt)
         self.opt.load_state_dict(state["optimizer"])
@@ -156,13 +153,12 @@ class HeadTrainer:
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``optim.max_steps`` (or, for tests, only until step ``stop_after``); returns the lr's result."""
         o = self.cfg.optim
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         done = self.run_dir / "result.json"
-        if resume and done.is_file():
+        options = {**to_dict(self.cfg), "task": self.cfg.task, "lr": self.lr, "seed": self.seed}
+        if st.open_run(self.run_dir, "superb", options, resume=resume, inputs=self.inputs,
+                       markers=("step-*", "best", "result.json")) and done.is_file():
             return json.loads(done.read_text())
         latest = st.find_latest_checkpoint(self.run_dir)
-        if latest is not None and not resume:
-            raise UserError(f"{self.run_dir}: already holds checkpoints; pass --resume to continue, or another --out")
         if latest is not None:
             self.load(latest)
             log.info("%s: resumed at step %d", self.run_dir, self.step)
@@ -218,10 +214,10 @@ class HeadTrainer:
 
 def train_head(task: Task, cfg: SuperbConfig, train: Split, dev: Split, sources: dict[str, Any], lr: float,
                run_dir: Path, *, seed: int = 0, resume: bool = False, progress: bool = True,
-               tensorboard: bool = False, device: str = "cpu") -> HeadTrainer:
+               tensorboard: bool = False, device: str = "cpu", inputs: dict[str, str] | None = None) -> HeadTrainer:
     """Train one lr to the end (or pick up its finished result); returns the trainer (best head not loaded).
     ``task`` must be fitted on ``train`` already (its vocabularies size the head)."""
     trainer = HeadTrainer(task, cfg, train, dev, sources, lr, run_dir, seed=seed, progress=progress,
-                          tensorboard=tensorboard, device=device)
+                          tensorboard=tensorboard, device=device, inputs=inputs)
     trainer.result = trainer.run(resume=resume)
     return trainer

@@ -37,6 +37,7 @@ from speechssl.errors import UserError
 from speechssl.models.config import HubertConfig
 from speechssl.models.ctc import CTCHeadConfig, CTCModel
 from speechssl.models.hubert import LABEL_PAD, HubertModel
+from speechssl.train import state as st
 from speechssl.train.config import CheckpointConfig, OptimConfig
 from speechssl.train.data import (
     PretrainData,
@@ -51,7 +52,7 @@ from speechssl.train.data import (
 from speechssl.train.distributed import all_reduce, barrier
 from speechssl.train.schedule import tri_stage_lr
 from speechssl.train.tokens import Tokenizer, build_tokenizer, read_transcripts
-from speechssl.train.trainer import Trainer
+from speechssl.train.trainer import Trainer, checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +228,12 @@ class FinetuneTrainer(Trainer):
     """The pretraining trainer with a CTC model, CTC batches, the tri-stage schedule and validation by error rate."""
 
     kind = "ctc_finetune"
+    run_kind = "finetune"
 
-    def __init__(self, cfg: FinetuneConfig, *, resume: str | None = None, tokenizer: Tokenizer | None = None):
+    def __init__(self, cfg: FinetuneConfig, *, resume: str | None = None, tokenizer: Tokenizer | None = None,
+                 overwrite: bool = False):
         self.tokenizer = tokenizer
-        super().__init__(cfg, resume=resume)  # type: ignore[arg-type]
+        super().__init__(cfg, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
         if self.dist.is_main:
             n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             n_all = sum(p.numel() for p in self.model.parameters())
@@ -240,6 +243,14 @@ class FinetuneTrainer(Trainer):
                      100 * n_train / max(n_all, 1), self.cfg.ctc.freeze_updates)
 
     # ---- hooks
+    def run_inputs(self) -> dict[str, str]:
+        """The training and dev data dirs (transcripts, phones) and the ``init`` checkpoint."""
+        c = self.cfg
+        out = {"data.train": st.dir_fingerprint(c.data.train), "init": checkpoint_fingerprint(c.init)}
+        if c.data.dev:
+            out["data.dev"] = st.dir_fingerprint(c.data.dev)
+        return out
+
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         if not cfg.init:
@@ -453,9 +464,10 @@ def error_counts(refs: list[str], hyps: list[str], *, chars: bool = True) -> tup
 
 
 # ============================================================================================== entry points
-def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
-    """Run (or resume) a fine-tuning; returns the trainer's summary (step, stop reason, best error rate, ...)."""
-    trainer = FinetuneTrainer(cfg, resume=resume)
+def finetune(cfg: FinetuneConfig, resume: str | None = None, *, overwrite: bool = False) -> dict:
+    """Run (or resume) a fine-tuning; returns the trainer's summary (step, stop reason, best error rate, ...). EXP must
+    be new, or hold this run (``resume``, same defining options), or be deleted first (``overwrite``)."""
+    trainer = FinetuneTrainer(cfg, resume=resume, overwrite=overwrite)
     try:
         return trainer.train()
     finally:

@@ -18,12 +18,17 @@ Checkpoint layout (one directory per saved step)::
 The whole directory is one call of ``save_model`` (train/checkpoints.py adds the other files through its
 ``add_files``): assembled in a temp directory beside it and renamed when complete, so a crash mid-save leaves
 either the old set of checkpoints or the new one, never a half-written "latest".
+
+Run identity (:func:`open_run`, shared by pretraining, fine-tuning and SUPERB heads): ``RUN_DIR/run.json`` records
+the options and input fingerprints that define a run's result. A rerun into a directory holding a run needs
+``--resume`` (same defining options: all but :data:`MAY_CHANGE_ON_RESUME`) or ``--overwrite`` (deletes it first).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -38,6 +43,8 @@ from safetensors.torch import load_file, save
 
 from speechssl.errors import MissingInputError, UserError
 from speechssl.fileio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -58,6 +65,11 @@ __all__ = [
     "is_complete",
     "prune_checkpoints",
     "step_dir_name",
+    "RUN_FILE",
+    "MAY_CHANGE_ON_RESUME",
+    "flatten",
+    "dir_fingerprint",
+    "open_run",
 ]
 
 
@@ -247,3 +259,127 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------- run identity
+RUN_FILE = "run.json"
+
+# The options that may change when a run is resumed, per kind of run (dotted config keys; the one list, documented in
+# the README's "Runs and resume"). Every other option defines the run's result: resuming with another value is
+# refused. Pretraining and fine-tuning may extend or cut their budgets (the learning-rate schedule is then computed
+# for the new optim.max_steps from the current update on, as fairseq does) and change how often they log, validate
+# and save. A SUPERB head's result is its best dev evaluation within optim.max_steps, evaluated every
+# optim.eval_every steps: both define it, so neither may change; only logging, saving and where features come from.
+MAY_CHANGE_ON_RESUME: dict[str, tuple[str, ...]] = {
+    "pretrain": ("optim.max_steps", "optim.max_minutes", "log_every", "valid_every", "progress", "device",
+                 "data.num_workers", "ckpt.every_steps", "ckpt.keep_last", "ckpt.trust_pickle"),
+    "finetune": ("optim.max_steps", "optim.max_minutes", "log_every", "valid_every", "progress", "device",
+                 "data.num_workers", "ckpt.every_steps", "ckpt.keep_last", "trust_pickle"),
+    "superb": ("optim.log_every", "optim.save_every", "cache", "cache_dir", "device", "progress", "tensorboard",
+               "extract_max_duration"),
+}
+# every kind: where the run is (a moved directory is the same run)
+_NEVER_COMPARED = ("exp_dir", "out")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (lists and empty dicts are values)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dir_fingerprint(path: str | Path) -> str:
+    """SHA-1 of a data or label directory's top-level files (names and contents; hidden files skipped), or of a file:
+    what a run read from it. A regenerated directory with other contents gets another fingerprint; a copy does not."""
+    path = Path(path)
+    h = hashlib.sha1()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
+                                                 and not p.name.startswith(".")) if path.is_dir() else []
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest() if files else "missing"
+
+
+def _show_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _holds_run(run_dir: Path, markers: tuple[str, ...]) -> bool:
+    """Whether a run wrote something there that a resume would reuse (``markers``: checkpoints, results); a run
+    record alone is a run that failed before it trained, which nothing can mix with."""
+    return any(any(run_dir.glob(m)) for m in markers)
+
+
+def _read_record(rec: Path, ways: str) -> dict:
+    try:
+        old = json.loads(rec.read_text())
+        if not isinstance(old.get("options"), dict):
+            raise ValueError("no options")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{rec}: unreadable run record ({e}); {ways}") from e
+    return old
+
+
+def open_run(run_dir: str | Path, kind: str, options: dict, *, resume: bool, overwrite: bool = False,
+             inputs: dict[str, str] | None = None, markers: tuple[str, ...] = (), flag: str = "--out") -> bool:
+    """Claim ``run_dir`` for a run of ``kind`` defined by ``options`` (a config tree) and ``inputs`` (name ->
+    fingerprint of what it reads: data, labels, checkpoints); returns whether an earlier run is continued.
+
+    ``RUN_DIR/run.json`` records both. A directory that holds a run (one of ``markers`` exists: what a resume would
+    reuse, e.g. checkpoints) is continued only with ``resume`` and the same defining options (all but
+    ``MAY_CHANGE_ON_RESUME[kind]``; a run made before run.json existed cannot be checked and is continued with a
+    warning); ``overwrite`` deletes it first. Anything else is one :class:`UserError` line naming the option, its old
+    and new values and the ways out. A directory without markers is a new run (its run.json is replaced). Call it
+    before the run writes anything."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise UserError(f"{run_dir}: --resume continues the run there and --overwrite deletes it; choose one")
+    mutable = set(MAY_CHANGE_ON_RESUME[kind]) | set(_NEVER_COMPARED)
+    new = {k: v for k, v in flatten(json.loads(json.dumps(options))).items() if k not in mutable}
+    new.update({f"input {k}": v for k, v in (inputs or {}).items()})
+    record = {"format": "speechssl-run-1", "kind": kind, "options": new,
+              "may_change_on_resume": list(MAY_CHANGE_ON_RESUME[kind])}
+    rec = run_dir / RUN_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: a file, not a run directory; give another {flag}")
+    held = run_dir.is_dir() and _holds_run(run_dir, markers)
+    ways = f"another {flag} for a new run, or --overwrite to delete this one and start over"
+    old = _read_record(rec, ways) if rec.is_file() else None
+    if old is not None and old.get("kind") != kind and not overwrite:
+        raise UserError(f"{run_dir} holds a {old.get('kind')} run, not a {kind} run; {ways}")
+    held = held or (old is not None and old.get("kind") != kind)  # --overwrite of another kind's run deletes it
+    if held and overwrite:
+        log.warning("%s: --overwrite: deleting the run there", run_dir)
+        shutil.rmtree(run_dir)
+        held = False
+    elif held and not resume:
+        raise UserError(f"{run_dir} holds a {kind} run already: --resume continues it (with its options), or "
+                        f"{ways}")
+    if held and old is not None:
+        old_opts = old["options"]
+        diff = [k for k in sorted(set(old_opts) | set(new)) if old_opts.get(k, "<unset>") != new.get(k, "<unset>")]
+        if diff:
+            k = diff[0]
+            what, shown = k, _show_value
+            if k.startswith("input "):  # a fingerprint: its first 12 hex digits say enough
+                what, shown = k[len("input "):] + " (its contents changed)", lambda v: str(v)[:12]
+            more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{', ...' if len(diff) > 4 else ''})" \
+                if len(diff) > 1 else ""
+            raise UserError(f"{run_dir}: --resume with {what} = {shown(new.get(k, '<unset>'))}, but the run was "
+                            f"made with {shown(old_opts.get(k, '<unset>'))}{more}; resume with the run's "
+                            f"options, or {ways}. May change on resume: {', '.join(MAY_CHANGE_ON_RESUME[kind])}")
+        return True
+    if held:  # a run made before run.json: nothing to compare with
+        log.warning("%s: a run without %s (made by an older speechssl); resuming it with these options, which cannot "
+                    "be checked against the ones it was made with", run_dir, RUN_FILE)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(rec, json.dumps(record, indent=1) + "\n")
+    return held

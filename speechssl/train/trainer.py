@@ -79,14 +79,17 @@ class Trainer:
     """
 
     kind = "hubert_pretrain"  # "kind" in every checkpoint's config.json extra
+    run_kind = "pretrain"  # the run record's kind (train/state.py: open_run, MAY_CHANGE_ON_RESUME)
 
-    def __init__(self, cfg: PretrainConfig, *, resume: str | None = None, model: nn.Module | None = None):
+    def __init__(self, cfg: PretrainConfig, *, resume: str | None = None, model: nn.Module | None = None,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.exp = Path(cfg.exp_dir)
         self.ckpt_root = self.exp / "checkpoints"
         self.dist, self.device = init_distributed(cfg.device)
         d = self.dist
         self._log_handler: logging.Handler | None = None
+        self._open_run(resume, overwrite)
         if d.is_main:
             self.exp.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,36 @@ class Trainer:
                 nparams / 1e6, self.device, self.bf16,
             )
 
+    def _open_run(self, resume: str | None, overwrite: bool) -> None:
+        """Claim EXP for this run (train/state.py: open_run) before anything is written: rank 0 checks and records;
+        every rank raises its one line, so none is left waiting."""
+        error = None
+        if self.dist.is_main:
+            try:
+                st.open_run(self.exp, self.run_kind, to_dict(self.cfg), resume=bool(resume), overwrite=overwrite,
+                            inputs=self.run_inputs(), markers=("checkpoints/step-*", "best"), flag="exp_dir")
+            except UserError as e:
+                error = str(e)
+        error = broadcast_from_main(error, self.dist)
+        if error is not None:
+            self.dist.close()
+            raise UserError(error)
+
     # ------------------------------------------------------------------------------------------ hooks
+    def run_inputs(self) -> dict[str, str]:
+        """Fingerprints of what the run reads (recorded in EXP/run.json; a resume must read the same): the data dirs,
+        the label dirs, the ``ckpt.init_from`` checkpoint."""
+        c = self.cfg
+        out = {"data.train": st.dir_fingerprint(c.data.train)}
+        if c.data.dev:
+            out["data.dev"] = st.dir_fingerprint(c.data.dev)
+        for key in ("train_labels", "dev_labels"):
+            for i, p in enumerate(getattr(c.data, key)):
+                out[f"data.{key}[{i}]"] = st.dir_fingerprint(p)
+        if c.ckpt.init_from:
+            out["ckpt.init_from"] = checkpoint_fingerprint(c.ckpt.init_from)
+        return out
+
     def build_model(self) -> nn.Module:
         """The model of a fresh run (pretraining: ``HubertPretrainModel`` of ``cfg.model``)."""
         from speechssl.models.hubert import HubertPretrainModel
@@ -513,9 +545,25 @@ class Trainer:
 
 
 # ============================================================================================== entry point
-def pretrain(cfg: PretrainConfig, resume: str | None = None, *, model: nn.Module | None = None) -> dict:
-    """Run (or resume) pretraining; returns a summary dict (step, stop_reason, best metric, ...)."""
-    trainer = Trainer(cfg, resume=resume, model=model)
+def checkpoint_fingerprint(spec: str) -> str:
+    """What names a checkpoint a run starts from: the SHA-1 of its weights, of ``random:CKPT``'s config; "missing"
+    when there is none (the loader says so in its own words)."""
+    from speechssl.upstream import RANDOM_PREFIX, checkpoint_sha1
+
+    path = Path(spec[len(RANDOM_PREFIX):] if spec.startswith(RANDOM_PREFIX) else spec)
+    if spec.startswith(RANDOM_PREFIX):
+        return "random:" + st.dir_fingerprint(path / "config.json")
+    try:
+        return checkpoint_sha1(path)
+    except OSError:
+        return "missing"
+
+
+def pretrain(cfg: PretrainConfig, resume: str | None = None, *, model: nn.Module | None = None,
+             overwrite: bool = False) -> dict:
+    """Run (or resume) pretraining; returns a summary dict (step, stop_reason, best metric, ...). EXP must be new,
+    or hold this run (``resume``, same defining options), or be deleted first (``overwrite``)."""
+    trainer = Trainer(cfg, resume=resume, model=model, overwrite=overwrite)
     try:
         return trainer.train()
     finally:
