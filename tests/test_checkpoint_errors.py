@@ -20,7 +20,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from speechssl.audio import save_audio
 from speechssl.cli import main
+from speechssl.data.kaldi import DataDir, write_data_dir
 from speechssl.models.checkpoint import CheckpointError, load_model, read_safetensors, save_model
 from speechssl.models.config import HubertConfig
 from speechssl.models.ctc import CTCHeadConfig, CTCModel
@@ -28,7 +30,6 @@ from speechssl.models.hf import export_hf
 from speechssl.models.hubert import HubertPretrainModel
 from speechssl.train import state as st
 from speechssl.train.tokens import BLANK, WORD_DELIM, Tokenizer
-from test_superb import _make_split
 from test_train import make_corpus, tiny_cfg
 
 torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def world(tmp_path_factory):
     ctm.write_text("".join(f"{u} 1 0.00 0.50 aa\n{u} 1 0.50 0.50 iy\n" for u in utts))
     superb = root / "superb"
     for i, split in enumerate(("train", "dev", "test")):
-        _make_split(superb, split, [0, 1], 2, i)
+        keyword_split(superb / split, seed=i)
     cfg = HubertConfig(**CNN)
     torch.manual_seed(0)
     pre = root / "pretrained"
@@ -62,6 +63,20 @@ def world(tmp_path_factory):
     save_model(CTCModel(cfg, CTCHeadConfig(vocab_size=len(tok.vocab))), cfg, ft,
                extra={"kind": "ctc_finetune", "tokenizer": tok.to_dict()})
     return {"root": root, "data": data, "labels": labels, "ctm": ctm, "superb": superb, "pre": pre, "ft": ft}
+
+
+def keyword_split(d: Path, seed: int) -> None:
+    """A keyword-spotting data dir (``speechssl superb --task ks``): four utterances, two keywords."""
+    rng = np.random.default_rng(seed)
+    wav_scp, utt2spk, kw = {}, {}, {}
+    for i in range(4):
+        utt = f"spk{i % 2}-{d.name}-{i}"
+        path = d / "wav" / f"{utt}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_audio(path, (0.1 * rng.standard_normal(8000)).astype(np.float32))
+        wav_scp[utt], utt2spk[utt], kw[utt] = str(path), f"spk{i % 2}", ("yes", "no")[i % 2]
+    write_data_dir(DataDir(wav_scp=wav_scp, utt2spk=utt2spk), d)
+    (d / "utt2kw").write_text("".join(f"{u} {k}\n" for u, k in sorted(kw.items())))
 
 
 def corrupt(src: Path, dst: Path, kind: str) -> tuple[Path, Path]:
@@ -185,6 +200,9 @@ def test_a_broken_transformers_directory_is_one_line(kind, world, tmp_path, caps
     assert main(run_verb("extract", ckpt, world, tmp_path / "out")) == 1
     line = error_line(capsys.readouterr().err, "extract")
     assert str(named) in line, line
+    what = {"truncated": "corrupt or truncated safetensors file", "garbage": "corrupt or truncated safetensors file",
+            "empty": "empty file", "safetensors-file": "is a safetensors file; give the checkpoint directory"}[kind]
+    assert what in line, line
     assert nothing_finished("extract", tmp_path / "out") == []
 
 

@@ -169,7 +169,8 @@ def read_pickle(path) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # a truncated file, not a torch file at all, ...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())}); re-copy or re-download it") from None
 
 
 def _plain(obj: Any) -> Any:
