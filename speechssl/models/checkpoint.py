@@ -220,7 +220,7 @@ def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
     ckpt_dir = checkpoint_dir(ckpt_dir)
     path = ckpt_dir / CONFIG
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory (one holding {CONFIG} and {WEIGHTS})")
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {CONFIG} (not a speechssl checkpoint directory)")
     meta = read_json(path)
