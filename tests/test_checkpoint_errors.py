@@ -137,8 +137,8 @@ def run_verb(verb: str, ckpt: Path, w: dict, out: Path) -> list[str]:
         cfg = tiny_cfg(out / "exp", w["data"], w["labels"])
         return ["pretrain", f"model={json.dumps(cfg.model.to_dict())}", f"exp_dir={out / 'exp'}",
                 f"data.train={w['data']}", f"data.train_labels=[{w['labels']}]", "data.max_duration=4.0",
-                "data.num_buckets=1", "data.num_workers=0", "optim.max_steps=1", "optim.bf16=false", "progress=false", "device=cpu",
-                "collapse_watch_frames=0", f"ckpt.init_from={ckpt}"]
+                "data.num_buckets=1", "data.num_workers=0", "optim.max_steps=1", "optim.bf16=false", "progress=false",
+                "device=cpu", "collapse_watch_frames=0", f"ckpt.init_from={ckpt}"]
     assert verb == "decode"
     return ["decode", "--ckpt", str(ckpt), "--data", str(w["data"]), "--out", str(out / "decode")]
 
@@ -248,7 +248,8 @@ def test_resume_from_a_step_with_a_broken_training_state_is_one_line(world, tmp_
     exp = tmp_path / "exp"
     cfg = tiny_cfg(exp, world["data"], world["labels"])
     args = ["pretrain", f"model={json.dumps(cfg.model.to_dict())}", f"exp_dir={exp}", f"data.train={world['data']}",
-            f"data.train_labels=[{world['labels']}]", "data.max_duration=4.0", "data.num_buckets=1", "data.num_workers=0",
+            f"data.train_labels=[{world['labels']}]", "data.max_duration=4.0", "data.num_buckets=1",
+            "data.num_workers=0",
             "optim.warmup_steps=1", "optim.bf16=false", "progress=false", "device=cpu", "collapse_watch_frames=0",
             "ckpt.every_steps=1", "valid_every=1000"]
     assert main([*args, "optim.max_steps=1"]) == 0

@@ -57,10 +57,13 @@ def test_two_checkpoints_with_one_label_are_two_rows_told_apart_by_their_directo
 def test_the_same_checkpoint_on_two_tasks_is_one_row(tmp_path):
     write_result(tmp_path, "1_pr", "exp/hubert_iter2/best", "pr", "per", 0.25, "weights")
     write_result(tmp_path, "2_sid", "exp/hubert_iter2/best", "sid", "accuracy", 0.5, "weights")
-    # the same weights, evaluated from a copy under another name: still one model, one row (its first label)
-    write_result(tmp_path, "3_asv", "copy/final", "asv", "eer", 0.1, "weights")
+    write_result(tmp_path, "3_asv", "exp/hubert_iter2/best", "asv", "eer", 0.1, "weights")
     rows = table_rows(results_table([str(tmp_path / "*")]))
     assert rows == {"hubert_iter2": ["25.0", "50.0", "10.0"]}
+    # the same weights run again from a copy under another name: a row of its own, under that name
+    write_result(tmp_path, "4_pr", "copy/final", "pr", "per", 0.25, "weights")
+    rows = table_rows(results_table([str(tmp_path / "*")]))
+    assert rows == {"hubert_iter2": ["25.0", "50.0", "10.0"], "final": ["25.0", "–", "–"]}
 
 
 def test_one_path_holding_other_weights_is_told_apart_by_the_sha1(tmp_path):

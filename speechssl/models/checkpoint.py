@@ -49,8 +49,8 @@ from .config import HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
 from .hubert import HubertModel, HubertPretrainModel
 
-__all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError", "read_safetensors", "read_json",
-           "checkpoint_dir", "REDO"]
+__all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError", "read_safetensors",
+           "read_json", "checkpoint_dir", "REDO"]
 
 FORMAT = "speechssl-hubert"
 VERSION = 1

@@ -1,12 +1,13 @@
 """The SUPERB results table: one markdown table (rows: upstreams, columns: tasks) from ``results.json`` files.
 
 A row is one upstream's weights: results are keyed by ``upstream_sha1`` (the SHA-1 of the checkpoint's weights, or
-of a spectral baseline's options), so the same checkpoint evaluated on several tasks is one row, and two different
-checkpoints are two rows even when they share a directory name (``expA/hubert/best`` and ``expB/hubert/best`` are
-both labelled ``hubert``). Rows whose labels collide are told apart (:func:`row_labels`): by the nearest parent
-directory of their checkpoint paths that differs (``expA/hubert``, ``expB/hubert``), else by the first 7 hex digits
-of their SHA-1 (``hubert (3f2a9c1)``: the same path holding other weights). A ``results.json`` without
-``upstream_sha1`` (written before it was recorded) is keyed by its label.
+of a spectral baseline's options) with their label, so the same checkpoint evaluated on several tasks is one row,
+and two different checkpoints are two rows even when they share a directory name (``expA/hubert/best`` and
+``expB/hubert/best`` are both labelled ``hubert``). Rows whose labels collide are told apart (:func:`row_labels`):
+by the nearest parent directory of their checkpoint paths that differs (``expA/hubert``, ``expB/hubert``), else by
+the first 7 hex digits of their SHA-1 (``hubert (3f2a9c1)``: the same path holding other weights). The same
+weights run under two labels (a copy of the checkpoint elsewhere) are two rows, each under its own label. A
+``results.json`` without ``upstream_sha1`` (written before it was recorded) is keyed by its label alone.
 """
 
 from __future__ import annotations
@@ -83,24 +84,24 @@ def _read_result(f: Path) -> dict:
     return r
 
 
-def _row_key(r: dict) -> str:
-    """What makes a row: the weights' SHA-1; a result without one (an older speechssl) goes by its label."""
-    sha1 = r.get("upstream_sha1")
-    return f"sha1:{sha1}" if sha1 else f"label:{r['upstream_label']}"
+def _row_key(r: dict) -> tuple[str, str]:
+    """What makes a row: the weights' SHA-1 under a label; a result without one (an older speechssl) goes by its
+    label alone."""
+    return r["upstream_label"], r.get("upstream_sha1") or ""
 
 
 def row_labels(results: Sequence[dict]) -> list[str]:
-    """The table row label of each ``results.json`` dict: the same for results of the same upstream (SHA-1), and
-    different for different upstreams. A row's label is its upstream's ``upstream_label`` (of its first result),
-    unless another upstream has that label too: then every upstream of that label is prefixed with the nearest
+    """The table row label of each ``results.json`` dict: the same for results of the same upstream (SHA-1 and
+    label), and different for different upstreams. A row's label is its upstream's ``upstream_label``, unless
+    another upstream (another SHA-1) has that label too: then every upstream of that label is prefixed with the nearest
     parent directory of its checkpoint path (``upstream``) that tells them apart (``expA/hubert``,
     ``random:expB/hubert``), or, where the paths do not (the same path held other weights, or no path is
     recorded), suffixed with the first 7 hex digits of its SHA-1 (``hubert (3f2a9c1)``)."""
-    first: dict[str, dict] = {}
+    first: dict[tuple[str, str], dict] = {}
     for r in results:
         first.setdefault(_row_key(r), r)
     label = {key: r["upstream_label"] for key, r in first.items()}
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[tuple[str, str]]] = {}
     for key in first:
         groups.setdefault(label[key], []).append(key)
     for name, keys in groups.items():
@@ -115,12 +116,12 @@ def row_labels(results: Sequence[dict]) -> list[str]:
     return [label[_row_key(r)] for r in results]
 
 
-def _short(r: dict, key: str) -> str:
+def _short(r: dict, key: tuple[str, str]) -> str:
     sha1 = r.get("upstream_sha1")
     return sha1[:7] if sha1 else "no SHA-1"
 
 
-def _told_apart(name: str, results: list[dict], keys: list[str]) -> dict[str, str]:
+def _told_apart(name: str, results: list[dict], keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """Labels for upstreams that share label ``name`` (see :func:`row_labels`)."""
     prefix = "random:" if name.startswith("random:") else ""
     ups = [r.get("upstream") or "" for r in results]
