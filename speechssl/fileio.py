@@ -136,22 +136,22 @@ def _check_dir(p: Path, shown: Path, what: str, create: bool) -> None:
                               f"another {what}") from e
 
 
-def check_writable_dir(path: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+def check_writable_dir(path: str | os.PathLike, what: str, *, create: bool = False) -> Path:
     """Preflight of an output directory, before any work: ``path`` is a directory this process can write in.
 
-    ``create``: make it now (with its parents), for outputs written into an existing directory (stores, label dirs).
-    ``create=False``: create nothing, only check that ``path`` is a directory or absent and that the nearest existing
-    directory above it is writable, for outputs that appear by one rename (:func:`atomic_dir`) or must not exist yet.
-    Raises :class:`~speechssl.errors.UserError` naming ``what`` (the option, e.g. ``--out``) and the path: a file in the
+    By default nothing is created: ``path`` must be a directory or absent, and the nearest existing directory above
+    it writable (so a verb that then fails on its inputs leaves no empty output behind, and outputs that appear by
+    one rename, :func:`atomic_dir`, or must not exist yet keep that property). ``create``: make it now, with its
+    parents. Raises :class:`~speechssl.errors.UserError` naming ``what`` (the option, e.g. ``--out``) and the path: a file in the
     way (of ``path`` or a parent), a directory that is not writable. Returns ``path`` as a Path."""
     p = Path(path)
     _check_dir(p, p, what, create)
     return p
 
 
-def check_writable_file(path: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+def check_writable_file(path: str | os.PathLike, what: str, *, create: bool = False) -> Path:
     """Preflight of an output file (written with :func:`atomic_path` & co.): not a directory, and its directory is
-    (or can become, created now unless ``create=False``) writable. Errors as :func:`check_writable_dir`."""
+    writable or can be created (``create``: now). Errors as :func:`check_writable_dir`."""
     p = Path(path)
     if p.is_dir():
         raise _user_error(f"{what} {p}: a directory is in the way of this output file; remove it or give another "

@@ -516,4 +516,4 @@ def test_prepare_sh_runs_and_prints_one_line_errors(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        f"fluent_speech_commands prepare: error: {corpus}/data/test_data.csv:2: 5 fields, the header has 7"]
+        f"speechssl superb prepare fluent_speech_commands: error: {corpus}/data/test_data.csv:2: 5 fields, the header has 7"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,23 @@ from speechssl.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decode"]
+__all__ = ["decode", "check_decode_options"]
+
+
+def check_decode_options(*, beam: int, lm: str | None, lm_weight: float, word_score: float,
+                         batch_seconds: float) -> None:
+    """The decoder options in range, before the model is loaded (one line naming the option)."""
+    if not isinstance(beam, int) or beam < 0:
+        raise UserError(f"--beam must be >= 0 (0: greedy best path), got {beam}")
+    if lm and not beam:
+        raise UserError("--lm needs a beam search: give --beam N (e.g. 50)")
+    for option, value in (("--lm-weight", lm_weight), ("--word-score", word_score)):
+        if not math.isfinite(value):
+            raise UserError(f"{option} must be a finite number, got {value}")
+    if not (batch_seconds > 0 and math.isfinite(batch_seconds)):
+        raise UserError(f"--batch-seconds must be > 0, got {batch_seconds}")
+    if lm and not Path(lm).is_file():
+        raise MissingInputError(f"--lm {lm}: no such file (an ARPA word n-gram)")
 
 
 def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, beam: int = 0,
@@ -45,8 +62,7 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
     from speechssl.train.finetune import greedy_tokens
     from speechssl.train.tokens import read_transcripts
 
-    if lm and not beam:
-        raise UserError("--lm needs a beam search: give --beam N (e.g. 50)")
+    check_decode_options(beam=beam, lm=lm, lm_weight=lm_weight, word_score=word_score, batch_seconds=batch_seconds)
     model, tok = load_finetuned(ckpt, trust_pickle=trust_pickle)
     from speechssl.train.distributed import bf16_supported
 

@@ -11,7 +11,9 @@ import argparse
 import sys
 
 from speechssl.cli import verb_group
+from speechssl.cli.options import at_least, non_negative, positive
 from speechssl.errors import UserError
+from speechssl.fileio import check_writable_dir
 
 _AUDIO_CHECKS = ("header", "full")  # speechssl.data.audio_check.AUDIO_CHECKS (not imported: keeps --help fast)
 
@@ -25,6 +27,7 @@ def _validate(args: argparse.Namespace) -> int:
         args.dir, args.audio = args.audio, "header"  # `validate --audio DIR`: a bare --audio followed by the dir
     if args.dir is None:
         args.parser.error("the following arguments are required: dir")
+    at_least("--nj", args.nj, 1)
     dd = read_data_dir(args.dir)
     n_spk = len(set(dd.utt2spk.values()))
     seg = f", {len(dd.wav_scp)} recordings (segments)" if dd.segments is not None else ""
@@ -45,6 +48,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _fix(args: argparse.Namespace) -> int:
     from speechssl.data.kaldi import fix_data_dir
 
+    check_writable_dir(args.dir, "data dir")  # fixed in place: its files and .backup/
     r = fix_data_dir(args.dir)
     print(f"{args.dir}: kept {r['utterances_kept']} of {r['utterances_before']} utterances")
     for name, n in sorted(r["dropped"].items()):
@@ -62,6 +66,7 @@ def _fix(args: argparse.Namespace) -> int:
 def _to_lhotse(args: argparse.Namespace) -> int:
     from speechssl.data.lhotse_io import data_dir_to_lhotse
 
+    check_writable_dir(args.out, "OUT")
     cuts = data_dir_to_lhotse(args.dir, args.out)
     print(f"{args.out}: wrote recordings, supervisions and {len(cuts)} cuts")
     return 0
@@ -70,6 +75,7 @@ def _to_lhotse(args: argparse.Namespace) -> int:
 def _from_lhotse(args: argparse.Namespace) -> int:
     from speechssl.data.lhotse_io import lhotse_to_data_dir
 
+    check_writable_dir(args.out, "OUT")
     dd = lhotse_to_data_dir(args.manifests, args.out, durations=not args.no_durations)
     print(f"{args.out}: wrote {len(dd)} utterances")
     return 0
@@ -78,6 +84,8 @@ def _from_lhotse(args: argparse.Namespace) -> int:
 def _durations(args: argparse.Namespace) -> int:
     from speechssl.data.durations import compute_durations
 
+    at_least("--nj", args.nj, 1)
+    check_writable_dir(args.dir, "data dir")  # utt2dur and reco2dur are written into it
     dd = compute_durations(args.dir, nj=args.nj)
     total = sum(dd.utt2dur.values())  # type: ignore[union-attr]
     print(f"{args.dir}: wrote utt2dur and reco2dur: {len(dd)} utterances, {total / 3600:.3f} h")
@@ -89,6 +97,13 @@ def _filter(args: argparse.Namespace) -> int:
 
     if args.min_duration is None and args.max_duration is None:
         raise UserError("give --min-duration and/or --max-duration")
+    non_negative("--min-duration", args.min_duration)
+    positive("--max-duration", args.max_duration)
+    if args.min_duration is not None and args.max_duration is not None and args.min_duration > args.max_duration:
+        raise UserError(f"--min-duration {args.min_duration:g} is above --max-duration {args.max_duration:g}: no "
+                        "utterance could pass")
+    at_least("--nj", args.nj, 1)
+    check_writable_dir(args.out, "OUT")
     kept, dropped = filter_data_dir(args.dir, args.out, min_duration=args.min_duration, max_duration=args.max_duration, nj=args.nj)
     print(f"{args.out}: kept {kept} utterances, dropped {dropped}")
     return 0
@@ -97,6 +112,8 @@ def _filter(args: argparse.Namespace) -> int:
 def _subset(args: argparse.Namespace) -> int:
     from speechssl.data.kaldi import subset_data_dir
 
+    at_least("--first", args.first, 1)
+    check_writable_dir(args.out, "OUT")
     n = subset_data_dir(args.dir, args.out, utt_list=args.utt_list, first=args.first)
     print(f"{args.out}: wrote {n} utterances")
     return 0
@@ -105,6 +122,7 @@ def _subset(args: argparse.Namespace) -> int:
 def _librilight_limited(args: argparse.Namespace) -> int:
     from speechssl.superb.corpora.librilight import prepare_librilight_limited
 
+    at_least("--nj", args.nj, 1)
     c = prepare_librilight_limited(args.root, args.out, args.split, num_jobs=args.nj)["counts"]
     print(f"{args.out}: Libri-light {args.split}: {c['utterances']} utterances, {c['speakers']} speakers, "
           f"{c['minutes']:.2f} minutes")
@@ -114,6 +132,9 @@ def _librilight_limited(args: argparse.Namespace) -> int:
 def _subset_minutes(args: argparse.Namespace) -> int:
     from speechssl.data.subsets import subset_minutes
 
+    positive("--minutes", args.minutes)
+    at_least("--nj", args.nj, 1)
+    check_writable_dir(args.out, "--out")
     s = subset_minutes(args.data, args.out, args.minutes, args.seed, nj=args.nj)
     print(f"{args.out}: {s['utterances']} utterances, {s['speakers']} speakers, {s['minutes']:.2f} minutes "
           f"(target {args.minutes:g}, seed {args.seed})")

@@ -30,9 +30,13 @@ def register(subparsers, help_):
 
 
 def run(args) -> int:
-    from speechssl.asr.decode import decode
+    from speechssl.asr.decode import check_decode_options, decode
+    from speechssl.fileio import check_writable_dir
 
+    check_decode_options(beam=args.beam, lm=args.lm, lm_weight=args.lm_weight, word_score=args.word_score,
+                         batch_seconds=args.batch_seconds)
     out = args.out or str(Path(args.ckpt).parent / f"decode_{Path(args.data).name}")
+    check_writable_dir(out, "--out")  # hyp.txt, ref.txt and scores.json appear by one rename
     scores = decode(args.ckpt, args.data, out, beam=args.beam, lm=args.lm, lm_weight=args.lm_weight,
                     word_score=args.word_score, batch_seconds=args.batch_seconds, device=args.device,
                     trust_pickle=args.trust_pickle, bf16={"auto": None, "fp32": False, "bf16": True}[args.precision])

@@ -16,6 +16,7 @@ import inspect
 from pathlib import Path
 
 from speechssl.errors import UserError
+from speechssl.fileio import check_writable_dir, check_writable_file
 
 FORMATS = {
     "hf": "a directory transformers' AutoModel.from_pretrained loads (HubertModel, Wav2Vec2Model or WavLMModel: "
@@ -60,6 +61,8 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: a directory; --to s3prl writes one .pt file")
     if args.to == "hf" and out.exists() and not out.is_dir():
         raise UserError(f"{out}: a file; --to hf writes a directory")
+    # before the checkpoint is loaded; OUT itself appears by one rename
+    (check_writable_dir if args.to == "hf" else check_writable_file)(out, "OUT")
     if args.to == "hf" and _is_finetuned(args.ckpt):
         _export_finetuned(args.ckpt, out, encoder_only=args.encoder_only, trust_pickle=args.trust_pickle)
         return 0

@@ -16,11 +16,21 @@ def _extract(args: argparse.Namespace) -> int:
     shards $RANK, $RANK+$WORLD_SIZE, ...); finished shards with the same header are skipped, unfinished ones redone,
     so a re-run after a crash redoes only what is missing. --sample-frac F --seed S: only a seeded random fraction
     of the utterances (the k-means sample of iteration 2; its labels come from `kmeans label --upstream`)."""
+    from speechssl.cli.options import at_least, fraction, non_negative, positive
     from speechssl.errors import UserError
-    from speechssl.upstream.extract import extract
+    from speechssl.fileio import check_writable_dir
 
     if args.chunk_seconds is None and args.overlap_seconds is not None:
         raise UserError("--overlap-seconds goes with --chunk-seconds")
+    non_negative("--max-duration", args.max_duration)
+    positive("--chunk-seconds", args.chunk_seconds)
+    non_negative("--overlap-seconds", args.overlap_seconds)
+    at_least("--nshard", args.nshard, 1)
+    at_least("--workers", args.workers, 0)
+    fraction("--sample-frac", args.sample_frac)
+    check_writable_dir(args.out, "--out")  # one store per layer is written into it, shard by shard
+    from speechssl.upstream.extract import extract
+
     complete = extract(
         args.upstream, args.data, args.out, args.layers, max_duration=args.max_duration, dtype=args.dtype,
         nshard=args.nshard, rank=args.rank, device=args.device, trust_pickle=args.trust_pickle,

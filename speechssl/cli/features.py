@@ -10,7 +10,9 @@ import argparse
 import json
 
 from speechssl.cli import verb_group
+from speechssl.cli.options import at_least, positive
 from speechssl.errors import UserError
+from speechssl.fileio import check_writable_dir
 
 
 def _dump(args: argparse.Namespace) -> int:
@@ -19,6 +21,10 @@ def _dump(args: argparse.Namespace) -> int:
     if args.kind == "hidden" or args.ckpt is not None or args.layer is not None:
         raise UserError("hidden-layer features moved to `speechssl extract --upstream CKPT --data DIR --layers L "
                         "--out DIR` (store: DIR/layer_L)")
+    positive("--batch-seconds", args.batch_seconds)
+    at_least("--workers", args.workers, 0)
+    at_least("--nshard", args.nshard, 1)
+    check_writable_dir(args.out, "--out")  # the store's shards are written into it
 
     complete = dump_features(
         args.data,

@@ -7,6 +7,8 @@ import os
 import sys
 
 from speechssl.cli import verb_group
+from speechssl.cli.options import at_least, non_negative, positive
+from speechssl.fileio import check_writable_dir
 
 
 def _passive_omp() -> None:
@@ -78,8 +80,13 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
 
 
 def fit_options(args: argparse.Namespace) -> dict:
-    """The k-means options given on the command line, as keyword arguments of ``fit_store`` / ``evaluate_layers``."""
-    return {name: getattr(args, name) for name in FIT_OPTIONS if hasattr(args, name)}
+    """The k-means options given on the command line, as keyword arguments of ``fit_store`` / ``evaluate_layers``,
+    checked (``--k`` too: one line naming the option, before any work)."""
+    from speechssl.units.fit import FitOptions
+
+    opts = {name: getattr(args, name) for name in FIT_OPTIONS if hasattr(args, name)}
+    FitOptions(**opts).check(args.k)
+    return opts
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -90,7 +97,9 @@ def _fit(args: argparse.Namespace) -> int:
     _passive_omp()
     from speechssl.units.kmeans import fit_store
 
-    fit_store(args.feats, args.out, k=args.k, device=args.device, **fit_options(args))
+    opts = fit_options(args)
+    check_writable_dir(args.out, "--out")  # before the sampling pass and the fit, not after them
+    fit_store(args.feats, args.out, k=args.k, device=args.device, **opts)
     return 0
 
 
@@ -115,6 +124,13 @@ def _label(args: argparse.Namespace) -> int:
                         "(a store knows its layer and utterances)")
     if args.chunk_seconds is None and args.overlap_seconds is not None:
         raise UserError("--overlap-seconds goes with --chunk-seconds")
+    at_least("--batch-frames", args.batch_frames, 1)
+    at_least("--nshard", args.nshard, 1)
+    at_least("--workers", args.workers, 0)
+    non_negative("--max-duration", args.max_duration)
+    positive("--chunk-seconds", args.chunk_seconds)
+    non_negative("--overlap-seconds", args.overlap_seconds)
+    check_writable_dir(args.out, "--out")  # shards/ and the merged text.km + meta.json are written into it
     _passive_omp()
     if args.upstream is not None:
         from speechssl.units.label_stream import label_upstream

@@ -29,7 +29,13 @@ def register(subparsers, help_: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from speechssl.fileio import check_writable_dir, check_writable_file
     from speechssl.report import write_report
 
+    out = Path(args.out) if args.out else Path(args.exp) / "report.md"
+    check_writable_file(out, "--out" if args.out else "EXP")
+    check_writable_dir(out.parent / out.stem, "--out" if args.out else "EXP")  # the figures' dir
     print(write_report(args.exp, superb_dirs=args.superb, out=args.out, asr_dirs=args.asr))
     return 0

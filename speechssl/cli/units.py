@@ -17,8 +17,12 @@ def _quality(args: argparse.Namespace) -> int:
     past it (the overhang is clipped), as forced aligners' output does; both are counted and reported
     (utterances, frames, largest gap). A gap of more than max(0.5 s, 10% of the utterance) means the alignment
     belongs to other audio: an error naming the utterance."""
+    from speechssl.fileio import check_writable_file
     from speechssl.units.quality import label_quality
 
+    for path, option in ((args.out, "--out"), (args.plot, "--plot")):
+        if path is not None:
+            check_writable_file(path, option)
     report = label_quality(args.labels, args.alignments, tier=args.tier, out_json=args.out, plot=args.plot)
     print(report.summary())
     if args.out:
@@ -39,11 +43,16 @@ def _layers(args: argparse.Namespace) -> int:
     from speechssl.cli.kmeans import _passive_omp
 
     _passive_omp()
-    from speechssl.units.layers import evaluate_layers
+    from speechssl.fileio import check_writable_dir
+    from speechssl.units.layers import evaluate_layers, select_utterances
 
+    opts = fit_options(args)  # checked, --k too
+    select_utterances([], max_utts=args.max_utts, subset_frac=args.subset_frac)  # their range checks
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")  # before both model passes, not after them
     evaluate_layers(args.ckpt, args.data, args.alignments, k=args.k, mfcc=args.mfcc, layers=args.layers,
                     max_utts=args.max_utts, subset_frac=args.subset_frac, tier=args.tier, device=args.device,
-                    baseline=not args.no_baseline, out_dir=args.out, **fit_options(args))
+                    baseline=not args.no_baseline, out_dir=args.out, **opts)
     return 0
 
 

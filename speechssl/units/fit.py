@@ -143,6 +143,18 @@ class FitOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self, k: int) -> None:
+        """Every option (and ``k``) in range, before any work: one UserError line naming the command-line option."""
+        for name, value, low in (("--k", k, 1), ("--niter", self.niter, 1), ("--nredo", self.nredo, 1)):
+            if not isinstance(value, int) or value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}")
+        if not 0 < self.sample_frac <= 1:
+            raise UserError(f"--sample-frac must be in (0, 1], got {self.sample_frac}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UserError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if self.init not in ("kmeans++", "random"):
+            raise UserError(f"--init must be kmeans++ or random, got {self.init!r}")
+
 
 # ------------------------------------------------------------------------------------------------- fitting
 
@@ -386,6 +398,7 @@ def fit_store(
     from speechssl.features.store import FeatureReader
 
     opts = FitOptions(**options)
+    opts.check(k)
     reader = FeatureReader(feats_dir)
     dim = int(reader.dim or 0)
     n = sample_size(reader.total_frames, opts.sample_frac, opts.max_frames)

@@ -47,7 +47,7 @@ from speechssl.data.batching import prefetch
 from speechssl.audio import SAMPLE_RATE
 from speechssl.data.kaldi import c_sorted
 from speechssl.errors import UserError
-from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.fileio import atomic_path, atomic_write_text, check_writable_dir
 from speechssl.progress import progress_bar
 from speechssl.units.alignments import CoverageStats, read_alignments, SILENCE
 from speechssl.units.fit import Assigner, FitOptions, fit_sample, memory_estimate, resolve_device
@@ -134,6 +134,10 @@ def evaluate_layers(
     from speechssl.upstream import checkpoint_sha1, load, random_init
 
     opts = FitOptions(**options)
+    opts.check(k)
+    select_utterances([], max_utts=max_utts, subset_frac=subset_frac)  # their range checks, before any work
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--out")  # layers.json comes after both model passes
     sample_frac, max_frames, seed = opts.sample_frac, opts.max_frames, opts.seed
     dev = resolve_device(device)
     up = load(ckpt, device=dev)

@@ -25,7 +25,7 @@ import numpy as np
 
 from speechssl.data.kaldi import c_sorted
 from speechssl.errors import UserError
-from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.fileio import atomic_path, atomic_write_text, check_writable_file
 from speechssl.progress import progress_bar
 from speechssl.units.alignments import CoverageStats, PhoneAlignment, frame_phones, read_alignments
 from speechssl.units.labels import read_labels
@@ -201,6 +201,9 @@ def evaluate_labels(labels: Mapping[str, np.ndarray], meta: Mapping[str, Any],
 def label_quality(label_dir: str | os.PathLike, alignments: str | os.PathLike, *, tier: str = "phones",
                   out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> QualityReport:
     """Read a label dir and a CTM / TextGrid dir, compute the metrics, optionally write JSON and a PNG heatmap."""
+    for path, option in ((out_json, "--out"), (plot, "--plot")):
+        if path is not None:
+            check_writable_file(path, option)
     labels, meta = read_labels(label_dir)
     alis = read_alignments(alignments, tier=tier)
     text = Path(label_dir) / "text.km" if Path(label_dir).is_dir() else Path(label_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 from speechssl.audio import AudioError, audio_info
 from speechssl.data.kaldi import DataDir, c_sorted, write_data_dir
 from speechssl.errors import MissingInputError, UserError
-from speechssl.fileio import atomic_dir, atomic_write_text
+from speechssl.fileio import atomic_dir, atomic_write_text, check_writable_dir, os_error_line
 from speechssl.progress import progress_bar
 
 __all__ = [
@@ -112,11 +112,12 @@ def floor_slices(total: float, length: float) -> int:
 
 
 def fresh_output(out: str | os.PathLike) -> Path:
-    """``out`` as a Path if nothing is there yet (checked before the corpus is read, so a rerun fails at once)."""
+    """``out`` as a Path if nothing is there yet and it can be created (checked before the corpus is read, so a rerun
+    or a file in the way or a read-only directory fails at once)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out}: already exists; remove it or choose another --out (a preparation is never merged)")
-    return out
+    return check_writable_dir(out, "--out")
 
 
 @contextlib.contextmanager
@@ -162,7 +163,7 @@ def token(value: str) -> str:
 def corpus_parser(name: str, doc: str | None, corpus_help: str, *, durations: bool = False) -> argparse.ArgumentParser:
     """The ``NAME prepare`` parser every corpus shares: ``--corpus``, ``--out`` and, with ``durations``,
     ``--no-durations``; the description is the module docstring's first paragraph."""
-    p = argparse.ArgumentParser(prog=f"{name} prepare", description=(doc or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"speechssl superb prepare {name}", description=(doc or "").split("\n\n")[0])
     p.add_argument("--corpus", required=True, help=corpus_help)
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     if durations:
@@ -172,16 +173,19 @@ def corpus_parser(name: str, doc: str | None, corpus_help: str, *, durations: bo
 
 def run_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], object],
              argv: list[str] | None = None) -> int:
-    """Parse, run, and print a `UserError` as one line (exit 1), as the ``speechssl`` command line does."""
+    """Parse, run, and print a `UserError` (or an ``OSError`` about a path) as one line (exit 1), as the ``speechssl``
+    command line does."""
     parser = build_parser()
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except UserError as e:
-        if args.verbose:
+    except Exception as e:
+        # a UserError, or an OSError about a path (permission, a file in the way, a full disk): one line
+        line = str(e) if isinstance(e, UserError) else os_error_line(e)
+        if line is None or args.verbose:
             raise
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
         return 1
     return 0
