@@ -4,7 +4,9 @@ Both readers return ``{utt_id: PhoneAlignment}``; :func:`frame_phones` turns one
 label frame (the phone covering the frame centre). Gaps in a CTM and empty TextGrid intervals are silence
 (:data:`SILENCE`), so the two formats give the same frames for the same alignment.
 
-**Alignment vs audio length** (one rule, :func:`frame_coverage`, used by ``units quality`` and ``units layers``).
+**Alignment vs audio length** (one rule, :func:`check_alignment_span`, applied at the labels' framing by
+:func:`frame_coverage` for ``units quality`` and ``units layers``, and in seconds to ``superb --task pr``'s
+``phones.ctm``).
 An alignment spans ``[0, end]`` seconds (a CTM's last segment end, a TextGrid's xmax); at the labels' framing that
 is ``n_ali`` frames, the labels have ``n`` (the audio's frames). Real aligners rarely agree to the frame: a Kaldi
 CTM ends a frame or two before the audio (frame subsampling), a trailing pause of MFA / pocketsphinx / flite
@@ -35,8 +37,8 @@ import numpy as np
 from speechssl.units.labels import LabelError, expected_num_frames, frame_centres
 
 __all__ = ["SILENCE", "AlignmentError", "PhoneAlignment", "read_ctm", "read_textgrid", "read_textgrid_dir",
-           "read_alignments", "FrameCoverage", "CoverageStats", "frame_coverage", "frame_phones",
-           "MAX_GAP_S", "MAX_GAP_FRAC"]
+           "read_alignments", "FrameCoverage", "CoverageStats", "check_alignment_span", "frame_coverage",
+           "frame_phones", "MAX_GAP_S", "MAX_GAP_FRAC"]
 
 SILENCE = "sil"
 # Neighbouring CTM segments may overlap by this much (rounding of start + duration at low time precision).
@@ -334,6 +336,25 @@ class CoverageStats:
                 f"({self.largest_gap_frames} frames, {kind}) in utt {self.largest_gap_utt}")
 
 
+def check_alignment_span(ali: PhoneAlignment, audio_s: float, audio: str, *, aligned_s: float | None = None,
+                         aligned: str = "") -> None:
+    """The one alignment-vs-audio rule (module docstring): ``ali`` spans ``aligned_s`` seconds (default ``ali.end``)
+    of audio that lasts ``audio_s``; more than ``max(MAX_GAP_S, MAX_GAP_FRAC x audio_s)`` apart, it is the alignment
+    of other audio: :class:`AlignmentError` naming the utterance, the alignment file, its span, and the audio
+    (``audio``: what the duration comes from, e.g. "its audio (data/train) lasts 1.23 s"); ``aligned``: appended to
+    the alignment's span (e.g. " = 298 frames")."""
+    aligned_s = float(ali.end if aligned_s is None else aligned_s)
+    gap = abs(aligned_s - audio_s)
+    tol = max(MAX_GAP_S, MAX_GAP_FRAC * audio_s)
+    if gap > tol + 1e-9:
+        side, rel = ("ends", "before") if aligned_s < audio_s else ("runs", "past")
+        raise AlignmentError(
+            f"utt {ali.utt_id}: {audio} but the alignment ({ali.source}) lasts {ali.end:g} s{aligned}: it {side} "
+            f"{gap:.2f} s {rel} the audio, more than max({MAX_GAP_S:g} s, {MAX_GAP_FRAC:.0%} of the utterance) = "
+            f"{tol:.2f} s; is this the alignment of another utterance (check the utterance ids and the sample rate)?"
+        )
+
+
 def frame_coverage(ali: PhoneAlignment, num_labels: int, label_rate: float,
                    framing: Mapping[str, Any] | None = None, sample_rate: int = 16000,
                    label_file: str | None = None) -> FrameCoverage:
@@ -344,17 +365,9 @@ def frame_coverage(ali: PhoneAlignment, num_labels: int, label_rate: float,
     n_ali = expected_num_frames(int(round(ali.end * sample_rate)), framing, label_rate, sample_rate)
     cov = FrameCoverage(ali.utt_id, int(num_labels), int(n_ali), float(label_rate))
     dur = num_labels / float(label_rate)
-    tol = max(MAX_GAP_S, MAX_GAP_FRAC * dur)
-    if cov.gap_s > tol + 1e-9:
-        where = f" in {label_file}" if label_file else ""
-        side = "ends" if cov.unscored else "runs"
-        rel = "before" if cov.unscored else "past"
-        raise AlignmentError(
-            f"utt {ali.utt_id}: {num_labels} labels{where} ({dur:.2f} s at {label_rate:g} Hz) but the alignment "
-            f"({ali.source}) lasts {ali.end:g} s = {n_ali} frames: it {side} {cov.gap_s:.2f} s {rel} the audio, "
-            f"more than max({MAX_GAP_S:g} s, {MAX_GAP_FRAC:.0%} of the utterance) = {tol:.2f} s; is this the "
-            f"alignment of another utterance (check the utterance ids and the sample rate)?"
-        )
+    where = f" in {label_file}" if label_file else ""
+    check_alignment_span(ali, dur, f"{num_labels} labels{where} ({dur:.2f} s at {label_rate:g} Hz)",
+                         aligned_s=n_ali / float(label_rate), aligned=f" = {n_ali} frames")
     return cov
 
 

@@ -4,8 +4,8 @@ characters (``|`` between words) or sentencepiece units; greedy decoding.
 ===== ======================================================================================================
 task  labels
 ===== ======================================================================================================
-pr    ``utt2phones`` ("utt p1 p2 ..."), else ``phones.ctm`` (``sil``/``sp``/``spn`` dropped); utterances
-      without phones (silence clips) are left out
+pr    ``utt2phones`` ("utt p1 p2 ..."), else ``phones.ctm`` (``sil``/``sp``/``spn`` dropped; its spans checked
+      against the audio as ``units quality`` checks them); utterances without phones (silence clips) are left out
 asr   ``text`` -> characters, ``|`` between words (or sentencepiece units); empty transcripts left out
 ===== ======================================================================================================
 """
@@ -26,7 +26,7 @@ from speechssl.errors import MissingInputError, UserError
 from speechssl.superb import metrics
 from speechssl.superb.config import SuperbConfig
 from speechssl.superb.heads import BiLSTM, FrameLinear
-from speechssl.superb.tasks.base import Task
+from speechssl.superb.tasks.base import Split, Task
 
 __all__ = ["SILENCE_PHONES", "CTCTask", "PhoneRecognition", "SpeechRecognition"]
 
@@ -72,6 +72,17 @@ class CTCTask(Task):
 class PhoneRecognition(CTCTask):
     name, metric = "pr", "per"
 
+    def __init__(self, cfg: SuperbConfig):
+        super().__init__(cfg)
+        self._durations: dict[str, float] | None = None  # of the split being made: phones.ctm spans are checked
+
+    def make_split(self, name: str, path: Path, dd: DataDir, durations: dict[str, float]) -> Split:
+        self._durations = durations
+        try:
+            return super().make_split(name, path, dd, durations)
+        finally:
+            self._durations = None
+
     def labels(self, dd: DataDir, path: Path, role: str) -> dict[str, list[str]]:
         if "utt2phones" in dd.extra:
             raw = {u: v.split() for u, v in dd.extra["utt2phones"].items()}
@@ -79,14 +90,18 @@ class PhoneRecognition(CTCTask):
             ctm = path / "phones.ctm"
             if not ctm.is_file():
                 raise MissingInputError(f"{ctm}: no such file; task pr needs utt2phones or phones.ctm in {path}")
-            from speechssl.units.alignments import read_alignments
+            from speechssl.data.durations import durations_of
+            from speechssl.units.alignments import check_alignment_span, read_alignments
 
             ali = read_alignments(ctm)
+            durations = self._durations if self._durations is not None else durations_of(dd)
             raw = {}
             for u in dd.utt_ids():
                 if u not in ali:
                     raise UserError(f"{ctm}: no phones for utterance {u} (every utterance of {path} needs an "
                                     "alignment; subset the data dir or add it)")
+                # phones of other audio (another recording, another sample rate) would score a PER above 100 %
+                check_alignment_span(ali[u], durations[u], f"its audio ({path}) lasts {durations[u]:.2f} s")
                 raw[u] = ali[u].phones
         return {u: [p for p in ph if p not in SILENCE_PHONES] for u, ph in raw.items()
                 if any(p not in SILENCE_PHONES for p in ph)}
