@@ -79,6 +79,7 @@ __all__ = [
     "PretrainDataset",
     "PretrainData",
     "build_pretrain_data",
+    "check_label_classes",
     "batch_wavs",
     "PCM16_SCALE",
     "Utt",
@@ -154,6 +155,28 @@ def load_label_sets(dirs: Sequence[str | Path]) -> list[LabelSet]:
     return [LabelSet(d) for d in dirs]
 
 
+def check_label_classes(label_dirs: Sequence[str | Path], num_classes: Sequence[int], *,
+                        option: str = "data.train_labels") -> None:
+    """Each label dir's k (its ``meta.json``, which bounds every label in it) equals the model head's
+    ``model.num_classes[i]``, checked from the meta files alone before any data is read: a larger k would index past
+    the head at the first batch, a smaller one leaves classes no label uses (usually the wrong label dir)."""
+    from speechssl.units.labels import read_meta
+
+    if len(label_dirs) != len(num_classes):
+        raise UserError(f"model.num_classes {list(num_classes)} has {len(num_classes)} entries but {option} lists "
+                        f"{len(label_dirs)} label dir(s): give one codebook size per label set")
+    for i, (d, nc) in enumerate(zip(label_dirs, num_classes)):
+        k = int(read_meta(d)["k"])
+        if k > nc:
+            raise UserError(f"{d}: k={k} (its meta.json) but model.num_classes[{i}]={nc}: labels {nc}..{k - 1} are "
+                            f"out of range of the model's head; set model.num_classes[{i}]={k} or give the label dir "
+                            "of this model's k-means")
+        if k < nc:
+            raise UserError(f"{d}: k={k} (its meta.json) but model.num_classes[{i}]={nc}: the head would have "
+                            f"{nc - k} classes no label uses, which usually means the wrong label dir; give the label "
+                            f"dir of a k={nc} k-means or set model.num_classes[{i}]={k}")
+
+
 def check_cuts_and_labels(
     cuts, label_sets: Sequence[LabelSet], *, min_duration: float, where: str, max_errors: int = 5
 ) -> tuple[list[str], float]:
@@ -161,7 +184,7 @@ def check_cuts_and_labels(
     the audio (``check_label_length``). Returns (ids of usable cuts, their total hours); cuts shorter than
     ``min_duration`` seconds are skipped (as fairseq's ``min_sample_size``) and counted in the log.
 
-    Raises ``ValueError`` listing the first offending utterance ids.
+    Raises ``LabelError`` (one line) naming the first offending utterance and its problem, then the next ids.
     """
     keep, missing, errors = [], [], []
     short = 0
@@ -181,10 +204,12 @@ def check_cuts_and_labels(
         keep.append(cut.id)
         total += cut.duration
     problems = missing + errors
-    if problems:
-        shown = "\n  ".join(problems[:max_errors])
-        more = f"\n  ... and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
-        raise LabelError(f"{where}: {len(problems)} utterance(s) with missing or misaligned labels:\n  {shown}{more}")
+    if problems:  # one line: the first problem in full, the next utterance ids by name
+        others = [p.split(":")[0] for p in problems[1:max_errors]]
+        more = f"; also {', '.join(others)}" if others else ""
+        more += f" and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
+        raise LabelError(f"{where}: {len(problems)} utterance(s) with missing or misaligned labels: "
+                         f"{problems[0]}{more}")
     if short:
         log.info("%s: skipping %d utterance(s) shorter than %.2f s", where, short, min_duration)
     if not keep:
@@ -767,6 +792,9 @@ def build_pretrain_data(cfg: "PretrainConfig", d: Dist, encoder, exp_dir: Path, 
             f"data.dev_labels lists {len(dc.dev_labels)} label dir(s), data.train_labels "
             f"{len(dc.train_labels)}: give one dev label dir per label set"
         )
+    check_label_classes(dc.train_labels, cfg.model.num_classes)  # before any data is read or converted
+    if dc.dev:
+        check_label_classes(dc.dev_labels, cfg.model.num_classes, option="data.dev_labels")
     frame_rate = float(encoder.frame_rate)
 
     def split(data_dir: str, label_dirs: list[str], name: str, *, train: bool):
