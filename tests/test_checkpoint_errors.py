@@ -261,3 +261,21 @@ def test_resume_from_a_step_with_a_broken_training_state_is_one_line(world, tmp_
     line = error_line(capsys.readouterr().err, "pretrain")
     assert str(state) in line and "corrupt or truncated safetensors file" in line, line
     assert not (exp / "checkpoints" / st.step_dir_name(2)).exists()
+
+
+def test_checkpoint_sha1_names_what_is_missing(world, tmp_path):
+    """The SHA-1 naming a checkpoint's weights: a directory without weights is a MissingInputError (an OSError, as
+    callers that fingerprint before loading expect); ``random:CKPT`` is named by CKPT's config.json."""
+    import hashlib
+
+    from speechssl.errors import MissingInputError
+    from speechssl.upstream import checkpoint_sha1
+
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    with pytest.raises(MissingInputError, match="no_weights: no model.safetensors or pytorch_model.bin"):
+        checkpoint_sha1(tmp_path / "no_weights")
+    config = (world["pre"] / "config.json").read_bytes()
+    assert checkpoint_sha1(f"random:{world['pre']}") == "random:" + hashlib.sha1(config).hexdigest()
+    with pytest.raises(OSError, match="random:CKPT needs CKPT's config.json"):
+        checkpoint_sha1(f"random:{tmp_path / 'nowhere'}")

@@ -50,8 +50,14 @@ def checkpoint_sha1(path: str | Path) -> str:
 
     A directory's ``model.safetensors`` (speechssl or transformers; a transformers directory without one: its
     ``pytorch_model.bin``), or a pickle checkpoint file itself (any file is hashed as it is: whether it is a
-    checkpoint is the loader's to say). A directory without weights, or a path that does not exist, is a
+    checkpoint is the loader's to say); ``random:CKPT``: ``"random:"`` + the SHA-1 of CKPT's ``config.json`` (seed
+    0: the config fixes the weights). A directory without weights, or a path that does not exist, is a
     :class:`~speechssl.errors.MissingInputError` (an ``OSError`` too)."""
+    if str(path).startswith(RANDOM_PREFIX):
+        config = Path(str(path)[len(RANDOM_PREFIX):]) / "config.json"
+        if not config.is_file():
+            raise MissingInputError(f"{config}: no such file (random:CKPT needs CKPT's config.json)")
+        return RANDOM_PREFIX + hashlib.sha1(config.read_bytes()).hexdigest()
     path = Path(path)
     if path.is_dir():
         found = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)

@@ -61,7 +61,6 @@ from speechssl.features.store import FeatureWriter, shard_done
 from speechssl.progress import progress_bar
 from speechssl.sharding import ids_sha1, resolve_shards, shard_items, torchrun_env
 from speechssl.upstream import (
-    RANDOM_PREFIX,
     Upstream,
     checkpoint_sha1,
     layer_feature_meta,
@@ -354,12 +353,6 @@ def extract_with(up: Upstream, ckpt_sha1: str, data_dir: str | os.PathLike, out_
 def _source_sha1(path: str | os.PathLike) -> str:
     """What names the weights: :func:`checkpoint_sha1` of a checkpoint; ``random:<sha1 of config.json>`` of
     ``random:CKPT`` (seed 0: the config fixes the weights)."""
-    text = str(path)
-    if text.startswith(RANDOM_PREFIX):
-        import hashlib
-
-        config = Path(text[len(RANDOM_PREFIX):]) / "config.json"
-        return RANDOM_PREFIX + hashlib.sha1(config.read_bytes()).hexdigest()
     return checkpoint_sha1(path)
 
 
