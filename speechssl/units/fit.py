@@ -17,7 +17,7 @@ import torch
 
 from speechssl import __version__
 from speechssl.errors import UserError
-from speechssl.fileio import atomic_path, atomic_write_text
+from speechssl.fileio import atomic_path, atomic_write_text, check_writable_dir
 from speechssl.units.sampling import CHUNK_FRAMES, sample_frames, sample_size
 
 __all__ = [
@@ -399,6 +399,7 @@ def fit_store(
 
     opts = FitOptions(**options)
     opts.check(k)
+    check_writable_dir(out_dir, "--out")  # before the sampling pass and the fit, not after them
     reader = FeatureReader(feats_dir)
     dim = int(reader.dim or 0)
     n = sample_size(reader.total_frames, opts.sample_frac, opts.max_frames)
