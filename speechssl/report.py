@@ -649,11 +649,11 @@ def _superb_section(dirs: Sequence[Path], out_dir: Path, rel) -> tuple[list[str]
     files = _superb_files(dirs)
     if not files:
         return md + [f"No SUPERB run found (no `results.json` under {', '.join(f'`{d}`' for d in dirs)}).", ""], []
-    from speechssl.superb.table import results_table
+    from speechssl.superb.table import results_table, row_labels
 
     md += [results_table([glob.escape(str(f)) for f in files]).rstrip("\n"), ""]   # checks every file, one line
     results = [(f, _read_json(f, "SUPERB result (`speechssl superb`)")) for f in files]
-    labels = [r["upstream_label"] for _, r in results]
+    labels = row_labels([r for _, r in results])  # the table's row labels: two models never share one
     has_spec = any(x.split(":")[0] in ("fbank", "mfcc") for x in labels)
     has_rnd = any(x.startswith("random:") for x in labels)
     missing = [m for m, ok in (("a spectral upstream (fbank / mfcc)", has_spec),
@@ -666,7 +666,7 @@ def _superb_section(dirs: Sequence[Path], out_dir: Path, rel) -> tuple[list[str]
     md.append("")
     # layer weights: one plot per upstream, a line per task
     weights: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for f, r in results:
+    for (f, r), label in zip(results, labels):
         lw_file = f.parent / "layer_weights.json"
         if lw_file.is_file():
             lw = _read_json(lw_file, "layer weights (`speechssl superb`)")
@@ -678,8 +678,7 @@ def _superb_section(dirs: Sequence[Path], out_dir: Path, rel) -> tuple[list[str]
         if not isinstance(layers, list) or len(layers) != len(w):
             layers = list(range(len(w)))
         try:
-            weights.setdefault(r["upstream_label"], {})[r["task"]] = ([int(x) for x in layers],
-                                                                        [float(x) for x in w])
+            weights.setdefault(label, {})[r["task"]] = ([int(x) for x in layers], [float(x) for x in w])
         except (TypeError, ValueError):
             raise UserError(f"{lw_file if lw_file.is_file() else f}: layer weights are not numbers") from None
     pngs: list[Path] = []

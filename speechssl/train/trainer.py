@@ -546,16 +546,13 @@ class Trainer:
 
 # ============================================================================================== entry point
 def checkpoint_fingerprint(spec: str) -> str:
-    """What names a checkpoint a run starts from: the SHA-1 of its weights, of ``random:CKPT``'s config; "missing"
-    when there is none (the loader says so in its own words)."""
-    from speechssl.upstream import RANDOM_PREFIX, checkpoint_sha1
+    """What names a checkpoint a run starts from (:func:`speechssl.upstream.checkpoint_sha1`: its weights, or
+    ``random:CKPT``'s config); "missing" when there is none (the loader says so in its own words)."""
+    from speechssl.upstream import checkpoint_sha1
 
-    path = Path(spec[len(RANDOM_PREFIX):] if spec.startswith(RANDOM_PREFIX) else spec)
-    if spec.startswith(RANDOM_PREFIX):
-        return "random:" + st.dir_fingerprint(path / "config.json")
     try:
-        return checkpoint_sha1(path)
-    except OSError:
+        return checkpoint_sha1(spec)
+    except (OSError, UserError):
         return "missing"
 
 
