@@ -94,6 +94,9 @@ TARGETS = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
 
 def test_twv_hand_computed():
     assert BETA == pytest.approx(12.49)   # QUESST 2014: P_target 0.0008, C_miss 100, C_fa 1
+    # the official scorer (scoring/score-TWV-Cnxe.sh) passes the jar an effective prior computed with bc at scale 7
+    eff_prior = round((100 * 0.0008) / (100 * 0.0008 + 1 * (1 - 0.0008)), 7)
+    assert (1 - eff_prior) / eff_prior == pytest.approx(BETA, rel=1e-5)
     # t = 0.7: A hits doc 0 (P_miss 1/2, no false alarm); B hits doc 2 and false-alarms doc 1 (P_fa 1/3)
     assert twv_at(SCORES, TARGETS, 0.7) == pytest.approx(1 - (0.5 + BETA / 3) / 2)
     # with beta 0.3 the best threshold is 0.3: A 2/2 hits + 1/2 false alarms, B 1/1 + 1/3: 1 - (0.15 + 0.1) / 2

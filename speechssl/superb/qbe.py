@@ -21,7 +21,9 @@ documents and document frames (:func:`subsequence_dtw`).
 Metric: term-weighted value with QUESST 2014's costs, P_target = 0.0008, C_miss = 100, C_fa = 1, so
 beta = C_fa / C_miss * (1 / P_target - 1) = 12.49 (Anguera et al., "Query by Example Search on Speech at MediaEval
 2014", CEUR-WS Vol-1263, paper 35; the scorer is the release's scoring/score-TWV-Cnxe.sh, whose "maxTWV" is
-SUPERB's MTWV; the constants below are the one place to change should that scorer's differ)::
+SUPERB's MTWV). Checked against that script: it sets ``P_target=0.0008 C_fa=1 C_miss=100`` and hands the jar the
+effective prior ``C_miss P_target / (C_miss P_target + C_fa (1 - P_target))``, whose odds ``(1 - prior) / prior`` are
+this beta::
 
     TWV(t) = 1 - mean_q [ P_miss(q, t) + beta * P_fa(q, t) ]     detections: score >= t, one threshold for all
 
