@@ -237,6 +237,8 @@ CASES = [
     Case("durations-empty-wav", "data durations {tmp}/d", "utt spk0-data00 (path {tmp}/empty.wav)", setup=empty_wav,
          absent=("{tmp}/d/utt2dur",)),
     Case("subset-first-zero", "data subset {data} {tmp}/s --first 0", "--first", absent=("{tmp}/s",)),
+    Case("librilight-nj-0", "data librilight-limited --root {tmp} --split 1h --out {tmp}/ll --nj 0", "--nj",
+         absent=("{tmp}/ll",)),
     # --- features
     Case("dump-blocked", "features dump --data {data} --out {blocker}/st", "--out {blocker}/st", subprocess=True),
     Case("dump-missing-wav", "features dump --data {tmp}/d --out {tmp}/st", "utt spk0-data00 (path {tmp}/gone.wav)", setup=missing_wav,
@@ -334,6 +336,8 @@ CASES = [
          "--out {blocker}/fsc", group="superb prepare fluent_speech_commands"),
     Case("superb-prepare-missing-corpus", "superb prepare fluent_speech_commands --corpus {tmp}/fsc --out {tmp}/out",
          "{tmp}/fsc", group="superb prepare fluent_speech_commands", absent=("{tmp}/out",)),
+    Case("superb-prepare-nj-0", "superb prepare librispeech --corpus {tmp} --out {tmp}/ls --nj 0", "--nj",
+         group="superb prepare librispeech", absent=("{tmp}/ls",)),
     # --- report
     Case("report-out-blocked", "report {root} --out {blocker}/report.md", "--out {blocker}/report.md"),
     Case("report-missing-exp", "report {tmp}/noexp", "{tmp}/noexp", absent=("{tmp}/noexp/report.md",)),

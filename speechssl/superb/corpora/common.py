@@ -35,6 +35,7 @@ __all__ = [
     "check_listed_audio",
     "durations",
     "floor_slices",
+    "check_num_jobs",
     "fresh_output",
     "output_tree",
     "write_split",
@@ -109,6 +110,12 @@ def durations(sources: Mapping[str, str], where: Mapping[str, str], *, desc: str
 def floor_slices(total: float, length: float) -> int:
     """How many whole ``length``-second slices fit in ``total`` seconds (tolerating float error at the end)."""
     return int(math.floor(total / length + 1e-9))
+
+
+def check_num_jobs(num_jobs: int) -> None:
+    """``--nj`` (threads reading audio headers) in range, before any work."""
+    if not isinstance(num_jobs, int) or num_jobs < 1:
+        raise UserError(f"--nj must be >= 1 (threads reading audio headers), got {num_jobs}")
 
 
 def fresh_output(out: str | os.PathLike) -> Path:

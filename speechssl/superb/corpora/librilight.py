@@ -42,6 +42,7 @@ from speechssl.data.kaldi import read_data_dir
 from speechssl.superb.corpora.common import (
     CorpusError,
     corpus_parser,
+    check_num_jobs,
     fresh_output,
     need_dir,
     output_tree,
@@ -114,6 +115,7 @@ def prepare_librilight_limited(root: str | Path, out_dir: str | Path, split: str
     audio headers. Returns the summary written to ``out_dir/prepare.json``: options and counts (``utterances``,
     ``speakers``, ``seconds``, ``minutes``).
     """
+    check_num_jobs(num_jobs)
     fresh_output(out_dir)
     folders = split_folders(split)
     root = need_dir(root, "Libri-light librispeech_finetuning directory")

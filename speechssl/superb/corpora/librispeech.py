@@ -29,6 +29,7 @@ from speechssl.superb.corpora.common import (
     check_listed_audio,
     need_dir,
     need_file,
+    check_num_jobs,
     fresh_output,
     output_tree,
     read_lines,
@@ -188,6 +189,7 @@ def prepare_librispeech(
     """
     if oov not in ("error", "skip"):
         raise CorpusError(f"--oov must be 'error' or 'skip', got {oov!r}")
+    check_num_jobs(num_jobs)
     fresh_output(out_dir)
     corpus = need_dir(corpus_dir, "LibriSpeech corpus directory")
     parts = {split: part for split, part in (DEFAULT_PARTS if parts is None else parts).items() if part}
