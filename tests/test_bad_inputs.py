@@ -207,6 +207,32 @@ def foreign_json(env, tmp):
     (tmp / "run" / "results.json").write_text(json.dumps({"hello": "world"}))
 
 
+def pretrained_run(env, tmp):
+    """A finished 2-update pretraining run in {tmp}/exp (seed 1)."""
+    assert main(["pretrain", "--config", env["pretrain_conf"], f"exp_dir={tmp}/exp",
+                 f"data.train_labels=[{env['labels']}]"]) == 0
+
+
+def old_run_dirs(env, tmp):
+    """Run dirs of every trainer that hold a run made before run.json (a checkpoint or a result, no record)."""
+    (tmp / "exp" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp / "ft" / "best").mkdir(parents=True)
+    (tmp / "pr").mkdir()
+    (tmp / "pr" / "results.json").write_text("{}")
+
+
+def superb_run(env, tmp):
+    """A finished one-step SUPERB PR run on fbank in {tmp}/pr (seed 0)."""
+    assert main(["superb", "--task", "pr", "--upstream", "fbank", "--data", env["superb"], "--train",
+                 f"{env['superb']}/dev", "--out", f"{tmp}/pr", "--max-steps", "1", "--no-progress"]) == 0
+
+
+def truncated_ckpt(env, tmp):
+    shutil.copytree(env["ckpt"], tmp / "ckpt")
+    w = tmp / "ckpt" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+
+
 # ------------------------------------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -288,10 +314,23 @@ CASES = [
          "data.train_labels=[{labels}]", "{tmp}/d8k: 6 utterance(s) with missing or misaligned labels: utt spk",
          setup=wrong_rate, absent=("{tmp}/exp/checkpoints/*", "{tmp}/exp/best")),
     Case("pretrain-exp-blocked", "pretrain --config {pretrain_conf} exp_dir={blocker}/exp data.train_labels=[{labels}]",
-         "{blocker}"),
+         "exp_dir {blocker}/exp"),
+    Case("pretrain-rerun-without-resume", "pretrain --config {pretrain_conf} exp_dir={tmp}/exp "
+         "data.train_labels=[{labels}]", "{tmp}/exp holds a pretrain run already: --resume continues it",
+         setup=old_run_dirs),
+    Case("pretrain-resume-other-seed", "pretrain --config {pretrain_conf} exp_dir={tmp}/exp --resume auto "
+         "data.train_labels=[{labels}] seed=9", "--resume with seed = 9, but the run was made with 1",
+         setup=pretrained_run, absent=("{tmp}/exp/checkpoints/step-00000003",)),
+    Case("pretrain-resume-and-overwrite", "pretrain --config {pretrain_conf} exp_dir={tmp}/exp --resume auto "
+         "--overwrite data.train_labels=[{labels}]", "choose one", setup=pretrained_run),
+    Case("pretrain-init-from-truncated", "pretrain --config {pretrain_conf} exp_dir={tmp}/exp "
+         "data.train_labels=[{labels}] ckpt.init_from={tmp}/ckpt", "{tmp}/ckpt/model.safetensors: corrupt or "
+         "truncated", setup=truncated_ckpt, absent=("{tmp}/exp/checkpoints/*",)),
     # --- finetune
+    Case("finetune-rerun-without-resume", "finetune --init {ckpt} --train {data} --units phone --out {tmp}/ft "
+         "optim.max_steps=1", "{tmp}/ft holds a finetune run already", setup=old_run_dirs),
     Case("finetune-out-blocked", "finetune --init {ckpt} --train {data} --units phone --out {blocker}/ft "
-         "optim.max_steps=1", "{blocker}"),
+         "optim.max_steps=1", "--out {blocker}/ft"),
     Case("finetune-missing-init", "finetune --init {tmp}/nowhere --train {data} --units char --out {tmp}/ft",
          "{tmp}/nowhere", absent=("{tmp}/ft/best",)),
     Case("finetune-no-transcripts", "finetune --init {ckpt} --train {tmp}/d --units phone --out {tmp}/ft "
@@ -320,16 +359,29 @@ CASES = [
          "utt spk0-train00: its audio ({superb}/train) lasts 0.60 s but the alignment ({superb}/train/phones.ctm) "
          "lasts 3 s", absent=("{tmp}/pr/results.json",)),
     Case("superb-out-blocked", "superb --task pr --upstream fbank --data {superb} --out {blocker}/pr --max-steps 1 "
-         "--train {superb}/dev", "{blocker}"),
+         "--train {superb}/dev", "--out {blocker}/pr"),
     Case("superb-missing-split", "superb --task pr --upstream fbank --data {data} --out {tmp}/pr", "{data}/train",
          absent=("{tmp}/pr/results.json",)),
     Case("superb-max-steps-0", "superb --task pr --upstream fbank --data {superb} --out {tmp}/pr --max-steps 0",
-         "max_steps must be >= 1", absent=("{tmp}/pr/results.json",)),
+         "--max-steps (optim.max_steps) must be >= 1", absent=("{tmp}/pr/results.json",)),
     Case("superb-lr-sweep-negative", "superb --task pr --upstream fbank --data {superb} --out {tmp}/pr "
          "--lr-sweep=-1e-3", "--lr-sweep", absent=("{tmp}/pr/results.json",)),
+    Case("superb-rerun-without-resume", "superb --task pr --upstream fbank --data {superb} --train {superb}/dev "
+         "--out {tmp}/pr --max-steps 1", "{tmp}/pr holds a superb run already", setup=old_run_dirs),
+    Case("superb-resume-other-seed", "superb --task pr --upstream fbank --data {superb} --train {superb}/dev "
+         "--out {tmp}/pr --max-steps 1 --resume --seed 3", "--resume with seed = 3, but the run was made with 0",
+         setup=superb_run),
+    Case("superb-resume-other-upstream", "superb --task pr --upstream {ckpt} --data {superb} --train {superb}/dev "
+         "--out {tmp}/pr --max-steps 1 --resume", "--resume with upstream (its contents changed)", setup=superb_run),
+    Case("superb-truncated-upstream", "superb --task pr --upstream {tmp}/ckpt --data {superb} --train {superb}/dev "
+         "--out {tmp}/pr --max-steps 1", "{tmp}/ckpt/model.safetensors: corrupt or truncated", setup=truncated_ckpt,
+         absent=("{tmp}/pr/results.json", "{tmp}/pr/lr_*")),
+    Case("extract-truncated-ckpt", "extract --upstream {tmp}/ckpt --data {data} --layers 1 --out {tmp}/ex",
+         "{tmp}/ckpt/model.safetensors: corrupt or truncated", setup=truncated_ckpt,
+         absent=("{tmp}/ex/layer_*/shard.*.done",)),
     Case("superb-trials-per-utt-0", "superb trials --data {data} --out {tmp}/trials --per-utt 0", "--per-utt",
          absent=("{tmp}/trials",)),
-    Case("superb-trials-blocked", "superb trials --data {data} --out {blocker}/trials", "{blocker}"),
+    Case("superb-trials-blocked", "superb trials --data {data} --out {blocker}/trials", "--out {blocker}/trials"),
     Case("superb-table-foreign", "superb table {tmp}/run/results.json --out {tmp}/table.md", "{tmp}/run/results.json",
          setup=foreign_json, absent=("{tmp}/table.md",)),
     Case("superb-prepare-blocked", "superb prepare fluent_speech_commands --corpus {tmp} --out {blocker}/fsc",

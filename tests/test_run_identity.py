@@ -136,7 +136,7 @@ def test_a_directory_with_other_files_is_not_a_run(tmp_path):
 def test_bad_run_dirs_are_one_line(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(UserError, match="a file, not a run directory"):
+    with pytest.raises(UserError, match="is a file"):
         _open(f)
     run = _held(tmp_path / "exp")
     (run / RUN_FILE).write_text("{not json")

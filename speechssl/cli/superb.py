@@ -139,11 +139,12 @@ def _table(patterns: list[str], out: str | None) -> int:
 def _trials(a) -> int:
     from speechssl.data.kaldi import read_data_dir
     from speechssl.errors import UserError
-    from speechssl.fileio import atomic_write_text
+    from speechssl.fileio import atomic_write_text, check_writable_file
     from speechssl.superb.tasks import make_trials
 
     if not a.data or not a.out:
         raise UserError("superb trials: give --data DIR and --out FILE")
+    check_writable_file(a.out, "--out")
     if a.per_utt < 1:
         raise UserError(f"superb trials: --per-utt must be >= 1 (target and non-target trials per utterance), got "
                         f"{a.per_utt}")

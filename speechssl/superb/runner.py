@@ -87,7 +87,8 @@ def run_superb(task: str, upstream: str, out: str | Path, *, data: str | Path | 
     out = Path(out)
     t_obj = make_task(cfg)
     if t_obj.trains and cfg.optim.max_steps < 1:
-        raise UserError(f"optim.max_steps must be >= 1 for task {task} (it trains a head), got {cfg.optim.max_steps}")
+        raise UserError(f"--max-steps (optim.max_steps) must be >= 1 for task {task} (it trains a head), got "
+                        f"{cfg.optim.max_steps}")
     t_obj.configure(dev_trials=dev_trials, test_trials=test_trials)
     data = read_splits(resolve_splits(t_obj, data, train, dev, test))
     sweep = list(lr_sweep) if lr_sweep else [cfg.optim.lr]

@@ -229,6 +229,7 @@ class FinetuneTrainer(Trainer):
 
     kind = "ctc_finetune"
     run_kind = "finetune"
+    run_flag = "--out"
 
     def __init__(self, cfg: FinetuneConfig, *, resume: str | None = None, tokenizer: Tokenizer | None = None,
                  overwrite: bool = False):

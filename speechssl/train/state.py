@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from speechssl.errors import MissingInputError, UserError
-from speechssl.fileio import atomic_write_bytes, atomic_write_text
+from speechssl.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +348,7 @@ def open_run(run_dir: str | Path, kind: str, options: dict, *, resume: bool, ove
     record = {"format": "speechssl-run-1", "kind": kind, "options": new,
               "may_change_on_resume": list(MAY_CHANGE_ON_RESUME[kind])}
     rec = run_dir / RUN_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: a file, not a run directory; give another {flag}")
+    check_writable_dir(run_dir, flag)  # a file in the way, a read-only parent: one line before any work
     held = run_dir.is_dir() and _holds_run(run_dir, markers)
     ways = f"another {flag} for a new run, or --overwrite to delete this one and start over"
     old = _read_record(rec, ways) if rec.is_file() else None

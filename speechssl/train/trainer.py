@@ -80,6 +80,7 @@ class Trainer:
 
     kind = "hubert_pretrain"  # "kind" in every checkpoint's config.json extra
     run_kind = "pretrain"  # the run record's kind (train/state.py: open_run, MAY_CHANGE_ON_RESUME)
+    run_flag = "exp_dir"  # how the user names the run dir (in error lines)
 
     def __init__(self, cfg: PretrainConfig, *, resume: str | None = None, model: nn.Module | None = None,
                  overwrite: bool = False):
@@ -173,7 +174,7 @@ class Trainer:
         if self.dist.is_main:
             try:
                 st.open_run(self.exp, self.run_kind, to_dict(self.cfg), resume=bool(resume), overwrite=overwrite,
-                            inputs=self.run_inputs(), markers=("checkpoints/step-*", "best"), flag="exp_dir")
+                            inputs=self.run_inputs(), markers=("checkpoints/step-*", "best"), flag=self.run_flag)
             except UserError as e:
                 error = str(e)
         error = broadcast_from_main(error, self.dist)
