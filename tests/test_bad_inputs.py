@@ -207,6 +207,13 @@ def foreign_json(env, tmp):
     (tmp / "run" / "results.json").write_text(json.dumps({"hello": "world"}))
 
 
+def other_audio_phones(env, tmp):
+    """The data dir's phones only in a phones.ctm timed for other audio (5x as long)."""
+    d = _copy_data(env, tmp)
+    (d / "utt2phones").unlink()
+    (d / "phones.ctm").write_text(Path(env["other_ctm"]).read_text())
+
+
 def pretrained_run(env, tmp):
     """A finished 2-update pretraining run in {tmp}/exp (seed 1)."""
     assert main(["pretrain", "--config", env["pretrain_conf"], f"exp_dir={tmp}/exp",
@@ -327,6 +334,9 @@ CASES = [
          "data.train_labels=[{labels}] ckpt.init_from={tmp}/ckpt", "{tmp}/ckpt/model.safetensors: corrupt or "
          "truncated", setup=truncated_ckpt, absent=("{tmp}/exp/checkpoints/*",)),
     # --- finetune
+    Case("finetune-phones-of-other-audio", "finetune --init {ckpt} --train {tmp}/d --units phone --out {tmp}/ft "
+         "optim.max_steps=1", "utt spk0-data00: its audio ({tmp}/d) lasts 0.60 s but the alignment "
+         "({tmp}/d/phones.ctm) lasts 3 s", setup=other_audio_phones, absent=("{tmp}/ft/best", "{tmp}/ft/checkpoints/*")),
     Case("finetune-rerun-without-resume", "finetune --init {ckpt} --train {data} --units phone --out {tmp}/ft "
          "optim.max_steps=1", "{tmp}/ft holds a finetune run already", setup=old_run_dirs),
     Case("finetune-out-blocked", "finetune --init {ckpt} --train {data} --units phone --out {blocker}/ft "

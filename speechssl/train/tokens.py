@@ -113,9 +113,15 @@ def read_transcripts(data_dir: str | Path, units: str) -> tuple[dict[str, str], 
         ctm = d / "phones.ctm"
         if not ctm.is_file():
             raise MissingInputError(f"{d}: units phone need utt2phones or phones.ctm in the data dir")
-        from speechssl.units.alignments import read_alignments
+        from speechssl.data.durations import durations_of
+        from speechssl.units.alignments import check_alignment_span, read_alignments
 
-        return {u: " ".join(a.phones) for u, a in read_alignments(ctm).items()}, ctm
+        ali = read_alignments(ctm)
+        durations = durations_of(dd)
+        for u in dd.utt_ids():  # phones of other audio (another recording, another sample rate): one line
+            if u in ali:
+                check_alignment_span(ali[u], durations[u], f"its audio ({d}) lasts {durations[u]:.2f} s")
+        return {u: " ".join(a.phones) for u, a in ali.items()}, ctm
     if dd.text is None:
         raise MissingInputError(f"{d / 'text'}: no such file; units {units} need transcripts")
     return dict(dd.text), d / "text"
