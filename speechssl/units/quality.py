@@ -41,11 +41,13 @@ def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
     if c.ndim != 2 or total <= 0:
         raise ValueError(f"need a non-empty [phones, units] count table, got shape {c.shape} with {total} frames")
     p = c / total
-    py, pz = p.sum(1), p.sum(0)
+    # marginals from the counts, not as sums of p: with a single phone p(y) is then exactly 1 and H(y) exactly 0
+    # (summed, it can round to 1 - 1e-16, and PNMI came out as 2e-16 / 1e-16 = 2)
+    py, pz = c.sum(1) / total, c.sum(0) / total
     nz = p > 0
     outer = np.outer(py, pz)
-    mi = float(np.sum(p[nz] * np.log(p[nz] / outer[nz])))
-    h_y = float(-np.sum(py[py > 0] * np.log(py[py > 0])))
+    mi = float(np.sum(p[nz] * np.log(p[nz] / outer[nz]))) + 0.0
+    h_y = float(-np.sum(py[py > 0] * np.log(py[py > 0]))) + 0.0  # + 0.0: no -0.0 in the JSON
     return {
         "phone_purity": float(p.max(0).sum()),
         "cluster_purity": float(p.max(1).sum()),
