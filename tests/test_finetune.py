@@ -459,7 +459,12 @@ def test_utterance_without_transcript(asr, tmp_path, capsys):
     d2, _ = make_corpus(tmp_path / "c2", n_utts=4, seed=3)
     utts = sorted(add_transcripts(d2, 3))
     (d2 / "utt2phones").unlink()
-    (d2 / "phones.ctm").write_text("".join(f"{u} 1 0.10 0.20 a\n{u} 1 0.30 0.20 b\n" for u in utts if u != utts[0]))
+    from speechssl.data.durations import durations_of
+    from speechssl.data.kaldi import read_data_dir
+
+    dur = durations_of(read_data_dir(d2))  # phones spanning each utterance (a CTM of other audio is refused first)
+    (d2 / "phones.ctm").write_text("".join(f"{u} 1 0.00 {dur[u] / 2:.3f} a\n{u} 1 {dur[u] / 2:.3f} {dur[u] / 2:.3f} b\n"
+                                           for u in utts if u != utts[0]))
     assert main(tiny_ft(tmp_path / "x2", d2, None, base, units="phone")) == 1
     line = error_line(capsys.readouterr().err, "finetune")
     assert line.startswith(f"speechssl finetune: error: {d2 / 'phones.ctm'}: no transcript for utterance {utts[0]}")
