@@ -337,6 +337,8 @@ CASES = [
     Case("finetune-phones-of-other-audio", "finetune --init {ckpt} --train {tmp}/d --units phone --out {tmp}/ft "
          "optim.max_steps=1", "utt spk0-data00: its audio ({tmp}/d) lasts 0.60 s but the alignment "
          "({tmp}/d/phones.ctm) lasts 3 s", setup=other_audio_phones, absent=("{tmp}/ft/best", "{tmp}/ft/checkpoints/*")),
+    Case("finetune-max-seconds-negative", "finetune --init {ckpt} --train {data} --units phone --out {tmp}/ft "
+         "data.max_seconds=-1", "data.max_seconds must be > data.min_seconds", absent=("{tmp}/ft",)),
     Case("finetune-rerun-without-resume", "finetune --init {ckpt} --train {data} --units phone --out {tmp}/ft "
          "optim.max_steps=1", "{tmp}/ft holds a finetune run already", setup=old_run_dirs),
     Case("finetune-out-blocked", "finetune --init {ckpt} --train {data} --units phone --out {blocker}/ft "

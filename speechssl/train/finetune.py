@@ -76,6 +76,9 @@ class CTCDataConfig:
         if self.max_duration <= 0 or self.num_buckets < 1 or self.num_workers < 0 or self.min_seconds < 0:
             raise UserError("need data.max_duration > 0, data.num_buckets >= 1, data.num_workers >= 0, "
                             "data.min_seconds >= 0")
+        if self.max_seconds is not None and not self.max_seconds > self.min_seconds:
+            raise UserError(f"data.max_seconds must be > data.min_seconds ({self.min_seconds:g}) or null, got "
+                            f"{self.max_seconds:g}")
 
 
 @dataclass
