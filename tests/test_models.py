@@ -3,9 +3,12 @@ head behaviour, frontends, checkpoints. Tiny configs only; CPU, 1-2 threads."""
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from speechssl.models import (
     HubertConfig,
@@ -20,6 +23,9 @@ from speechssl.models import (
     save_model,
 )
 from speechssl.models.checkpoint import CheckpointError
+from speechssl.models.config import HubertConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(2)
 
@@ -145,6 +151,144 @@ def test_pretraining_loss_matches_fairseq(make, monkeypatch):
         assert out["logs"][f"loss_m_{i}"] == pytest.approx(float(ce[i]) / n_masked, rel=1e-4)
     assert out["sample_size"] == n_masked
     assert out["logs"]["feature_pen"] == pytest.approx(float(res["features_pen"]), rel=1e-5)
+
+
+# The shipped pretraining settings, from the YAML files themselves (a tiny encoder; everything the loss depends on:
+# pred_masked_weight, pred_nomask_weight, feature_penalty_weight, logit_temp, final_proj tying, masking, as shipped).
+TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, final_dim=16)
+
+
+def _recipe_iter1_label_sets() -> list[int]:
+    """``model.num_classes`` that recipes/hubert.sh passes to mini_synth's iteration 1: one target set per
+    ``--feats1`` entry of egs/mini_synth/hubert/run.sh (fbank and MFCC units), each of ``k1`` classes."""
+    feats1 = re.search(r'\{ feats1="([^"]+)"', (ROOT / "egs/mini_synth/hubert/run.sh").read_text()).group(1).split()
+    k1 = int(re.search(r"^k1=(\d+)", (ROOT / "recipes/hubert.sh").read_text(), re.M).group(1))
+    return [k1] * len(feats1)
+
+
+def _shipped_config(conf: str, **changes) -> HubertConfig:
+    model = yaml.safe_load((ROOT / conf).read_text())["model"]
+    width = 48  # != hidden_size: fairseq has a post_extract_proj then, as the shipped models do
+    model.update(TINY_ENCODER, conv_layers=[[width, k, s] for _, k, s in model["conv_layers"]], **changes)
+    return HubertConfig.from_dict(model)
+
+
+SHIPPED = {
+    # mini_synth iteration 1 as the recipe runs it: fbank frontend, fbank + MFCC unit sets, unmasked frames
+    # predicted too (pred_nomask_weight 1.0), padded rows
+    "mini_synth_iter1": ("egs/mini_synth/hubert/conf/pretrain_iter1.yaml", {"num_classes": _recipe_iter1_label_sets()},
+                         [4000, 3100]),
+    # the same with unequal weights and another temperature, so that the masked and unmasked terms cannot trade
+    # places, nor a constant stand for the config's value, unnoticed
+    "mini_synth_iter1_varied": ("egs/mini_synth/hubert/conf/pretrain_iter1.yaml",
+                                {"num_classes": [7, 5], "pred_masked_weight": 0.7, "pred_nomask_weight": 0.3,
+                                 "logit_temp": 0.25}, [4000, 2900]),
+    # LibriSpeech HuBERT Base iteration 1: waveform CNN, feature penalty 10, masked frames only
+    "librispeech_base_iter1": ("egs/librispeech/hubert/conf/hubert_base_iter1.yaml", {"num_classes": [7, 5]},
+                               [4000, 4000]),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # s3prl uses the old weight_norm
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_pretraining_loss_matches_fairseq_with_the_shipped_settings(name, monkeypatch):
+    """fairseq's HubertModel (s3prl's copy) and its ``hubert`` criterion on the same weights, mask and labels:
+
+        loss = (pred_masked_weight * sum_sets sum_masked CE + pred_nomask_weight * sum_sets sum_unmasked CE)
+               / sample_size + feature_penalty_weight * features_pen,
+        sample_size = masked frames (if pred_masked_weight > 0) + unmasked frames (if pred_nomask_weight > 0)
+
+    with the model section of the shipped YAML (tiny sizes). Masked and unmasked logits of every label set are
+    compared too (fairseq: column 0 the target, then every unit with the target's own column at -inf). fairseq has
+    only the waveform CNN, so for the fbank frontend its ``forward_features`` returns our frontend's output and its
+    ``forward_padding_mask`` our frame padding (the rest of its model is its own)."""
+    import s3prl.upstream.hubert.hubert_model as fs
+
+    from speechssl.models.fairseq import config_to_fairseq, fairseq_name
+
+    conf, changes, lengths = SHIPPED[name]
+    cfg = _shipped_config(conf, **changes)
+    if name.startswith("mini_synth_iter1"):  # what is shipped (so that this test follows the YAML)
+        assert cfg.frontend == "fbank" and cfg.pred_nomask_weight > 0 and len(cfg.num_classes) == 2
+    torch.manual_seed(0)
+    model = HubertPretrainModel(cfg).eval()
+    with torch.no_grad():  # off the init: every weight's place matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    fbank = cfg.frontend == "fbank"
+    twin = HubertConfig.from_dict({**cfg.to_dict(), "frontend": "cnn", "feature_penalty_weight": 0.0,
+                                   "conv_layers": [[48, 10, 5], [48, 8, 4], [48, 4, 4], [48, 2, 2], [48, 2, 2]]}) \
+        if fbank else cfg  # the fairseq config of the fbank model: the same but for a CNN of 320x (unused)
+    model_cfg, task_cfg = config_to_fairseq(twin)
+
+    def build(cls, c):
+        return cls(**{k: v for k, v in c.items() if k in cls.__dataclass_fields__})
+
+    ref = fs.HubertModel(build(fs.HubertConfig, model_cfg), build(fs.HubertPretrainingConfig, task_cfg),
+                         [list(range(k)) for k in cfg.num_classes]).eval()
+    state = {fairseq_name(k, cfg.feat_extract_norm): v for k, v in model.state_dict().items()
+             if not (fbank and k.startswith("hubert.feature_extractor."))}
+    missing, unexpected = ref.load_state_dict(state, strict=not fbank)
+    assert not unexpected and all(k.startswith("feature_extractor.") for k in missing)
+
+    wavs, lens = padded_batch(lengths)
+    with torch.no_grad():
+        feats, frame_lens = model.hubert.extract_features(wavs, lens)
+    B, T = len(lengths), feats.shape[1]
+    padding = torch.arange(T)[None] >= frame_lens[:, None]
+    if fbank:
+        monkeypatch.setattr(ref, "forward_features", lambda source: feats.transpose(1, 2))
+        monkeypatch.setattr(ref, "forward_padding_mask", lambda features, padding_mask: padding)
+    else:
+        assert not padding.any()  # fairseq's features penalty and group norm see the padding: equal lengths here
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, k, (B, T), generator=g) for k in cfg.num_classes]
+    mask = model.compute_mask(frame_lens, T, torch.Generator().manual_seed(1))
+    calls = []
+
+    def fairseq_mask(shape, padding_mask, mask_prob, mask_length, *args, min_masks=0, **kw):
+        calls.append((tuple(shape), mask_prob, mask_length, min_masks))
+        return mask.numpy()
+
+    monkeypatch.setattr(fs, "compute_mask_indices", fairseq_mask)
+    ours_logits = []
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: ours_logits.append(real_logits(x)) or ours_logits[-1])
+    with torch.no_grad():
+        out = model(wavs, lens, labels, mask=mask)
+        res = ref(wavs, target_list=labels, padding_mask=wavs == 0, mask=True)
+    # fairseq draws its mask with the config's settings (min_masks 2 is fairseq HuBERT's, and the config's)
+    assert calls == [((B, T), cfg.mask_prob, cfg.mask_length, cfg.mask_min_masks)]
+
+    valid = ~padding
+    sel = {"m": mask & valid, "u": valid & ~mask}
+    assert sel["m"].any() and sel["u"].any()
+    zero = {kind: [torch.zeros(lg.shape[0], dtype=torch.long) for lg in res[f"logit_{kind}_list"]] for kind in "mu"}
+    ce = {kind: [torch.nn.functional.cross_entropy(lg.float(), z, reduction="sum")
+                 for lg, z in zip(res[f"logit_{kind}_list"], zero[kind])] for kind in "mu"}
+    n = {kind: int(sel[kind].sum()) for kind in "mu"}
+    weight = {"m": cfg.pred_masked_weight, "u": cfg.pred_nomask_weight}
+    sample_size = sum(n[kind] for kind in "mu" if weight[kind] > 0)
+    expected = sum(weight[kind] * sum(ce[kind]) for kind in "mu" if weight[kind] > 0) / sample_size
+    expected = expected + cfg.feature_penalty_weight * res["features_pen"]
+    torch.testing.assert_close(out["loss"], expected.float(), atol=1e-4, rtol=1e-5)
+    assert out["sample_size"] == sample_size
+    for kind_i, kind in enumerate("mu"):
+        for i in range(len(cfg.num_classes)):
+            assert out["logs"][f"count_{kind}_{i}"] == n[kind]
+            assert out["logs"][f"loss_{kind}_{i}"] == pytest.approx(float(ce[kind][i]) / n[kind], rel=1e-4)
+            # the logits themselves: ours over all units, fairseq's target column first
+            theirs = res[f"logit_{kind}_list"][i].float()
+            target = labels[i][sel[kind]]
+            full = theirs[:, 1:].clone()
+            full[torch.arange(len(target)), target] = theirs[:, 0]
+            torch.testing.assert_close(ours_logits[kind_i][i], full, atol=1e-4, rtol=1e-4)
+            acc = float((full.argmax(-1) == target).float().mean())
+            assert out["logs"][f"acc_{kind}_{i}"] == pytest.approx(acc)
+    if cfg.feature_penalty_weight:
+        assert out["logs"]["feature_pen"] == pytest.approx(float(res["features_pen"]), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- pretraining head
