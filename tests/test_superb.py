@@ -389,7 +389,7 @@ def test_table_across_tasks_and_upstreams(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["optim.eval_every=0"], "optim.eval_every must be >= 1 step, got 0"),
     (["optim.max_duration=-1", "optim.lr=0"], "optim.lr must be > 0, got 0.0; optim.max_duration must be > 0"),
-    (["--max-steps", "0"], "optim.max_steps must be >= 1 for task pr"),
+    (["--max-steps", "0"], "--max-steps (optim.max_steps) must be >= 1 for task pr"),
     (["folds=0"], "need folds >= 1"),
 ])
 def test_bad_optim_values_are_one_line_errors(args, message, corpus, tmp_path):
