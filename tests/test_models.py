@@ -179,11 +179,11 @@ SHIPPED = {
     # predicted too (pred_nomask_weight 1.0), padded rows
     "mini_synth_iter1": ("egs/mini_synth/hubert/conf/pretrain_iter1.yaml", {"num_classes": _recipe_iter1_label_sets()},
                          [4000, 3100]),
-    # the same with unequal weights and another temperature, so that the masked and unmasked terms cannot trade
-    # places, nor a constant stand for the config's value, unnoticed
+    # the same with unequal weights, another temperature and one final_proj shared by the sets, so that the masked
+    # and unmasked terms cannot trade places, nor a constant stand for the config's value, unnoticed
     "mini_synth_iter1_varied": ("egs/mini_synth/hubert/conf/pretrain_iter1.yaml",
                                 {"num_classes": [7, 5], "pred_masked_weight": 0.7, "pred_nomask_weight": 0.3,
-                                 "logit_temp": 0.25}, [4000, 2900]),
+                                 "logit_temp": 0.25, "untie_final_proj": False}, [4000, 2900]),
     # LibriSpeech HuBERT Base iteration 1: waveform CNN, feature penalty 10, masked frames only
     "librispeech_base_iter1": ("egs/librispeech/hubert/conf/hubert_base_iter1.yaml", {"num_classes": [7, 5]},
                                [4000, 4000]),
@@ -216,6 +216,11 @@ def test_pretraining_loss_matches_fairseq_with_the_shipped_settings(name, monkey
     with torch.no_grad():  # off the init: every weight's place matters
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        # projections and unit embeddings of norm below 1 (cosine similarity is scale-free: the normalisation
+        # must not be)
+        model.label_embeddings.mul_(0.05)
+        model.final_proj.weight.mul_(0.05)
+        model.final_proj.bias.mul_(0.05)
 
     fbank = cfg.frontend == "fbank"
     twin = HubertConfig.from_dict({**cfg.to_dict(), "frontend": "cnn", "feature_penalty_weight": 0.0,
@@ -342,6 +347,102 @@ def test_pretrain_logs_masks_and_padding():
     out2 = model(wavs, lens, labels2, mask=mask)
     # the fbank frontend has no feature penalty, so nothing is left of the loss
     assert out2["logs"]["count_m_0"] == 0 and out2["logs"]["loss"] == 0.0 and out2["logs"]["feature_pen"] > 0
+
+
+def _record_logits(model, monkeypatch) -> list:
+    """The logits ``forward`` computes: one list per ``logits`` call (masked frames first, then unmasked)."""
+    calls = []
+    real = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: calls.append(real(x)) or calls[-1])
+    return calls
+
+
+def test_head_bookkeeping_on_one_frame_ignored_labels_and_gradients(monkeypatch):
+    """The loss and logs on edge cases the fairseq comparison does not reach: a one-frame batch (every count 1),
+    a label set whose masked frames are all -100 (``sample_size`` counts the first set's frames), unmasked logits
+    computed without a graph when their weight is 0, nothing with a graph under no_grad."""
+    torch.manual_seed(0)
+    cfg = hubert_tiny(num_hidden_layers=1, num_classes=[6, 4])
+    model = HubertPretrainModel(cfg).eval()
+    calls = _record_logits(model, monkeypatch)
+    wavs, lens = padded_batch([400])
+    assert int(model.hubert.num_frames(400)) == 1
+    labels = [torch.tensor([[3]]), torch.tensor([[2]])]
+    with torch.no_grad():
+        out = model(wavs, lens, labels, mask=torch.tensor([[True]]))
+    (m0, m1), (u0, u1) = calls
+    ce = [torch.nn.functional.cross_entropy(m0, labels[0][0], reduction="sum"),
+          torch.nn.functional.cross_entropy(m1, labels[1][0], reduction="sum")]
+    logs = out["logs"]
+    assert out["sample_size"] == 1 and logs["sample_size"] == 1.0 and logs["mask_frac"] == 1.0
+    assert logs["num_frames"] == 1.0 and u0.shape == (0, 6) and u1.shape == (0, 4)
+    assert float(out["loss"]) == pytest.approx(float(ce[0] + ce[1]), rel=1e-6)
+    for i, (lg, lab) in enumerate(zip((m0, m1), labels)):
+        assert logs[f"loss_m_{i}"] == pytest.approx(float(ce[i]), rel=1e-6) and logs[f"count_m_{i}"] == 1.0
+        assert logs[f"acc_m_{i}"] == float(int(lg.argmax(-1)) == int(lab))
+        assert logs[f"loss_u_{i}"] == 0.0 and logs[f"acc_u_{i}"] == 0.0 and logs[f"count_u_{i}"] == 0.0
+    assert not m0.requires_grad  # under no_grad nothing keeps a graph
+
+    # two rows; set 1 has no label on any masked frame; unmasked frames weigh 0.5
+    model.config.pred_nomask_weight = 0.5
+    model.train()
+    calls.clear()
+    wavs, lens = padded_batch([4000, 3000])
+    frame_lens = model.hubert.num_frames(lens)
+    T = int(frame_lens.max())
+    mask = model.compute_mask(frame_lens, T, torch.Generator().manual_seed(0))
+    labels = [torch.randint(0, 6, (2, T)), torch.randint(0, 4, (2, T))]
+    labels[1][mask] = -100
+    out = model(wavs, lens, labels, mask=mask)
+    n_m, n_u = int(mask.sum()), int(frame_lens.sum()) - int(mask.sum())
+    assert out["sample_size"] == n_m + n_u  # the first set's frames, masked and unmasked
+    logs = out["logs"]
+    assert logs["count_m_1"] == 0.0 and logs["loss_m_1"] == 0.0 and logs["acc_m_1"] == 0.0
+    assert logs["count_m_0"] == n_m and logs["count_u_1"] == n_u
+    assert all(lg.requires_grad for lg in calls[0] + calls[1])
+    # with pred_nomask_weight 0 the unmasked logits are logged but carry no graph
+    model.config.pred_nomask_weight = 0.0
+    calls.clear()
+    out = model(wavs, lens, labels, mask=mask)
+    assert all(lg.requires_grad for lg in calls[0]) and not any(lg.requires_grad for lg in calls[1])
+    assert out["sample_size"] == n_m
+
+
+def test_forward_draws_its_mask_from_the_generator_only():
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=1, num_classes=[6])).eval()
+    wavs, lens = padded_batch([9000, 7000])
+    T = int(model.hubert.num_frames(lens).max())
+    labels = [torch.randint(0, 6, (2, T))]
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    a = model(wavs, lens, labels, generator=torch.Generator().manual_seed(11))["mask"]
+    assert torch.equal(torch.get_rng_state(), state)  # eval mode, a generator: torch's RNG untouched
+    torch.manual_seed(4)
+    b = model(wavs, lens, labels, generator=torch.Generator().manual_seed(11))["mask"]
+    assert torch.equal(a, b)
+    assert not a[1, int(model.hubert.num_frames(7000)):].any()
+
+
+def test_labels_one_frame_short_carry_no_loss_on_the_last_frame_and_bad_values_are_named():
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=1, num_classes=[10])).eval()
+    wavs, lens = padded_batch([16000, 16000])
+    T = int(model.hubert.num_frames(16000))
+    out = model(wavs, lens, [torch.randint(0, 10, (2, T - 1))], generator=torch.Generator().manual_seed(0))
+    assert out["logs"]["count_m_0"] + out["logs"]["count_u_0"] == 2 * T - 2  # the padded frame: -100, no target
+    with pytest.raises(ValueError, match=r"label set 0: values outside \[0, 10\) \(and not -100\): "
+                                         r"\[10, 10, 10, 10, 10\]$"):
+        model(wavs, lens, [torch.full((2, T), 10)])
+    with pytest.raises(ValueError, match=r"^model.model_type='wav2vec2': only 'hubert' encoders are pretrained here "
+                                         r"\(masked-unit prediction\); wav2vec 2.0 and WavLM models load as "
+                                         r"upstreams only$"):
+        HubertPretrainModel(hubert_tiny(model_type="wav2vec2"))
+
+
+def test_rows_without_frames_give_a_zero_loss():
+    model = HubertPretrainModel(hubert_tiny(num_hidden_layers=1, num_classes=[6])).eval()
+    T = int(model.hubert.num_frames(1000))
+    out = model(torch.zeros(2, 1000), torch.tensor([0, 0]), [torch.full((2, T), -100)])
+    assert out["logs"]["num_frames"] == 0.0 and out["logs"]["loss"] == 0.0 and out["logs"]["feature_pen"] == 0.0
 
 
 def test_feature_penalty_is_the_waveform_cnns_and_refused_on_fbank():

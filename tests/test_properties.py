@@ -24,7 +24,8 @@ from speechssl.models import HubertPretrainModel, hubert_tiny
 from speechssl.models.hubert import LABEL_PAD
 from speechssl.models.masking import compute_mask_indices
 from speechssl.sharding import ids_sha1, resolve_shards, shard_items, shard_range
-from speechssl.superb.metrics import ctc_greedy_decode, edit_distance
+from speechssl.errors import UserError
+from speechssl.superb.metrics import accuracy, cer, ctc_greedy_decode, edit_distance, eer_min_dcf, per, wer
 from speechssl.train.data import PretrainDataset
 from speechssl.train.finetune import greedy_tokens
 from speechssl.units.labels import LabelError, label_stride
@@ -269,8 +270,10 @@ class _Labels:
 
     def __init__(self, lab: np.ndarray, k: int, label_rate: float):
         self.lab, self.k, self.label_rate, self.text_path = lab, k, label_rate, "text.km"
+        self.asked: list[tuple[str, int | None]] = []
 
     def get(self, utt: str, num_samples: int | None = None) -> np.ndarray:
+        self.asked.append((utt, num_samples))  # LabelSet.get checks the labels' length against num_samples
         return self.lab
 
 
@@ -302,8 +305,11 @@ def test_crop_labels_are_every_stride_th_label_from_the_crop_start(stride, n_fra
         assert out[i] == (lab[j] if j < n_lab else LABEL_PAD), (i, j)
     # written in place into a batch row (which PretrainDataset._fill fills with -100 first), the same values
     row = np.full(n_frames, LABEL_PAD, dtype=np.int64)
-    ds._labels_for(_Labels(lab, k, 50.0 * stride), stride, "u", 0, frame_off, n_frames, out=row)
+    labels = _Labels(lab, k, 50.0 * stride)
+    ds._labels_for(labels, stride, "u", 16000 + seed, frame_off, n_frames, out=row)
     assert row.tolist() == out.tolist()
+    # the whole utterance's length (not the crop's) goes to the label set's length check
+    assert labels.asked == [("u", 16000 + seed)]
 
 
 @PROPS
@@ -317,20 +323,51 @@ def test_crop_labels_out_of_range_are_refused(k, bad, n, where):
 
 
 @PROPS
-@given(frame_rate=st.sampled_from([25.0, 40.0, 50.0, 100.0 / 3]), stride=st.integers(1, 6),
+@given(frame_rate=st.sampled_from([0.5, 25.0, 40.0, 50.0, 100.0 / 3]), stride=st.integers(1, 6),
        off=st.sampled_from([0.0, 0.3, 0.5, -0.5, 1e-3]))
 def test_label_stride_is_the_whole_ratio_of_rates(frame_rate, stride, off):
+    """A whole ratio within a relative 1e-6 (float noise of a rate written in a meta.json) is the stride; anything
+    further off, or a rate <= 0, is an error saying so."""
     label_rate = frame_rate * stride
     if off == 0.0:
         assert label_stride(label_rate, frame_rate) == stride
-        assert label_stride(label_rate * (1 + 1e-9), frame_rate) == stride  # float noise of a rate in a meta.json
+        assert label_stride(label_rate * (1 + 5e-7), frame_rate) == stride
+        assert label_stride(label_rate * (1 - 5e-7), frame_rate) == stride
+        with pytest.raises(LabelError, match=f"label rate {label_rate * (1 + 2e-6):g} Hz is not a whole multiple of "
+                                             f"the model frame rate {frame_rate:g} Hz"):
+            label_stride(label_rate * (1 + 2e-6), frame_rate)
     else:
         with pytest.raises(LabelError, match="not a whole multiple"):
             label_stride(frame_rate * (stride + off), frame_rate)
-    with pytest.raises(LabelError, match="must be positive"):
+    with pytest.raises(LabelError, match=f"label rate 0.0 and frame rate {frame_rate} must be positive"):
         label_stride(0.0, frame_rate)
     with pytest.raises(LabelError, match="must be positive"):
         label_stride(label_rate, -frame_rate)
+    with pytest.raises(LabelError, match="must be positive"):
+        label_stride(label_rate, 0.0)
+
+
+@PROPS
+@given(seed=st.integers(0, 2**31), epoch=st.integers(0, 1000), max_off=st.integers(0, 7))
+def test_crop_offsets_are_a_deterministic_uniform_draw(seed, epoch, max_off):
+    """``crop_offset``: in ``[0, max_offset_frames]``, the same for the same (seed, epoch, utterance), and over
+    utterances uniform on that range (every offset is reached; chi-square, 800 utterances)."""
+    from speechssl.train.data import crop_offset
+
+    ids = [f"spk{i % 7}-utt{i:04d}" for i in range(800)]
+    offs = np.array([crop_offset(seed, epoch, u, max_off) for u in ids])
+    assert offs.min() >= 0 and offs.max() <= max(max_off, 0)
+    assert [crop_offset(seed, epoch, u, max_off) for u in ids[:20]] == offs[:20].tolist()
+    if max_off <= 0:
+        assert not offs.any()
+        return
+    counts = np.bincount(offs, minlength=max_off + 1)
+    expected = len(ids) / (max_off + 1)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 40, counts  # 7 degrees of freedom at most: p < 1e-5
+    # another seed, epoch or utterance moves the crops
+    assert [crop_offset(seed + 1, epoch, u, max_off) for u in ids[:40]] != offs[:40].tolist()
+    assert [crop_offset(seed, epoch + 1, u, max_off) for u in ids[:40]] != offs[:40].tolist()
 
 
 @PROPS
@@ -393,6 +430,12 @@ def test_ranks_of_a_torchrun_launch_share_the_shards_out(nshard, world, data):
     r = data.draw(st.integers(0, nshard - 1))
     assert resolve_shards(nshard, r, {"WORLD_SIZE": str(world), "RANK": "0"}) == (nshard, [r])
     assert resolve_shards(None, None, {}) == (1, [0])
+    # shard_range refuses a rank outside [0, nshard) and nshard < 1, naming both
+    for bad_rank in (-1, nshard):
+        with pytest.raises(ValueError, match=f"need 0 <= rank < nshard, got rank={bad_rank} nshard={nshard}"):
+            shard_range(10, nshard, bad_rank)
+    with pytest.raises(ValueError, match="got rank=0 nshard=0"):
+        shard_range(10, 0, 0)
 
 
 # ============================================================================================== PNMI
@@ -408,6 +451,8 @@ def count_tables(draw):
 @PROPS
 @given(counts=count_tables(), seed=st.integers(0, 1000))
 @example(counts=np.array([[2, 37, 6]]), seed=0)  # one phone: p(y) summed to 1 - 1e-16 gave PNMI 2.0
+@example(counts=np.array([[3, 0, 1], [0, 0, 0], [1, 0, 5]]), seed=0)  # a phone without frames, an unused unit
+@example(counts=np.array([[0, 0], [0, 1]]), seed=0)  # a single frame
 def test_pnmi_and_purities_follow_their_definitions(counts, seed):
     """PNMI = I(y;z)/H(y) (scikit-learn's mutual information from the same contingency table), in [0, 1]; the
     purities are sums of column/row maxima of p(y, z); all of them unchanged by relabelling phones or units,
@@ -430,6 +475,21 @@ def test_pnmi_and_purities_follow_their_definitions(counts, seed):
     for other in (shuffled, 3 * counts, np.c_[counts, np.zeros(len(counts), dtype=int)]):
         for key, value in quality_from_counts(other).items():
             assert value == pytest.approx(m[key], abs=1e-9), key
+
+
+def test_pnmi_refuses_tables_it_cannot_score():
+    for bad in (np.zeros((3, 4), dtype=int), np.array([1, 2, 3]), np.ones((2, 2, 2))):
+        with pytest.raises(ValueError, match=r"need a non-empty \[phones, units\] count table, got shape"):
+            quality_from_counts(bad)
+
+
+def test_count_table_takes_any_integer_like_ids():
+    """Phone ids of a small dtype (uint8 from a phone table) times k past 255, units read as floats."""
+    phones = np.array([0, 2, 2, 1], dtype=np.uint8)
+    units = np.array([299.0, 0.0, 299.0, 150.0])
+    table = count_table(phones, units, 3, 300)
+    assert table.shape == (3, 300) and table[0, 299] == 1 and table[2, 0] == 1 and table[2, 299] == 1
+    assert table[1, 150] == 1 and table.sum() == 4
 
 
 @PROPS
@@ -472,3 +532,80 @@ def test_edit_distance_is_the_levenshtein_metric(a, b, c):
     assert edit_distance(a, a) == 0
     assert abs(len(a) - len(b)) <= ab <= max(len(a), len(b))
     assert edit_distance(a, c) <= ab + edit_distance(b, c)
+
+
+# ============================================================================================== SUPERB metrics
+def _eer_min_dcf_plain(scores: np.ndarray, target: np.ndarray, p: float, c_miss: float, c_fa: float):
+    """The definitions written out: operating points "reject all" then "accept score >= t" for each distinct score
+    t, EER where the segment between two points crosses FNR = FPR, minDCF the normalised minimum cost."""
+    n_tar, n_non = target.sum(), (~target).sum()
+    points = [(0.0, 1.0)]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        accept = scores >= t
+        points.append(((accept & ~target).sum() / n_non, (~accept & target).sum() / n_tar))
+    eer = None
+    for (f0, m0), (f1, m1) in zip(points, points[1:]):
+        d0, d1 = m0 - f0, m1 - f1
+        if d0 > 0 >= d1:
+            eer = f0 + d0 / (d0 - d1) * (f1 - f0)
+            break
+    cost = min(c_miss * m * p + c_fa * f * (1 - p) for f, m in points)
+    return eer, cost / min(c_miss * p, c_fa * (1 - p))
+
+
+@PROPS
+@given(trials=st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=25),
+       p=st.sampled_from([0.01, 0.05, 0.5]), c_miss=st.sampled_from([1.0, 3.0]), c_fa=st.sampled_from([1.0, 2.0]),
+       layout=st.sampled_from(["list", "tensor", "array2d"]))
+def test_eer_and_min_dcf_follow_their_definitions(trials, p, c_miss, c_fa, layout):
+    """Against the definitions written out, on tied integer scores, whichever trial has the lowest score; scores
+    may come as a list, a tensor or a 2-D array (flattened)."""
+    scores = np.array([s for s, _ in trials], dtype=float)
+    target = np.array([t for _, t in trials])
+    if target.all() or not target.any():
+        target[0] = not target[0]
+    want = _eer_min_dcf_plain(scores, target, p, c_miss, c_fa)
+    if layout == "tensor":
+        got = eer_min_dcf(torch.tensor(scores), torch.tensor(target), p, c_miss, c_fa)
+    elif layout == "array2d" and len(scores) % 2 == 0:
+        got = eer_min_dcf(scores.reshape(2, -1), target.reshape(2, -1), p, c_miss, c_fa)
+    else:
+        got = eer_min_dcf(scores.astype(int).tolist(), target.tolist(), p, c_miss, c_fa)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: eer_min_dcf([], []), ValueError, r"^eer_min_dcf: no trials to score$"),
+    (lambda: eer_min_dcf([1.0, 2.0], [0, 2]), ValueError, r"^eer_min_dcf: is_target must hold booleans or 0/1$"),
+    (lambda: eer_min_dcf([1.0, 2.0, 3.0], [0, 0, 0]), UserError,
+     r"^eer_min_dcf: all 3 trials are non-target trials; EER needs both kinds \(check the trials file\)$"),
+    (lambda: eer_min_dcf([1.0, 2.0], [1, 1]), UserError, r"^eer_min_dcf: all 2 trials are target trials"),
+    (lambda: eer_min_dcf([1.0, 2.0], [0, 1], p_target=0.0), ValueError, r"need 0 < p_target < 1 and positive costs"),
+    (lambda: eer_min_dcf([1.0, 2.0], [0, 1], p_target=1.0), ValueError, r"need 0 < p_target < 1"),
+    (lambda: eer_min_dcf([1.0, 2.0], [0, 1], c_miss=0.0), ValueError, r"positive costs, got 0.01, 0.0, 1"),
+    (lambda: eer_min_dcf([1.0, 2.0], [0, 1], c_fa=0.0), ValueError, r"positive costs, got 0.01, 1, 0.0"),
+    (lambda: accuracy([], []), ValueError, r"^accuracy: no predictions to score$"),
+    (lambda: per([["a"]], ["a"]), ValueError, r"^per: utterance 0: give token lists, not strings"),
+    (lambda: per(["a"], [["a"]]), ValueError, r"^per: utterance 0: give token lists, not strings"),
+    (lambda: per([["a"]], []), ValueError, r"^per: 1 references but 0 hypotheses; pair them one to one$"),
+    (lambda: per([[]], [["a"]]), UserError,
+     r"^per: the references hold no tokens at all, so the error rate is undefined; check the label files$"),
+    (lambda: wer(["a b"], []), ValueError, r"^wer: 1 references but 0 hypotheses"),
+    (lambda: wer(["a b"], [1]), ValueError, r"^wer: utterance 0: references and hypotheses must be strings$"),
+    (lambda: wer([1], ["a"]), ValueError, r"^wer: utterance 0: references and hypotheses must be strings$"),
+    (lambda: wer(["  "], ["a"]), UserError, r"^wer: every reference is empty"),
+    (lambda: cer(["a"], []), ValueError, r"^cer: 1 references but 0 hypotheses"),
+    (lambda: cer([" "], ["a"]), UserError, r"^cer: every reference is empty"),
+    (lambda: ctc_greedy_decode(torch.zeros(3, 4), blank=4), ValueError,
+     r"^ctc_greedy_decode: blank 4 is outside the vocabulary of 4$"),
+    (lambda: ctc_greedy_decode(torch.zeros(3, 4), blank=-1), ValueError, r"blank -1 is outside"),
+])
+def test_metric_errors_name_the_metric_and_the_problem(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_accuracy_flattens_arrays_and_tensors():
+    assert accuracy(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 5]])) == 0.75
+    assert accuracy(torch.tensor([[1, 2], [3, 4]]), [1, 2, 0, 4]) == 0.75
+    assert accuracy(["a", "b"], ("a", "c")) == 0.5
