@@ -117,7 +117,12 @@ class MeanPoolLinear(nn.Module):
 class XVector(nn.Module):
     """TDNN x-vector: projector, dilated Conv1d layers (``tdnn``: ``(channels, kernel, dilation)`` each, ReLU,
     same-length padding, padded frames zeroed), statistics pooling (mean and standard deviation over valid frames),
-    linear to an ``emb_dim`` embedding. s3prl sv_voxceleb1: 512-5-1, 512-3-2, 512-3-3, 512-1-1, 1500-1-1, emb 512."""
+    linear to an ``emb_dim`` embedding. s3prl sv_voxceleb1: 512-5-1, 512-3-2, 512-3-3, 512-1-1, 1500-1-1, emb 512.
+
+    Where s3prl's ``XVector`` + ``SP`` + ``UtteranceExtractor`` differ (tests/test_superb_s3prl.py checks each):
+    its TDNNs are valid convolutions (14 frames lost per utterance; ours pad, and agree on the frames it keeps);
+    its standard deviation is the unbiased one (ours: population, floored); its embedding is Linear + ReLU (trained
+    through a second Linear + ReLU), ours one Linear, trained and scored."""
 
     def __init__(self, in_dim: int, *, proj_dim: int = 512,
                  tdnn: Sequence[Sequence[int]] = ((512, 5, 1), (512, 3, 2), (512, 3, 3), (512, 1, 1), (1500, 1, 1)),
