@@ -35,5 +35,11 @@ test: install
 bench: install
 	$(PY) tools/bench/features.py
 
+# Mutation testing of the core (masking, pretraining loss and head, label-rate mapping, PNMI, SUPERB metrics, greedy
+# CTC decoding, sharding) with mutmut; not part of `make test` or CI. Scores and survivors: tools/mutation/README.md.
+.PHONY: mutation
+mutation: install
+	tools/mutation/run.sh
+
 clean:
 	rm -rf $(VENV) egs/mini_synth/hubert/{data,dump,exp} egs/mini_synth/superb/exp egs/mini_synth/asr/exp

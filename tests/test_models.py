@@ -382,6 +382,12 @@ def test_head_bookkeeping_on_one_frame_ignored_labels_and_gradients(monkeypatch)
         assert logs[f"acc_m_{i}"] == float(int(lg.argmax(-1)) == int(lab))
         assert logs[f"loss_u_{i}"] == 0.0 and logs[f"acc_u_{i}"] == 0.0 and logs[f"count_u_{i}"] == 0.0
     assert not m0.requires_grad  # under no_grad nothing keeps a graph
+    # labelled as predicted: accuracy 1 on the one frame
+    calls.clear()
+    right = [lg.argmax(-1)[None] for lg in (m0, m1)]
+    with torch.no_grad():
+        logs = model(wavs, lens, right, mask=torch.tensor([[True]]))["logs"]
+    assert logs["acc_m_0"] == 1.0 and logs["acc_m_1"] == 1.0
 
     # two rows; set 1 has no label on any masked frame; unmasked frames weigh 0.5
     model.config.pred_nomask_weight = 0.5
