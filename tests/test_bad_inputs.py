@@ -29,8 +29,6 @@ from speechssl.audio import save_audio
 from speechssl.cli import main
 from speechssl.data.kaldi import DataDir, write_data_dir
 
-torch.set_num_threads(1)
-
 SR = 16000
 PHONES = ("aa", "iy", "s")
 TONES = {"aa": 300.0, "iy": 1100.0, "s": 3500.0}

@@ -32,8 +32,6 @@ from speechssl.train import state as st
 from speechssl.train.tokens import BLANK, WORD_DELIM, Tokenizer
 from test_train import make_corpus, tiny_cfg
 
-torch.set_num_threads(1)
-
 CNN = dict(conv_layers=[(16, 10, 5), (16, 3, 2), (16, 2, 2)], hidden_size=16, num_hidden_layers=2,
            num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
            final_dim=8, num_classes=[4], feature_grad_mult=1.0, layerdrop=0.0)

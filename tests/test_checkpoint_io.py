@@ -20,7 +20,6 @@ from speechssl.train.checkpoints import load_step
 from speechssl.train.trainer import Trainer, pretrain
 from test_train import make_corpus, tiny_cfg
 
-torch.set_num_threads(1)
 TRAIN = Path(__file__).resolve().parents[1] / "speechssl" / "train"
 
 

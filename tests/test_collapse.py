@@ -16,8 +16,6 @@ from speechssl.train import collapse as collapse_mod
 from speechssl.train import state as st
 from test_train import make_corpus, params_of, tiny_cfg
 
-torch.set_num_threads(1)
-
 WARN = "collapse watch: layer"  # the start of the collapse warning
 
 

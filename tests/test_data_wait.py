@@ -35,7 +35,6 @@ from speechssl.train.trainer import Trainer
 from speechssl.units.labels import write_labels
 from test_train import K, make_corpus, tiny_cfg
 
-torch.set_num_threads(1)
 SR = 16000
 
 

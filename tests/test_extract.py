@@ -28,8 +28,6 @@ from speechssl.models import HubertModel, HubertPretrainModel, export_hf, hubert
 from speechssl.models.frontend import set_per_row_norm
 from speechssl.upstream.extract import chunked_forward, extract, layer_dir, plan_windows
 
-torch.set_num_threads(1)
-
 SR = 16000
 SMALL = dict(conv_layers=[(48, 10, 5), (48, 3, 2), (48, 2, 2)], hidden_size=32, num_hidden_layers=3,
              num_attention_heads=4, intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
@@ -111,7 +109,8 @@ def test_group_norm_per_row_is_transformers_on_each_utterance(cnn_ckpt, tmp_path
     """The independent reference: transformers' HubertModel run on each utterance alone. Its batched output lets
     padding into the group norm (as fairseq's) and, without an attention mask (its docs' way for group-norm
     models), into attention too; ours with whole-batch statistics reproduces the masked one."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     up = upstream.load(cnn_ckpt)
     export_hf(up.model, tmp_path / "hf")
     hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()

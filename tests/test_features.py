@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 
+import kaldi_native_fbank as knf  # the reference (dev extra): imported plainly, so a missing one fails, not skips
 import numpy as np
 import pytest
 import torch
 
 from speechssl.features.kaldi import FLOAT_EPS, INT16_LOG_OFFSET, add_deltas, apply_cmvn, fbank, mfcc, num_frames
 
-knf = pytest.importorskip("kaldi_native_fbank")
-
-torch.set_num_threads(1)
 SR = 16000
 
 
@@ -159,7 +157,8 @@ def fairseq_deltas_numpy(x: np.ndarray) -> np.ndarray:
 
 
 def test_deltas_against_independent_formulas():
-    librosa = pytest.importorskip("librosa")
+    import librosa
+
     rng = np.random.default_rng(3)
     x = rng.standard_normal((57, 13)).astype(np.float64)
     xt = torch.from_numpy(x).float()
@@ -236,7 +235,7 @@ def test_dither_option():
     assert torch.equal(a, b) and not torch.equal(a, mfcc(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py): the only skip a CPU run has
 def test_gpu_matches_cpu():
     x = torch.from_numpy(np.stack([speech_like(32_000, 7), speech_like(32_000, 8)]))
     torch.testing.assert_close(mfcc(x.cuda()).cpu(), mfcc(x), rtol=0, atol=1e-3)

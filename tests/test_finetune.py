@@ -36,8 +36,6 @@ from speechssl.train.tokens import BLANK, Tokenizer, build_tokenizer
 from speechssl.upstream import checkpoint_sha1
 from test_train import _free_port, make_corpus, tiny_cfg
 
-torch.set_num_threads(1)
-
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["ab", "ba", "cab", "dab", "bad", "ace", "dead"]  # letters a-e: the char vocabulary is | a b c d e
 

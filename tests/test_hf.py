@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import transformers  # the reference (interop extra, make install): imported plainly, a missing one fails
 from safetensors.torch import load_file, save_file
 
 from speechssl import upstream
@@ -17,9 +18,7 @@ from speechssl.models.checkpoint import CheckpointError
 from speechssl.models.hf import export_hf, load_hf_dir, read_hf_config, read_hf_state_dict
 from speechssl.models.wavlm import relative_position_buckets
 
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(2)
+pytestmark = pytest.mark.threads(2)  # torch and faiss threads, set per test by tests/conftest.py
 
 # 3-layer CNN (hop 20 samples): 4000 samples -> 199 frames, past WavLM's max_bucket_distance below
 TINY = dict(conv_dim=[32, 32, 32], conv_kernel=[10, 3, 2], conv_stride=[5, 2, 2], hidden_size=32,

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers  # the reference (interop extra, make install): imported plainly, a missing one fails
 from safetensors.torch import load_file
 
 from speechssl import cli
@@ -21,9 +22,7 @@ from speechssl.models.peft import LoRALinear, add_adapters, add_lora
 from speechssl.train.finetune import greedy_tokens
 from speechssl.train.tokens import BLANK, Tokenizer
 
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(2)
+pytestmark = pytest.mark.threads(2)  # torch and faiss threads, set per test by tests/conftest.py
 
 CHARS = Tokenizer("char", [BLANK, "|", "A", "B", "E", "H", "L", "O", "'"])
 PHONES = Tokenizer("phone", [BLANK, "AH0", "B", "HH", "IY1", "L", "OW1"])

@@ -34,8 +34,6 @@ from speechssl.train.state import step_dir_name
 from speechssl.train.trainer import PretrainConfig, pretrain
 from speechssl.units.labels import write_labels
 
-torch.set_num_threads(1)
-
 SR = 16000
 K = 8
 # the CNN is wider than the encoder: fairseq then has a post_extract_proj, as every released model

@@ -6,7 +6,6 @@ import json
 import random
 import tracemalloc
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -26,9 +25,6 @@ from speechssl.units.kmeans import (
     sample_size,
 )
 from speechssl.units.labels import LabelError, read_labels
-
-faiss.omp_set_num_threads(1)
-torch.set_num_threads(1)
 
 MEANS = np.array([[0, 0, 0, 0], [8, 0, 0, 0], [0, 8, 0, 0], [0, 0, 8, 0], [0, 0, 0, 8], [8, 8, 8, 8]], np.float32)
 

@@ -12,8 +12,6 @@ from s3prl.upstream.wav2vec2.wav2vec2_model import compute_mask_indices as fairs
 
 from speechssl.models.masking import compute_mask_indices
 
-torch.set_num_threads(1)
-
 
 def _fairseq_reference():
     return fairseq_compute_mask_indices

@@ -27,7 +27,7 @@ from speechssl.models.config import HubertConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.threads(2)  # torch and faiss threads, set per test by tests/conftest.py
 
 SMALL = dict(conv_layers=[(48, 10, 5), (48, 3, 2), (48, 2, 2)], hidden_size=32, num_hidden_layers=3,
              num_attention_heads=4, intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
@@ -52,7 +52,8 @@ def padded_batch(lengths, seed=0):
 # ----------------------------------------------------------------------------------------- transformers equivalence
 @pytest.mark.parametrize("make", [small_post_ln, small_pre_ln], ids=["post_ln_group", "pre_ln_layer"])
 def test_hidden_states_match_transformers(make, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     model = HubertModel(make()).eval()
     ours = set(model.state_dict())
@@ -88,7 +89,8 @@ def test_hidden_states_match_transformers(make, tmp_path):
 
 
 def test_export_hf_loads_from_checkpoint_dir_and_rejects_fbank(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(1)
     cfg = small_post_ln()
     model = HubertPretrainModel(cfg).eval()
@@ -108,7 +110,8 @@ def test_export_hf_loads_from_checkpoint_dir_and_rejects_fbank(tmp_path):
 def _fairseq_copy(model: HubertPretrainModel):
     """The same weights in s3prl's copy of fairseq's HubertModel (fairseq parameter names), built from the fairseq
     config speechssl.models.fairseq writes (unknown keys dropped, as s3prl's merge_with_parent does)."""
-    fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+    from s3prl.upstream.hubert import hubert_model as fs
+
     from speechssl.models.fairseq import config_to_fairseq, to_fairseq_state
 
     model_cfg, task_cfg = config_to_fairseq(model.config)
@@ -125,7 +128,8 @@ def _fairseq_copy(model: HubertPretrainModel):
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # s3prl uses the old weight_norm
 @pytest.mark.parametrize("make", [small_post_ln, small_pre_ln], ids=["post_ln_group", "pre_ln_layer"])
 def test_pretraining_loss_matches_fairseq(make, monkeypatch):
-    fs = pytest.importorskip("s3prl.upstream.hubert.hubert_model")
+    from s3prl.upstream.hubert import hubert_model as fs
+
     torch.manual_seed(0)
     model = HubertPretrainModel(make(num_classes=[7, 5])).eval()
     with torch.no_grad():  # off the init (attention near uniform there): the comparison sees every weight's place

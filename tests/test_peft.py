@@ -23,7 +23,7 @@ from speechssl.models.peft import (
 )
 from speechssl.models.transformer import FeedForward
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.threads(2)  # torch and faiss threads, set per test by tests/conftest.py
 
 SMALL = dict(conv_layers=[(32, 10, 5), (32, 3, 2), (32, 2, 2)], hidden_size=32, num_hidden_layers=3,
              num_attention_heads=4, intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)

@@ -179,6 +179,7 @@ def test_features_dump_log_has_no_carriage_returns(tmp_path):
         scp[utt] = str(path)
     write_data_dir(DataDir(wav_scp=scp, utt2spk={u: u.split("-")[0] for u in scp}), tmp_path / "data")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHSSL_PROGRESS")}
+    env["OMP_NUM_THREADS"] = "1"  # the child's threads, as the in-process tests' (tests/conftest.py)
     out = subprocess.run([sys.executable, "-m", "speechssl", "features", "dump", "--data", str(tmp_path / "data"),
                           "--kind", "mfcc", "--nshard", "2", "--out", str(tmp_path / "mfcc")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

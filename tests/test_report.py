@@ -22,8 +22,6 @@ from speechssl.cli import main
 from speechssl.errors import UserError
 from speechssl.report import write_report
 
-torch.set_num_threads(1)
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_LOG = [  # the trainer's own lines (speechssl/train/trainer.py, train/data.py; checked below)
     "2026-01-01 10:00:00,000 INFO speechssl.train.data: labels dump/labels_iter1_fbank_cmvn-meanvar/train: k=100 "

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from test_extract import cnn_ckpt, make_data  # noqa: F401  (cnn_ckpt: a fixture)
 
@@ -31,8 +30,6 @@ from speechssl.features.store import FeatureReader, FeatureStoreError
 from speechssl.units import label_stream
 from speechssl.units.kmeans import KMeansModel, fit_store, label_store
 from speechssl.upstream.extract import extract, layer_dir, sample_utterances
-
-torch.set_num_threads(1)
 
 LAYER = 2
 LAYERS = [LAYER]

@@ -153,9 +153,10 @@ def test_eer_min_dcf_extremes_by_hand():
 
 def _s3prl_reference(scores, labels, p_target):
     """s3prl.metric.compute_eer / compute_minDCF (the formulas, on sklearn's roc_curve)."""
-    roc_curve = pytest.importorskip("sklearn.metrics").roc_curve
-    interp1d = pytest.importorskip("scipy.interpolate").interp1d
-    brentq = pytest.importorskip("scipy.optimize").brentq
+    from scipy.interpolate import interp1d
+    from scipy.optimize import brentq
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
     eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
     fnr = 1.0 - tpr

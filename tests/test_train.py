@@ -28,8 +28,6 @@ from speechssl.train.schedule import lr_at
 from speechssl.train.trainer import PretrainConfig, Trainer, TrainingAborted, pretrain
 from speechssl.units.labels import LabelError, write_labels
 
-torch.set_num_threads(1)
-
 SR = 16000
 K = 8
 MFCC_FRAMING = {"type": "window", "frame_length": 400, "frame_shift": 160, "snip_edges": True}

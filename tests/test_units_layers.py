@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import soundfile as sf
@@ -25,9 +24,6 @@ from speechssl.models import HubertPretrainModel, hubert_tiny, save_model
 from speechssl.units.kmeans import StreamSampler, fit_store, label_store, sample_frames, sample_indices
 from speechssl.units.layers import evaluate_layers, layer_feature_meta, parse_layers, select_utterances
 from speechssl.units.quality import label_quality
-
-faiss.omp_set_num_threads(1)
-torch.set_num_threads(1)
 
 TONES = {"aa": 300.0, "iy": 1100.0, "s": 3500.0}  # one pure tone per phone: MFCC units should find them
 K = 3
