@@ -1,8 +1,9 @@
 """speechssl.superb: featurizers, feature cache, every task on a tiny synthetic corpus, exact resume, the CLI.
 
-The corpus is built here: 4 speakers x 12 short utterances (a speaker-specific pitch + a per-"word" formant so
-labels are learnable), with every label file the tasks read. Upstreams: ``fbank`` and a 2-layer tiny HuBERT
-checkpoint (random weights: the cache / resume / shape tests need numbers, not quality).
+The corpus is built here: 4 speakers x 12 short utterances of two "words" (a speaker-specific pitch, each phone of
+the transcript a segment of its own formant, so every label is in the audio), with every label file the tasks
+read. Upstreams: ``fbank`` and a 2-layer tiny HuBERT checkpoint (random weights: the cache / resume / shape tests
+need numbers, not quality).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from speechssl.superb.tasks import make_task, make_trials
 
 WORDS = ["YES", "NO", "UP", "DOWN"]
 PHONES = {"YES": "y eh s", "NO": "n ow", "UP": "ah p", "DOWN": "d aw n"}
+FORMANTS = {p: 500 + 400 * k for k, p in enumerate(sorted({p for ph in PHONES.values() for p in ph.split()}))}
+F0 = {0: 100, 1: 140, 2: 180, 3: 220, 4: 120, 5: 160, 6: 200}   # spk4-6 (ASV's unseen test speakers): in between
 EMOS = ["ang", "hap", "neu", "sad"]
 INTENTS = ["activate lights kitchen", "deactivate lights kitchen", "activate music none", "increase volume none"]
 
@@ -44,13 +47,20 @@ def _make_split(root, name, spks, n_per_spk, seed):
                             "utt2emo", "utt2session", "utt2slots", "utt2role")}
     rttm = []
     for s in spks:
-        f0 = 100 + 40 * s
+        f0 = F0[s]
         for i in range(n_per_spk):
             utt = f"spk{s}-{name}-{i:03d}"
             w = i % 4
             dur = 0.4 + 0.1 * (i % 3)
             t = np.arange(int(dur * 16000)) / 16000
-            formant = 600 + 500 * w
+            # each phone of the transcript a segment of its own formant, in order (what a frame-level head reads);
+            # the first word takes a random 30-70 % of the utterance (so the word boundary, where sd's turns change,
+            # is in the audio, not at a fixed time), each word's phones share it equally
+            ph1, ph2 = PHONES[WORDS[w]].split(), PHONES[WORDS[(w + 1) % 4]].split()
+            b = int(rng.uniform(0.3, 0.7) * len(t))
+            starts = np.r_[np.linspace(0, b, len(ph1) + 1)[:-1], np.linspace(b, len(t), len(ph2) + 1)].astype(int)
+            seg = np.searchsorted(starts[1:-1], np.arange(len(t)), side="right")
+            formant = np.array([FORMANTS[p] for p in ph1 + ph2])[seg]
             wav = 0.3 * np.sin(2 * np.pi * f0 * t) * (1 + np.sin(2 * np.pi * formant * t)) \
                 + 0.01 * rng.standard_normal(len(t))
             save_audio(d / "wav" / f"{utt}.wav", wav.astype(np.float32))
@@ -63,20 +73,23 @@ def _make_split(root, name, spks, n_per_spk, seed):
             rows["utt2intent"][utt] = INTENTS[w] if i % 6 != 4 else "- - -"
             rows["utt2emo"][utt] = EMOS[w]
             rows["utt2session"][utt] = f"Ses0{(i // 4) % 2 + 1}"
-            # sf: the first word is a slot; qbe: each speaker's first utterance a query (of its first word); sd: two "speakers"
-            # in every utterance, overlapping in the middle, who starts first alternating
+            # sf: the first word is a slot; qbe: the first utterance of speakers 0 and 2 a query, found in the
+            # documents with its words (the other speakers' first utterance); sd: two "speakers" in every utterance,
+            # the first over the first word, the second from the first word's last phone (overlapping it) to the
+            # end, who is first alternating
             rows["utt2slots"][utt] = f"<first> {WORDS[w]} </first> {WORDS[(w + 1) % 4]}"
-            rows["utt2role"][utt] = "query" if i == 0 else "doc"
+            rows["utt2role"][utt] = "query" if i == 0 and s % 2 == 0 else "doc"
             first, second = ("A", "B") if i % 2 else ("B", "A")
-            rttm.append(f"SPEAKER {utt} 1 0.000 {0.6 * dur:.3f} <NA> <NA> {first} <NA> <NA>\n")
-            rttm.append(f"SPEAKER {utt} 1 {0.4 * dur:.3f} {0.6 * dur:.3f} <NA> <NA> {second} <NA> <NA>\n")
+            overlap, end = starts[len(ph1) - 1] / 16000, len(t) / 16000
+            rttm.append(f"SPEAKER {utt} 1 0.000 {b / 16000:.3f} <NA> <NA> {first} <NA> <NA>\n")
+            rttm.append(f"SPEAKER {utt} 1 {overlap:.3f} {end - overlap:.3f} <NA> <NA> {second} <NA> <NA>\n")
     for f, r in rows.items():
         _write(d / f, r)
     (d / "rttm").write_text("".join(rttm))
     queries = [u for u, r in rows["utt2role"].items() if r == "query"]
     (d / "qbe_truth").write_text("".join(
-        f"{q} {u} 0 {float(rows['utt2dur'][u]) / 2:.3f}\n" for q in sorted(queries) for u in sorted(rows["text"])
-        if rows["utt2role"][u] == "doc" and rows["text"][q].split()[0] in rows["text"][u].split()))
+        f"{q} {u} 0 {rows['utt2dur'][u]}\n" for q in sorted(queries) for u in sorted(rows["text"])
+        if rows["utt2role"][u] == "doc" and f" {rows['text'][q]} " in f" {rows['text'][u]} "))
     spk2utt = {}
     for u, s in rows["utt2spk"].items():
         spk2utt.setdefault(s, []).append(u)
@@ -107,6 +120,22 @@ def ckpt(tmp_path_factory):
                       conv_layers=[(32, 3, 2)], num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
     save_model(HubertModel(cfg), cfg, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One feature cache for the learning runs (keyed by upstream and data: shared safely)."""
+    return tmp_path_factory.mktemp("learn_cache")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny heads train fastest on one thread (two threads on two busy cores: ~10x slower); also what the bounds
+    were tuned with."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------ featurizers
@@ -161,7 +190,7 @@ def test_layer_weights_saved(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp_path):
+def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, one_thread, tmp_path):
     from speechssl.superb.upstreams import resolve_upstream
 
     dd = read_data_dir(corpus / "train")
@@ -193,7 +222,7 @@ def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp
 
 
 @pytest.mark.parametrize("task", ["sid", "ic"])
-def test_pooled_means_train_the_same_head(task, corpus, ckpt, tmp_path):
+def test_pooled_means_train_the_same_head(task, corpus, ckpt, one_thread, tmp_path):
     """Mean-pool heads behind the weighted sum train on per-utterance layer means: the same losses and weights as
     on every frame (the head is linear up to the mean), not merely a similar model."""
     cfg = load_superb_config(task, None, _SMALL + ["optim.max_steps=5", "optim.eval_every=5", "optim.save_every=5"])
@@ -246,46 +275,148 @@ _METRICS = {"pr": "per", "asr": "wer", "ks": "accuracy", "sid": "accuracy", "asv
             "ic": "accuracy", "qbe": "mtwv", "sd": "der", "sf": "slot_f1"}
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_every_task_trains_and_scores(task, corpus, tmp_path):
+# Every task trained until it has learned the corpus, and the bound it must pass: (upstream, steps, lr sweep,
+# overrides on top of _SMALL + _TASK_OVERRIDES, the metric checked, "<" or ">", the bound). Mean-pooled heads read
+# fbank without CMVN (per-utterance CMVN gives every utterance the same mean: chance, test_sid_learns_...), the LSTM
+# heads fbank with it (raw log-mel trains them far slower). Each bound lies between what the trained head reaches
+# (seeds 0-2 while tuning: "learned") and what the same head trained blind to its input reaches (zeros for
+# features, test_a_blind_head_does_not_pass_the_bound; seeds 0-2: "blind").
+_LONG = ["optim.eval_every=10", "optim.save_every=50"]
+_LSTM = ["head.hidden=48", "head.proj_dim=48", "head.dropout=0"] + _LONG
+_LEARN = {   # trailing comments: the test metric over seeds 0, 1, 2 while tuning (learned | blind)
+    "pr": ("fbank:nocmvn", 60, [1e-2, 3e-2], _LONG, "per", "<", 0.5),            # 0.00 0.09 0.21 | 1.00 x3
+    "asr": ("fbank", 150, [1e-2], _LSTM, "cer", "<", 0.3),                        # 0.07 0.00 0.02 | 1.00 x3
+    "ks": ("fbank:nocmvn", 40, [1e-2, 3e-2], _LONG, "accuracy", ">", 0.75),       # 1.00 x3 | 0.25 x3
+    "sid": ("fbank:nocmvn", 40, [1e-2, 3e-2], _LONG, "accuracy", ">", 0.75),      # 1.00 x3 | 0.25 x3
+    "asv": ("fbank:nocmvn", 32, [1e-3, 1e-2], [], "eer", "<", 0.25),              # 0.00 x3 | 0.44 0.51 0.47
+    "er": ("fbank:nocmvn", 60, [1e-2, 3e-2], _LONG, "accuracy", ">", 0.5),        # 0.86 0.81 0.89 | 0.25 x3
+    "ic": ("fbank:nocmvn", 40, [1e-2, 3e-2], _LONG, "accuracy", ">", 0.75),       # 1.00 0.94 1.00 | 0.25 x3
+    "qbe": ("fbank:nocmvn", 1, None, [], "mtwv", ">", 0.75),                      # 1.00 x3 | 0.00 (random scores)
+    "sd": ("fbank", 40, [1e-3, 1e-2], _LONG, "der", "<", 0.3),                    # 0.12 0.15 0.12 | 0.44 0.42 0.44
+    "sf": ("fbank", 150, [1e-2], _LSTM, "slot_cer", "<", 0.4),                    # 0.20 0.07 0.00 | 1.00 x3
+}
+
+
+def _run_task(task, corpus, out, cache_dir, seed=0):
+    upstream, steps, sweep, extra, _, _, _ = _LEARN[task]
     kw = {"data": corpus}
-    if task == "asv":
+    if task == "asv":   # unseen speakers (pitches between the training ones), scored on trials
         kw = {"train": corpus / "train", "dev": corpus / "dev", "test": corpus / "test_spk",
               "test_trials": corpus / "trials"}
     elif task == "er":
         kw = {"data": corpus / "train"}
-    r = run_superb(task, "fbank", tmp_path / task, overrides=_SMALL + _TASK_OVERRIDES[task], max_steps=8,
-                   lr_sweep=[1e-3, 1e-2], cache_dir=tmp_path / "cache", progress=False, **kw)
+    return run_superb(task, upstream, out, overrides=_SMALL + _TASK_OVERRIDES[task] + extra,
+                      max_steps=steps if sweep else None, lr_sweep=sweep, cache_dir=cache_dir, seed=seed,
+                      progress=False, **kw)
+
+
+def _passes(task, r):
+    *_, metric, direction, bound = _LEARN[task]
+    value = r["test"][metric]
+    return (value < bound if direction == "<" else value > bound), value
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_learns(task, corpus, feature_cache, one_thread, tmp_path):
+    """Each task's head beats chance by a margin (see _LEARN) on the held-out split, and the run's record is whole.
+
+    Chance here: accuracy 0.25 (4 balanced classes; IC: 4 intents), EER 0.5, PER / CER 1 for an empty output,
+    DER 0.41 for one speaker active throughout the test utterances (0.62 for both), MTWV 0 for no detection.
+    SF's metric, slot-type F1, is 1 for any output that tags a slot (the corpus has one slot type): the slot
+    values' CER is what shows learning."""
+    r = _run_task(task, corpus, tmp_path / task, feature_cache)
     assert r["metric"] == _METRICS[task]
-    value = r["test"][r["metric"]]
-    assert (0.0 if task != "qbe" else -1e3) <= value <= (5.0 if task in ("pr", "asr", "sd") else 1.0)
+    ok, value = _passes(task, r)
+    assert ok, f"{task}: test {_LEARN[task][4]} {value:.3f}, bound {_LEARN[task][5]} {_LEARN[task][6]}"
+    sweep = _LEARN[task][2]
     if task == "qbe":   # nothing trained: no lr, the layer picked on dev
         assert r["lr"] is None and r["layer"] in r["layers"] and not list((tmp_path / task).glob("lr_*"))
     else:
-        assert r["lr"] in ([1e-3, 1e-2] if task != "er" else [[a, b] for a in (1e-3, 1e-2) for b in (1e-3, 1e-2)])
+        assert r["lr"] in (sweep if task != "er" else [[a, b] for a in sweep for b in sweep])
     saved = json.loads((tmp_path / task / "results.json").read_text())
-    assert saved["test"] == r["test"] and saved["upstream_label"] == "fbank"
+    assert saved["test"] == r["test"] and saved["upstream_label"] == _LEARN[task][0]
     if task == "asv":
         assert "min_dcf" in r["test"]
     if task == "er":
         assert len(r["folds"]) == 2 and {f["session"] for f in r["folds"]} == {"Ses01", "Ses02"}
 
 
-def test_run_without_cache_matches_cached_run(corpus, tmp_path):
-    """--cache none (upstream every step) trains on the same numbers up to float16 storage: same dev history."""
+def _blind(monkeypatch):
+    """Every head sees zeros where its features were (the frame count kept): whatever it learns comes from the
+    labels' own statistics and the lengths, not from the audio. QbE (no head): scores that ignore the audio."""
+    from speechssl.superb import qbe
+
+    features = HeadTrainer.features
+
+    def blind(self, split, exs):
+        x, lens = features(self, split, exs)
+        return torch.zeros_like(x), lens
+
+    monkeypatch.setattr(HeadTrainer, "features", blind)
+    monkeypatch.setattr(qbe, "qbe_scores", lambda queries, docs: np.random.default_rng(0).standard_normal(
+        (len(queries), len(docs))))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_blind_head_does_not_pass_the_bound(task, corpus, feature_cache, one_thread, tmp_path, monkeypatch):
+    """The negative control of test_every_task_learns: the same run with a head blind to its input (_blind) stays
+    on the wrong side of the bound, so passing it takes reading the audio."""
+    _blind(monkeypatch)
+    r = _run_task(task, corpus, tmp_path / task, feature_cache)
+    ok, value = _passes(task, r)
+    assert not ok, f"{task}: a blind head reached {_LEARN[task][4]} {value:.3f} (bound {_LEARN[task][6]})"
+
+
+def test_run_without_cache_matches_cached_run(corpus, one_thread, tmp_path, monkeypatch):
+    """--cache none (the upstream every step) trains on the cache's numbers up to its float16 storage.
+
+    Live features rounded to float16 (as the cache stores them) give the cached run exactly: every training loss,
+    the dev history, the test metrics. Unrounded (what --cache none does), each feature differs from the cache by
+    at most half a float16 ulp (relative 2^-11, test_cached_and_uncached_...), which moves the first loss by
+    ~1e-5 relative and, as the weights drift apart, the 8th by ~2e-4 (measured: 9e-6 and 1.6e-4; asserted with ~5x
+    headroom); no dev prediction is that close to a tie, so the dev history and the test accuracy are the same."""
+    from functools import partial
+
+    from speechssl.superb import runner
+
+    losses = {}
+    run = HeadTrainer.run
+
+    def recording(self, **kw):   # the per-step training losses of each run (not in results.json)
+        out = run(self, **kw)
+        losses[self.run_dir.parent.name] = list(self.losses)
+        return out
+
+    monkeypatch.setattr(HeadTrainer, "run", recording)
     kw = dict(data=corpus, overrides=_SMALL, max_steps=8, lr_sweep=[1e-2], progress=False)
     disk = run_superb("ks", "fbank:nocmvn", tmp_path / "disk", cache_dir=tmp_path / "c", **kw)
     live = run_superb("ks", "fbank:nocmvn", tmp_path / "live", cache="none", **kw)
     assert live["cache"] == "none" and not (tmp_path / "feature_cache").exists()
-    assert live["test"]["accuracy"] == pytest.approx(disk["test"]["accuracy"], abs=0.1)
+    with monkeypatch.context() as m:
+        m.setattr(runner, "LiveFeatures", partial(runner.LiveFeatures, round_fp16=True))
+        rounded = run_superb("ks", "fbank:nocmvn", tmp_path / "rounded", cache="none", **kw)
+    history = {n: json.loads((tmp_path / n / "lr_0.01" / "result.json").read_text())["history"]
+               for n in ("disk", "live", "rounded")}
+    assert len(losses["disk"]) == 8 and losses["rounded"] == losses["disk"]            # bit-exact
+    assert history["rounded"] == history["disk"] and rounded["test"] == disk["test"]
+    assert rounded["sweep"][0]["best_step"] == disk["sweep"][0]["best_step"]
+    rel = np.abs(np.array(losses["live"]) - losses["disk"]) / np.abs(losses["disk"])
+    assert 0 < rel[0] <= 5e-5 and rel.max() <= 1e-3, rel
+    assert history["live"] == history["disk"] and live["test"] == disk["test"]
     assert live["sweep"][0]["best_step"] == disk["sweep"][0]["best_step"]
 
 
-def test_asr_with_sentencepiece_units(corpus, tmp_path):
-    r = run_superb("asr", "fbank", tmp_path / "bpe", data=corpus, max_steps=4, progress=False,
-                   overrides=_SMALL + _TASK_OVERRIDES["asr"] + ["head.units=bpe", "head.bpe_vocab=16"],
-                   cache_dir=tmp_path / "cache")
-    assert r["test"]["wer"] >= 0.0 and math.isfinite(r["test"]["cer"])
+@pytest.mark.parametrize("blind", [False, True])
+def test_asr_with_sentencepiece_units(blind, corpus, feature_cache, one_thread, tmp_path, monkeypatch):
+    """ASR on sentencepiece units learns the corpus (test WER < 0.5; seeds 0-2 while tuning: 0.00 0.03 0.03), which
+    a head blind to its input does not (_blind: it learns the units' prior, WER 0.75), and the saved sentencepiece
+    model tokenises and detokenises exactly."""
+    if blind:
+        _blind(monkeypatch)
+    r = run_superb("asr", "fbank", tmp_path / "bpe", data=corpus, max_steps=150, lr_sweep=[1e-2], progress=False,
+                   overrides=_SMALL + _TASK_OVERRIDES["asr"] + _LSTM + ["head.units=bpe", "head.bpe_vocab=16"],
+                   cache_dir=feature_cache)
+    assert (r["test"]["wer"] < 0.5) is not blind, r["test"]
     from speechssl.train.state import load_bundle
 
     state = load_bundle(next((tmp_path / "bpe").glob("lr_*/step-*")), "train_state")["task_state"]
@@ -297,7 +428,7 @@ def test_asr_with_sentencepiece_units(corpus, tmp_path):
         assert toks and set(toks) <= set(state["vocab"]) and task.detok(toks) == text
 
 
-def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
+def test_sid_learns_speakers_with_enough_steps(corpus, one_thread, tmp_path):
     """A metric that can fail: 4 speakers with distinct pitch are separable from mean-pooled raw fbank; with
     per-utterance CMVN (SUPERB's FBANK) the pooled projection is the same for every utterance: chance."""
     kw = dict(data=corpus, overrides=_SMALL, max_steps=40, lr_sweep=[1e-2], cache_dir=tmp_path / "cache",
@@ -306,7 +437,7 @@ def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
     assert run_superb("sid", "fbank", tmp_path / "cmvn", **kw)["test"]["accuracy"] <= 0.25
 
 
-def test_head_resume_is_exact(corpus, ckpt, tmp_path):
+def test_head_resume_is_exact(corpus, ckpt, one_thread, tmp_path):
     cfg = load_superb_config("asr", None, _SMALL + _TASK_OVERRIDES["asr"] + ["optim.max_steps=6", "head.dropout=0.3",
                                                                            "optim.save_every=3"])
     dd = {n: read_data_dir(corpus / n) for n in ("train", "dev")}
