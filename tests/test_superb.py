@@ -128,16 +128,6 @@ def feature_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("learn_cache")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny heads train fastest on one thread (two threads on two busy cores: ~10x slower); also what the bounds
-    were tuned with."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------ featurizers
 def test_equal_weight_featurizer_is_the_mean_of_layers():
     layers = torch.randn(5, 2, 7, 16)
@@ -190,7 +180,7 @@ def test_layer_weights_saved(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, one_thread, tmp_path):
+def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, tmp_path):
     from speechssl.superb.upstreams import resolve_upstream
 
     dd = read_data_dir(corpus / "train")
@@ -222,7 +212,7 @@ def test_cached_and_uncached_give_same_features_and_first_loss(corpus, ckpt, one
 
 
 @pytest.mark.parametrize("task", ["sid", "ic"])
-def test_pooled_means_train_the_same_head(task, corpus, ckpt, one_thread, tmp_path):
+def test_pooled_means_train_the_same_head(task, corpus, ckpt, tmp_path):
     """Mean-pool heads behind the weighted sum train on per-utterance layer means: the same losses and weights as
     on every frame (the head is linear up to the mean), not merely a similar model."""
     cfg = load_superb_config(task, None, _SMALL + ["optim.max_steps=5", "optim.eval_every=5", "optim.save_every=5"])
@@ -317,7 +307,7 @@ def _passes(task, r):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_every_task_learns(task, corpus, feature_cache, one_thread, tmp_path):
+def test_every_task_learns(task, corpus, feature_cache, tmp_path):
     """Each task's head beats chance by a margin (see _LEARN) on the held-out split, and the run's record is whole.
 
     Chance here: accuracy 0.25 (4 balanced classes; IC: 4 intents), EER 0.5, PER / CER 1 for an empty output,
@@ -358,7 +348,7 @@ def _blind(monkeypatch):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_a_blind_head_does_not_pass_the_bound(task, corpus, feature_cache, one_thread, tmp_path, monkeypatch):
+def test_a_blind_head_does_not_pass_the_bound(task, corpus, feature_cache, tmp_path, monkeypatch):
     """The negative control of test_every_task_learns: the same run with a head blind to its input (_blind) stays
     on the wrong side of the bound, so passing it takes reading the audio."""
     _blind(monkeypatch)
@@ -367,7 +357,7 @@ def test_a_blind_head_does_not_pass_the_bound(task, corpus, feature_cache, one_t
     assert not ok, f"{task}: a blind head reached {_LEARN[task][4]} {value:.3f} (bound {_LEARN[task][6]})"
 
 
-def test_run_without_cache_matches_cached_run(corpus, one_thread, tmp_path, monkeypatch):
+def test_run_without_cache_matches_cached_run(corpus, tmp_path, monkeypatch):
     """--cache none (the upstream every step) trains on the cache's numbers up to its float16 storage.
 
     Live features rounded to float16 (as the cache stores them) give the cached run exactly: every training loss,
@@ -407,7 +397,7 @@ def test_run_without_cache_matches_cached_run(corpus, one_thread, tmp_path, monk
 
 
 @pytest.mark.parametrize("blind", [False, True])
-def test_asr_with_sentencepiece_units(blind, corpus, feature_cache, one_thread, tmp_path, monkeypatch):
+def test_asr_with_sentencepiece_units(blind, corpus, feature_cache, tmp_path, monkeypatch):
     """ASR on sentencepiece units learns the corpus (test WER < 0.5; seeds 0-2 while tuning: 0.00 0.03 0.03), which
     a head blind to its input does not (_blind: it learns the units' prior, WER 0.75), and the saved sentencepiece
     model tokenises and detokenises exactly."""
@@ -428,7 +418,7 @@ def test_asr_with_sentencepiece_units(blind, corpus, feature_cache, one_thread, 
         assert toks and set(toks) <= set(state["vocab"]) and task.detok(toks) == text
 
 
-def test_sid_learns_speakers_with_enough_steps(corpus, one_thread, tmp_path):
+def test_sid_learns_speakers_with_enough_steps(corpus, tmp_path):
     """A metric that can fail: 4 speakers with distinct pitch are separable from mean-pooled raw fbank; with
     per-utterance CMVN (SUPERB's FBANK) the pooled projection is the same for every utterance: chance."""
     kw = dict(data=corpus, overrides=_SMALL, max_steps=40, lr_sweep=[1e-2], cache_dir=tmp_path / "cache",
@@ -437,7 +427,7 @@ def test_sid_learns_speakers_with_enough_steps(corpus, one_thread, tmp_path):
     assert run_superb("sid", "fbank", tmp_path / "cmvn", **kw)["test"]["accuracy"] <= 0.25
 
 
-def test_head_resume_is_exact(corpus, ckpt, one_thread, tmp_path):
+def test_head_resume_is_exact(corpus, ckpt, tmp_path):
     cfg = load_superb_config("asr", None, _SMALL + _TASK_OVERRIDES["asr"] + ["optim.max_steps=6", "head.dropout=0.3",
                                                                            "optim.save_every=3"])
     dd = {n: read_data_dir(corpus / n) for n in ("train", "dev")}
