@@ -1,38 +1,53 @@
 #!/usr/bin/env python
 """Hidden-state extraction speed: ``speechssl extract`` against transformers and fairseq (s3prl's copy), same
-weights, same corpus, same batch budget.
+weights, same corpus, same batch budget, same torch threads; each peer twice: given the same work as ours, and as
+its docs' plain example uses it.
 
-A Base-sized HuBERT (``speechssl.models.config.hubert_base``, random weights, seed 0, the same weights in all
-three) extracts one layer (6) and all 13 hidden states of a synthetic corpus with a realistic length mix (2-20 s,
-mostly 10-17 s as LibriSpeech; tones + noise under a syllable-rate envelope; ``--seconds`` of audio in all,
-default 150) into feature stores (float32), fp32 and, where the CPU has AMX (or on CUDA), bf16 autocast:
+A Base-sized HuBERT (``speechssl.models.config.hubert_base``, random weights, seed 0, the same weights in all) extracts
+hidden state 6 (``--layers 6,all``: also all 13 hidden states) of a synthetic corpus with a realistic length mix
+(2-20 s, mostly 10-17 s as LibriSpeech; tones + noise under a syllable-rate envelope; ``--seconds`` of audio in all,
+default 60) into feature stores (float32), fp32 and, with ``--dtypes fp32,bf16``, bf16 autocast (fast with AMX or on
+CUDA):
 
 * ``ours``: :func:`speechssl.upstream.extract.extract_with`: the ``speechssl extract`` path (durations from the
   audio headers, utterances sorted by duration, batches of at most ``--max-duration`` padded seconds, the model
-  run only up to the deepest layer asked for, rows independent of their padding, audio read by 2 threads,
+  run only up to the deepest layer asked for, rows independent of their padding, audio read ahead by 2 threads,
   written through ``FeatureWriter``);
-* ``hf``: ``transformers.HubertModel(...)(**inputs, output_hidden_states=True)`` as its docs show: batches in
-  corpus order (same padded-seconds budget), ``Wav2Vec2FeatureExtractor`` padding (so ``attention_mask`` only
-  where the config's extractor returns one: not for Base's group-norm CNN, whose docs say to zero-pad only),
-  every layer run; frames cut at ``_get_feat_extract_output_lengths`` and written through the same store;
-* ``fairseq``: s3prl's vendored fairseq ``HubertModel``: ``extract_features(padded, padding_mask,
-  output_layer=6)`` for one layer (fairseq stops after layer 6), s3prl's expert hooks (input of every layer +
-  encoder output) for all; corpus-order batches as ``hf``.
+* ``hf`` (equal work): ``transformers.HubertModel.from_pretrained(dir, num_hidden_layers=6)`` for layer 6 (the
+  model cut to the layer asked for; all 12 layers for all), ``(**inputs, output_hidden_states=True)`` on the same
+  batches as ours (sorted by duration, ``padded_batches``, same budget), audio read the way ours is
+  (``prefetch(load_utterance, workers=2, ahead=32)``);
+* ``hf-doc`` (as documented): the docs' plain example: the whole model, batches in corpus order (same
+  padded-seconds budget), audio read with ``soundfile`` in the loop. Both: ``Wav2Vec2FeatureExtractor`` padding
+  (``attention_mask`` only where the config's extractor returns one: not for Base's group-norm CNN, whose docs say to
+  zero-pad only); frames cut at ``_get_feat_extract_output_lengths``, written through the same store;
+* ``fairseq`` (equal work): s3prl's vendored fairseq ``HubertModel``: ``extract_features(padded, padding_mask,
+  output_layer=6)`` for one layer (fairseq's own early stop), s3prl's expert hooks (input of every layer + encoder
+  output) for all; ours' batches and audio reading as ``hf``;
+* ``fairseq-doc`` (as documented): layer 6 as fairseq's ``examples/hubert/simple_kmeans/dump_hubert_feature.py``:
+  one utterance per ``extract_features(source, padding_mask=None, mask=False, output_layer=6)`` call, corpus order,
+  audio read in the loop; all layers as s3prl's expert: corpus-order batches, hooks.
 
-Each case runs in its own subprocess after a warm-up forward: wall seconds of the whole extraction (audio
-reading and store writing included, model loading not), seconds of audio per second, ratio ours / peer
-(> 1: ours faster), peak memory (CPU: VmHWM minus the RSS before the model was built; CUDA:
-``max_memory_allocated``). Then every store is compared with ours (max abs difference over all frames of every
-layer, and over the rows a peer did not pad: transformers and fairseq let padding into the group norm, and
-transformers without an attention mask into attention too) and each bf16 store with its fp32 one.
+Every case gets the same ``torch.set_num_threads(--threads)``. Each case runs in its own subprocess after a warm-up
+forward; ``--repeat`` rounds run every case round-robin (ours next to each peer in time), so the medians and the
+per-round ratios see the same background load: wall seconds of the whole extraction (audio reading and store writing
+included, model loading not), seconds of audio per second, ours/peer = median over rounds of the peer's wall / ours
+in the same round (> 1: ours faster), the same on CPU seconds of the case's process (all threads; on a machine
+shared with other jobs it moves less than wall time), peak memory (CPU: VmHWM minus the RSS before the model was
+built; CUDA: ``max_memory_allocated``). The summary prints, per peer, the equal-work ratio (the headline: the same
+work done faster or slower) beside the as-documented one (what a user following the peer's example sees; the gap
+between the two is what sorting, stopping early and reading ahead are worth). Then every store is compared with ours
+(max abs difference over all frames of every layer, and over the rows a peer did not pad: transformers and fairseq
+let padding into the group norm, and transformers without an attention mask into attention too) and each bf16 store
+with its fp32 one.
 
 ``--chunk SECONDS`` adds the chunked-inference check: one recording of that length (the corpus concatenated)
 through :func:`speechssl.upstream.extract.chunked_forward` at 10/20/30 s chunks against the whole-utterance
 forward, per layer (``--chunk-ckpt DIR``: also a trained checkpoint, e.g. the mini_synth iteration 2).
 
-    python tools/bench/extract.py [--seconds 150] [--max-duration 40] [--dtypes fp32,bf16] [--threads N] [--repeat 2]
-                                  [--impls ours,hf,fairseq] [--layers 6,all] [--device cpu|cuda]
-                                  [--chunk 60 [--chunk-ckpt DIR]] [--keep DIR]
+    python tools/bench/extract.py [--seconds 60] [--max-duration 40] [--dtypes fp32,bf16] [--threads N]
+                                  [--repeat 2] [--impls ours,hf,hf-doc,fairseq,fairseq-doc] [--layers 6,all]
+                                  [--device cpu|cuda] [--quick] [--chunk 60 [--chunk-ckpt DIR]] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +55,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +74,7 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 
 SR = 16000
 LAYER = 6
+IMPLS = ("ours", "hf", "hf-doc", "fairseq", "fairseq-doc")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -167,8 +185,16 @@ def _writers(out: Path, layers: list[int]):
                                                                 "dtype": "float32"}) for layer in layers}
 
 
-def _peer_run(spec: dict, forward) -> dict:
-    """Corpus-order batches through ``forward(wavs) -> (hidden per layer [B, T, D], frames per row)``."""
+def _write(writers: dict, ids: list[str], hidden: dict, frames: list[int], layers: list[int]) -> None:
+    for j, utt in enumerate(ids):
+        for layer in layers:
+            writers[layer].add(utt, hidden[layer][j, : frames[j]].float().cpu().numpy())
+
+
+def _documented_run(spec: dict, forward, per_utterance: bool = False) -> dict:
+    """As a peer's docs show it: batches in corpus order (same padded-seconds budget as ours; one utterance per
+    call with ``per_utterance``, as fairseq's ``dump_hubert_feature.py``), audio read with ``soundfile`` in the
+    loop, one file after the other."""
     import soundfile as sf
 
     from speechssl.data.kaldi import read_data_dir
@@ -177,7 +203,7 @@ def _peer_run(spec: dict, forward) -> dict:
     ids = dd.utt_ids()
     paths = [dd.wav_scp[u] for u in ids]
     lens = [sf.info(p).frames for p in paths]
-    batches = corpus_batches(lens, int(spec["max_duration"] * SR))
+    batches = corpus_batches(lens, 0 if per_utterance else int(spec["max_duration"] * SR))
     layers = spec["layer_list"]
     writers = _writers(Path(spec["out"]), layers)
     unpadded: list[str] = []
@@ -185,15 +211,44 @@ def _peer_run(spec: dict, forward) -> dict:
     for b in batches:
         wavs = [sf.read(paths[i], dtype="float32")[0] for i in b]
         hidden, frames = forward(wavs, layers)
-        for j, i in enumerate(b):
-            for layer in layers:
-                writers[layer].add(ids[i], hidden[layer][j, : frames[j]].float().cpu().numpy())
-            if lens[i] == max(lens[k] for k in b):
-                unpadded.append(ids[i])
-        padded_samples += len(b) * max(lens[k] for k in b)
+        _write(writers, [ids[i] for i in b], hidden, frames, layers)
+        longest = max(lens[k] for k in b)
+        unpadded += [ids[i] for i in b if lens[i] == longest]
+        padded_samples += len(b) * longest
     for w in writers.values():
         w.close()
     return {"unpadded": unpadded, "batches": len(batches), "padded_s": padded_samples / SR}
+
+
+def _equal_work_run(spec: dict, forward) -> dict:
+    """What ours does, with the peer's model: utterances sorted by duration (``shard_utterances``, the order
+    ``speechssl extract`` computes them in), batches of at most ``max_duration`` padded seconds
+    (``padded_batches``, the same rule), audio read ahead by 2 threads (``prefetch(..., workers=2, ahead=32)``, as
+    ``hidden_stream``): the same batches, padding and I/O as ours."""
+    import functools
+
+    from speechssl.data.batching import padded_batches, prefetch
+    from speechssl.data.kaldi import load_utterance, read_data_dir
+    from speechssl.upstream.extract import shard_utterances
+
+    dd = read_data_dir(spec["data"])
+    utts, _ = shard_utterances(dd, dd.utt_ids())
+    layers = spec["layer_list"]
+    writers = _writers(Path(spec["out"]), layers)
+    unpadded: list[str] = []
+    padded_samples = nbatch = 0
+    audio = prefetch(functools.partial(load_utterance, sample_rate=SR), utts, workers=2, ahead=32)
+    for batch in padded_batches(audio, lambda uw: len(uw[1]), int(spec["max_duration"] * SR)):
+        wavs = [w for _, w in batch]
+        hidden, frames = forward(wavs, layers)
+        _write(writers, [u.utt_id for u, _ in batch], hidden, frames, layers)
+        longest = max(len(w) for w in wavs)
+        unpadded += [u.utt_id for u, w in batch if len(w) == longest]
+        padded_samples += len(batch) * longest
+        nbatch += 1
+    for w in writers.values():
+        w.close()
+    return {"unpadded": unpadded, "batches": nbatch, "padded_s": padded_samples / SR}
 
 
 def run_case(spec: dict) -> dict:
@@ -217,13 +272,19 @@ def run_case(spec: dict) -> dict:
         def go() -> dict:
             extract_with(up, sha1, spec["data"], spec["out"], spec["layer_list"], max_duration=spec["max_duration"],
                          dtype="float32", precision=dtype, progress=False)
-            return {}
+            return {"layers_run": max(spec["layer_list"])}
 
-    elif impl == "hf":
+    elif impl in ("hf", "hf-doc"):
         import transformers
 
+        doc = impl == "hf-doc"
         fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(spec["hf"])
-        model = transformers.HubertModel.from_pretrained(spec["hf"]).to(device).eval()
+        # equal work: a model cut to the deepest layer asked for (config.num_hidden_layers overridden at loading:
+        # the layers above it are not built). Base (post-norm encoder) applies no norm after the last layer, so
+        # hidden_states[L] of the cut model is hidden_states[L] of the whole one.
+        cut = {} if doc or spec["layers"] == "all" else {"num_hidden_layers": max(spec["layer_list"])}
+        model = transformers.HubertModel.from_pretrained(spec["hf"], **cut).to(device).eval()
+        layers_run = model.config.num_hidden_layers
 
         def forward(wavs, layers):
             inputs = fe(wavs, sampling_rate=SR, padding=True, return_tensors="pt").to(device)
@@ -235,13 +296,15 @@ def run_case(spec: dict) -> dict:
         forward(warm, spec["layer_list"])
 
         def go() -> dict:
-            return {**_peer_run(spec, forward), "attention_mask": bool(fe.return_attention_mask)}
+            run = _documented_run(spec, forward) if doc else _equal_work_run(spec, forward)
+            return {**run, "attention_mask": bool(fe.return_attention_mask), "layers_run": layers_run}
 
-    elif impl == "fairseq":
+    elif impl in ("fairseq", "fairseq-doc"):
         from pretrain import FairseqPeer, fairseq_state
 
         from speechssl.models import load_model
 
+        doc = impl == "fairseq-doc"
         ours = load_model(spec["ckpt"], pretrain_head=True)
         peer = FairseqPeer(ours.config)
         peer.model.load_state_dict(fairseq_state(ours.state_dict(), ours.config), strict=True)
@@ -253,17 +316,21 @@ def run_case(spec: dict) -> dict:
             for i, layer in enumerate(model.encoder.layers):
                 hooks.append(layer.register_forward_hook(
                     lambda m, inp, out, i=i: captured.__setitem__(i, inp[0].transpose(0, 1))))
+        # one layer: extract_features(..., output_layer=L) stops after layer L (fairseq's own truncation), both
+        # as documented (dump_hubert_feature.py) and for equal work
+        layers_run = len(model.encoder.layers) if spec["layers"] == "all" else max(spec["layer_list"])
 
         def forward(wavs, layers):
             lens = torch.tensor([len(w) for w in wavs])
             padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in wavs], batch_first=True)
             pad_mask = torch.arange(padded.shape[1])[None] >= lens[:, None]
+            pad_mask = pad_mask.to(device) if bool(pad_mask.any()) else None  # dump_hubert_feature.py: None
             with torch.no_grad(), autocast(device, dtype):
                 if spec["layers"] == "all":
-                    x, _ = model.extract_features(padded.to(device), padding_mask=pad_mask.to(device), mask=False)
+                    x, _ = model.extract_features(padded.to(device), padding_mask=pad_mask, mask=False)
                     hidden = {**captured, len(model.encoder.layers): x}
                 else:
-                    x, _ = model.extract_features(padded.to(device), padding_mask=pad_mask.to(device), mask=False,
+                    x, _ = model.extract_features(padded.to(device), padding_mask=pad_mask, mask=False,
                                                   output_layer=layers[0])
                     hidden = {layers[0]: x}
             frames = lens.clone()
@@ -274,17 +341,24 @@ def run_case(spec: dict) -> dict:
         forward(warm, spec["layer_list"])
 
         def go() -> dict:
-            return _peer_run(spec, forward)
+            if doc:  # one layer: dump_hubert_feature.py, one utterance per call; all: s3prl's expert on batches
+                run = _documented_run(spec, forward, per_utterance=spec["layers"] != "all")
+            else:
+                run = _equal_work_run(spec, forward)
+            return {**run, "layers_run": layers_run}
 
     else:
-        raise ValueError(f"unknown implementation {impl!r} (ours, hf, fairseq)")
+        raise ValueError(f"unknown implementation {impl!r} ({', '.join(IMPLS)})")
 
     sync(device)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     extra = go()
     sync(device)
     wall = time.perf_counter() - t0
-    out = {"wall": wall, **extra}
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)  # all threads: less load-sensitive
+    out = {"wall": wall, "cpu": cpu, **extra}
     if device.type == "cuda":
         out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - mem0) / 2**20
     else:
@@ -387,18 +461,22 @@ def chunk_check(seconds: float, data: Path, ckpts: dict[str, str | None], thread
 # ------------------------------------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=150.0, help="audio in the corpus (default 150)")
+    p.add_argument("--seconds", type=float, default=60.0, help="audio in the corpus (default 60)")
     p.add_argument("--max-duration", type=float, default=None,
-                   help="padded seconds per batch for all three (default: ours' default for the device)")
-    p.add_argument("--impls", default="ours,hf,fairseq")
-    p.add_argument("--layers", default="6,all", help="6 and/or all")
-    p.add_argument("--dtypes", default=None, help="fp32,bf16 (default: bf16 only with AMX or CUDA)")
+                   help="padded seconds per batch for all (default: ours' default for the device)")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help="comma list of " + ", ".join(IMPLS) + " (-doc: the peer as its docs' plain example uses "
+                        "it; without: equal work)")
+    p.add_argument("--layers", default="6", help="6 and/or all (default 6)")
+    p.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16 (bf16 autocast: with AMX or on CUDA)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default torch.get_num_threads())")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for all (default torch.get_num_threads())")
     p.add_argument("--chunk", type=float, default=None, help="also check chunked inference on a recording this long")
     p.add_argument("--chunk-ckpt", default=None, help="a trained checkpoint for the chunk check too")
     p.add_argument("--chunk-data", default=None, help="data dir whose utterances make the chunk-check recording")
-    p.add_argument("--repeat", type=int, default=1, help="run every case this many times round-robin; best wall")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="round-robin rounds of every case (default 2); medians and per-round ratios")
+    p.add_argument("--quick", action="store_true", help="40 s corpus, layer 6 only, fp32, 2 rounds")
     p.add_argument("--keep", default=None, help="work dir to keep (default: a temp dir, removed)")
     p.add_argument("--case-timeout", type=float, default=900.0)
     p.add_argument("--json", default=None, help="also write all results here")
@@ -407,14 +485,21 @@ def main() -> None:
     if args._case is not None:
         _case_main(args._case)
         return
+    if args.quick:
+        args.seconds, args.layers, args.dtypes, args.repeat = min(args.seconds, 40.0), "6", "fp32", 2
 
     from speechssl.upstream.extract import default_max_duration
 
     device = torch.device(args.device)
     threads = args.threads or torch.get_num_threads()
     max_duration = args.max_duration or default_max_duration(device)
-    dtypes = (args.dtypes.split(",") if args.dtypes
-              else ["fp32", "bf16"] if (device.type == "cuda" or has_amx()) else ["fp32"])
+    dtypes = args.dtypes.split(",")
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in IMPLS:
+            p.error(f"--impls: unknown {impl!r} (choose from {', '.join(IMPLS)})")
+    if "bf16" in dtypes and device.type == "cpu" and not has_amx():
+        print("note: this CPU has no AMX; bf16 autocast is emulated and slow")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_extract_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -423,17 +508,18 @@ def main() -> None:
         ckpt, hf = make_models(work)
         audio = sum(lengths)
         print(f"corpus: {len(lengths)} utterances, {audio:.1f} s (2-20 s, mean {audio / len(lengths):.1f} s); "
-              f"Base HuBERT, random weights; device {device}, {threads} threads, AMX {has_amx()}, "
-              f"batches <= {max_duration:g} padded s; setup {time.perf_counter() - t0:.0f} s")
-        sorted_batches = corpus_batches(sorted(int(x * SR) for x in lengths), int(max_duration * SR))
-        sorted_padded = sum(len(b) * max(sorted(int(x * SR) for x in lengths)[i] for i in b)
-                            for b in sorted_batches) / SR
+              f"Base HuBERT, random weights; device {device}, {threads} torch threads for every case, AMX "
+              f"{has_amx()}, batches <= {max_duration:g} padded s; setup {time.perf_counter() - t0:.0f} s")
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        sorted_samples = sorted(int(x * SR) for x in lengths)
+        sorted_batches = corpus_batches(sorted_samples, int(max_duration * SR))
+        sorted_padded = sum(len(b) * max(sorted_samples[i] for i in b) for b in sorted_batches) / SR
         results: dict[tuple[str, str, str], dict] = {}
         for rep in range(args.repeat):  # round-robin: background load hits every case alike
             for layers in args.layers.split(","):
                 layer_list = list(range(13)) if layers == "all" else [int(layers)]
                 for dtype in dtypes:
-                    for impl in args.impls.split(","):
+                    for impl in impls:
                         out = work / f"out_{impl}_{layers}_{dtype}"
                         shutil.rmtree(out, ignore_errors=True)
                         spec = {"impl": impl, "dtype": dtype, "layers": layers, "layer_list": layer_list,
@@ -447,28 +533,66 @@ def main() -> None:
                             print(f"{impl} {layers} {dtype}: FAILED {r['error']}\n{r.get('stderr', '')}")
                             results[key] = r
                             continue
-                        print(f"{impl:<8} layers {layers:<4} {dtype}: {r['wall']:.1f} s", flush=True)
+                        print(f"round {rep + 1}: {impl:<12} layers {layers:<4} {dtype}: {r['wall']:.1f} s", flush=True)
                         prev = results.get(key)
-                        if prev is not None and "error" not in prev:  # best wall, worst peak, all walls
+                        if prev is not None and "error" not in prev:  # all walls, worst peak
                             r["walls"] = prev["walls"] + [r["wall"]]
-                            r["wall"] = min(r["wall"], prev["wall"])
+                            r["cpus"] = prev["cpus"] + [r["cpu"]]
                             r["peak_mib"] = max(r["peak_mib"], prev["peak_mib"])
                         else:
-                            r["walls"] = [r["wall"]]
+                            r["walls"], r["cpus"] = [r["wall"]], [r["cpu"]]
+                        r["wall"], r["cpu"] = statistics.median(r["walls"]), statistics.median(r["cpus"])
                         results[key] = r
+        load_after = os.getloadavg()
 
-        print(f"\nbest of {args.repeat} run(s) per case (round-robin); ours/peer = ours' speed / the peer's")
-        print(f"{'impl':<9}{'layers':<8}{'dtype':<6}{'wall s':>8}{'audio s/s':>11}{'ours/peer':>11}"
-              f"{'peak MiB':>10}{'batches':>9}{'padded s':>10}  walls")
+        def ratio(key: tuple[str, str, str], what: str = "walls") -> float:
+            """Median over rounds of the peer's wall (or CPU) seconds / ours in the same round (> 1: ours faster)."""
+            ours = results.get(("ours",) + key[1:], {})
+            peer = results.get(key, {})
+            if what not in ours or what not in peer:
+                return float("nan")
+            return statistics.median(a / b for a, b in zip(peer[what], ours[what]))
+
+        print(f"\nmedian of {args.repeat} round-robin run(s) per case; ours/peer = median over rounds of the peer's "
+              f"wall / ours in the same round (> 1: ours faster); load average after: "
+              f"{' '.join(f'{x:.2f}' for x in load_after)}")
+        print(f"{'impl':<13}{'layers':<8}{'dtype':<6}{'wall s':>8}{'audio s/s':>11}{'ours/peer':>11}{'cpu s':>8}"
+              f"{'cpu o/p':>9}{'peak MiB':>10}{'batches':>9}{'padded s':>10}{'run':>5}  walls")
         for (impl, layers, dtype), r in results.items():
             if "error" in r:
                 continue
-            ours = results.get(("ours", layers, dtype), {})
-            ratio = r["wall"] / ours["wall"] if "wall" in ours else float("nan")  # = ours' speed / this one's
-            print(f"{impl:<9}{layers:<8}{dtype:<6}{r['wall']:>8.1f}{audio / r['wall']:>11.2f}"
-                  f"{ratio:>11.2f}{r['peak_mib']:>10.0f}"
-                  f"{r.get('batches', ''):>9}{r.get('padded_s', float('nan')):>10.1f}  "
+            print(f"{impl:<13}{layers:<8}{dtype:<6}{r['wall']:>8.1f}{audio / r['wall']:>11.2f}"
+                  f"{ratio((impl, layers, dtype)):>11.2f}{r['cpu']:>8.1f}{ratio((impl, layers, dtype), 'cpus'):>9.2f}"
+                  f"{r['peak_mib']:>10.0f}"
+                  f"{r.get('batches', ''):>9}{r.get('padded_s', float('nan')):>10.1f}{r.get('layers_run', ''):>5}  "
                   + " ".join(f"{w:.1f}" for w in r["walls"]))
+        print("run = transformer layers run; padded s = seconds of padded audio through the model; cpu s = CPU "
+              "seconds of the case's process (all threads), cpu o/p = the same ratio on CPU seconds")
+
+        peers = [x for x in ("hf", "fairseq") if x in impls or f"{x}-doc" in impls]
+        if "ours" in impls and peers:
+            print("\nours/peer: equal work (HEADLINE: the peer given ours' sorted batches, a model stopped at the "
+                  "layer asked for, the same threads and audio reading) | as documented (corpus-order batches, "
+                  "whole model for hf, audio read in the loop; fairseq layer 6: dump_hubert_feature.py, one "
+                  "utterance per call); wall seconds, then CPU seconds (all threads of the case's process)")
+            for what, unit in (("wall", "wall"), ("cpu", "CPU")):
+                head = f"{'layers':<8}{'dtype':<6}{'ours ' + unit + ' s':>12}"
+                for peer in peers:
+                    head += f"{peer + ' equal':>17}{peer + ' doc':>15}"
+                print(head)
+                for layers in args.layers.split(","):
+                    for dtype in dtypes:
+                        o = results.get(("ours", layers, dtype), {})
+                        if what not in o:
+                            continue
+                        line = f"{layers:<8}{dtype:<6}{o[what]:>12.1f}"
+                        for peer in peers:
+                            for impl, width in ((peer, 17), (f"{peer}-doc", 15)):
+                                r = results.get((impl, layers, dtype), {})
+                                cell = (f"{r[what]:.1f} s {ratio((impl, layers, dtype), what + 's'):.2f}x"
+                                        if what in r else "-")
+                                line += f"{cell:>{width}}"
+                        print(line)
 
         print("\noutputs: max |peer - ours| over every frame of every layer (all rows; rows the peer did not pad); "
               "bf16: max |bf16 - fp32| of the same implementation (relative to max |h|)")
@@ -483,14 +607,14 @@ def main() -> None:
                 parts.append(f"vs ours: all rows {max_diff(ref, here, layer_list):.2e}, unpadded rows "
                              f"{max_diff(ref, here, layer_list, set(r['unpadded'])):.2e} "
                              f"({len(r['unpadded'])} rows)")
-                if impl == "hf":
+                if impl.startswith("hf"):
                     parts.append(f"attention_mask {'given' if r['attention_mask'] else 'not given (Base)'}")
             if dtype == "bf16" and "error" not in results.get((impl, layers, "fp32"), {"error": 1}):
                 ref = work / f"out_{impl}_{layers}_fp32"
                 d = max_diff(ref, here, layer_list)
                 parts.append(f"bf16 vs fp32 {d:.3g} ({d / max_abs(ref, layer_list):.2%} of max |h|)")
             if parts:
-                print(f"  {impl:<8} layers {layers:<4} {dtype}: " + "; ".join(parts))
+                print(f"  {impl:<12} layers {layers:<4} {dtype}: " + "; ".join(parts))
         if args.json:
             Path(args.json).write_text(json.dumps({f"{k[0]}:{k[1]}:{k[2]}": v for k, v in results.items()},
                                                   indent=1))

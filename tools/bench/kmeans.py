@@ -1,18 +1,31 @@
 #!/usr/bin/env python
 """Benchmark: our k-means (k-means++ seeding + faiss Lloyd on a sample, faiss top-1 assignment) vs fairseq's recipe.
 
-fairseq (examples/hubert/simple_kmeans/learn_kmeans.py + dump_km_label.py): sklearn
-``MiniBatchKMeans(n_clusters=k, init="k-means++", batch_size=10000, n_init=20, max_iter=100,
-max_no_improvement=100, tol=0.0, reassignment_ratio=0.0, compute_labels=False, init_size=None)`` fitted on a
-``--sk-frac`` sample (10% in fairseq's README), then ``predict`` on every frame.
+fairseq's HuBERT recipe (examples/hubert/simple_kmeans/):
 
-Both run on the same frames (fairseq's recipe in a child process, so it can be stopped after --sk-timeout
-seconds); inertia (sum of squared distances to the nearest centroid, per frame) is measured on ALL frames with
-the same exact float64 routine for both. Data: real frames of a feature store (``--feats``, e.g. a mini_synth
-MFCC dump) for the low-dimensional case, else a Gaussian mixture with anisotropic, unequal components
-(MFCC-like 39-d case); the 256-d k=500 hidden-layer-like case is always the mixture.
+* fit, ``learn_kmeans.py``: sklearn ``MiniBatchKMeans(n_clusters=k, init="k-means++", batch_size=10000, n_init=20,
+  max_iter=100, max_no_improvement=100, tol=0.0, reassignment_ratio=0.0, compute_labels=False, init_size=None)``
+  on a ``--sk-frac`` sample (10% in fairseq's README). Recipe against recipe, as each documents it: the quality of
+  the result is compared (inertia), not the work done.
+* label, ``dump_km_label.py``: its ``ApplyKmeans``, written out below (fairseq is not installable here): a numpy
+  matmul ``dist = |x|^2 - 2 x C + |C|^2`` and ``argmin`` per utterance (the script labels one utterance per call).
+  Both ways do the same arithmetic as ours (every frame against every centroid, same threads); timed twice: as
+  documented, one call per utterance of ``--utt-frames`` frames (default 500: a 10 s utterance at HuBERT's 50 Hz;
+  the headline), and on the blocks our ``Assigner`` takes (65,536 frames per call), which shows what block size
+  does to it.
 
-    .venv/bin/python tools/bench/kmeans.py                 # both cases, 1M frames each
+Both run on the same frames with the same threads (``--threads`` for torch, faiss's OpenMP and, through
+threadpoolctl, the BLAS pool numpy uses). fairseq's fit runs in a child process, so that it can be stopped after
+``--sk-timeout`` seconds; the labelling of both is timed in this process in ``--repeat`` interleaved rounds (ours,
+ours torch backend, fairseq per utterance, fairseq in blocks, ...), median reported, ratios = median over rounds of
+fairseq's time / ours in the same round. Inertia (sum of squared distances to the nearest centroid, per frame) is
+measured on ALL frames with the same exact float64 routine for both. Data: real frames of a feature store
+(``--feats``, e.g. a mini_synth MFCC dump) for the low-dimensional case, else a Gaussian mixture with anisotropic,
+unequal components (MFCC-like 39-d case); the 256-d k=500 hidden-layer-like case is always the mixture.
+
+    .venv/bin/python tools/bench/kmeans.py                 # both cases, 1M frames each (~5 min on 2 cores)
+    .venv/bin/python tools/bench/kmeans.py --sk-timeout 3600   # let fairseq's 256-d k=500 fit finish (long)
+    .venv/bin/python tools/bench/kmeans.py --quick         # 39-d k=100 and 256-d k=500 at 200k frames
     .venv/bin/python tools/bench/kmeans.py --feats egs/mini_synth/hubert/dump/mfcc/train --skip-slow
     .venv/bin/python tools/bench/kmeans.py --frames 200000 --cases 39
 """
@@ -21,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
+from speechssl.units.fit import FAISS_BATCH
 from speechssl.units.kmeans import Assigner, fit_kmeans
 
 
@@ -60,7 +75,8 @@ def exact_inertia_per_frame(x: np.ndarray, c: np.ndarray) -> float:
     return tot / len(x)
 
 
-def run_fairseq(x: np.ndarray, k: int, frac: float, seed: int) -> tuple[float, float, np.ndarray]:
+def run_fairseq(x: np.ndarray, k: int, frac: float, seed: int) -> tuple[float, np.ndarray]:
+    """fairseq's ``learn_kmeans.py`` on a ``frac`` sample: fit seconds, centroids."""
     from sklearn.cluster import MiniBatchKMeans
 
     t0 = time.perf_counter()
@@ -70,10 +86,32 @@ def run_fairseq(x: np.ndarray, k: int, frac: float, seed: int) -> tuple[float, f
                          max_no_improvement=100, tol=0.0, reassignment_ratio=0.0, compute_labels=False,
                          init_size=None, random_state=seed)
     km.fit(sample)
-    t1 = time.perf_counter()
-    km.predict(x)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, km.cluster_centers_.astype(np.float32)
+    return time.perf_counter() - t0, km.cluster_centers_
+
+
+class ApplyKmeans:
+    """fairseq's ``ApplyKmeans`` (examples/hubert/simple_kmeans/dump_km_label.py, facebookresearch/fairseq at
+    3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99), numpy branch (``dump_label`` passes each utterance's features as a
+    numpy array: its ``torch.from_numpy(feat).cuda()`` line is commented out), with the centroids handed over
+    instead of ``joblib.load(km_path).cluster_centers_``. Written out because fairseq does not install here."""
+
+    def __init__(self, cluster_centers: np.ndarray):
+        self.C_np = cluster_centers.transpose()
+        self.Cnorm_np = (self.C_np ** 2).sum(0, keepdims=True)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        dist = (
+            (x ** 2).sum(1, keepdims=True)
+            - 2 * np.matmul(x, self.C_np)
+            + self.Cnorm_np
+        )
+        return np.argmin(dist, axis=1)
+
+
+def fairseq_label(apply: ApplyKmeans, x: np.ndarray, block: int) -> np.ndarray:
+    """``dump_label``'s loop (one ``ApplyKmeans`` call per utterance), here over consecutive ``block``-frame pieces
+    of ``x`` (``block`` = an utterance's frames as documented, our Assigner's batch for equal work)."""
+    return np.concatenate([apply(x[s : s + block]) for s in range(0, len(x), block)])
 
 
 def cpu_times() -> float:
@@ -84,7 +122,7 @@ def cpu_times() -> float:
 
 
 def run_fairseq_capped(x: np.ndarray, k: int, frac: float, seed: int, threads: int,
-                       timeout: float | None) -> tuple[float, float, np.ndarray] | None:
+                       timeout: float | None) -> tuple[float, np.ndarray] | None:
     """:func:`run_fairseq` in a child process (frames passed through a temp .npy), killed after ``timeout`` s.
     None if it ran out of time."""
     with tempfile.TemporaryDirectory(prefix="bench_kmeans_") as tmp:
@@ -97,8 +135,8 @@ def run_fairseq_capped(x: np.ndarray, k: int, frac: float, seed: int, threads: i
         except subprocess.TimeoutExpired:
             return None
         r = np.load(os.path.join(tmp, "result.npz"))
-        print(f"  fairseq CPU time (fit + label, incl. loading the frames): {cpu_times() - c0:.2f}s", flush=True)
-        return float(r["fit"]), float(r["label"]), r["centroids"]
+        print(f"  fairseq fit CPU time (incl. loading the frames): {cpu_times() - c0:.2f}s", flush=True)
+        return float(r["fit"]), r["centroids"]
 
 
 def fairseq_child(tmp: str, k: int, frac: float, seed: int, threads: int) -> None:
@@ -106,25 +144,39 @@ def fairseq_child(tmp: str, k: int, frac: float, seed: int, threads: int) -> Non
 
     x = np.load(os.path.join(tmp, "x.npy"), mmap_mode="r")
     with threadpool_limits(threads):
-        fit, label, c = run_fairseq(np.asarray(x), k, frac, seed)
-    np.savez(os.path.join(tmp, "result.npz"), fit=fit, label=label, centroids=c)
+        fit, c = run_fairseq(np.asarray(x), k, frac, seed)
+    np.savez(os.path.join(tmp, "result.npz"), fit=fit, centroids=c)
 
 
-def run_ours(x: np.ndarray, k: int, frac: float, niter: int, nredo: int, seed: int
-             ) -> tuple[float, float, float, np.ndarray]:
-    """Fit time, label time (default CPU backend: faiss), label time with the torch backend, centroids."""
+def run_ours(x: np.ndarray, k: int, frac: float, niter: int, nredo: int, seed: int) -> tuple[float, np.ndarray]:
+    """Fit seconds, centroids."""
     c0, t0 = cpu_times(), time.perf_counter()
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(len(x), int(round(frac * len(x))), replace=False))]
     c = fit_kmeans(sample, k, niter=niter, nredo=nredo, seed=seed, device="cpu")
     t1 = time.perf_counter()
-    c1 = cpu_times()
-    Assigner(c, device="cpu")(x)
-    t2, c2 = time.perf_counter(), cpu_times()
-    Assigner(c, device="cpu", backend="torch")(x)
-    t3, c3 = time.perf_counter(), cpu_times()
-    print(f"  ours CPU time: fit {c1 - c0:.2f}s, label {c2 - c1:.2f}s (torch backend {c3 - c2:.2f}s)", flush=True)
-    return t1 - t0, t2 - t1, t3 - t2, c
+    print(f"  ours fit CPU time: {cpu_times() - c0:.2f}s", flush=True)
+    return t1 - t0, c
+
+
+def time_labelling(x: np.ndarray, ours_c: np.ndarray, fq_c: np.ndarray | None, repeat: int, utt_frames: int
+                   ) -> dict[str, list[float]]:
+    """Wall seconds of every round of each labeller, interleaved (ours, ours torch, fairseq per utterance, fairseq
+    in blocks, ours, ...) after one warm-up call each; every labeller with its own side's centroids."""
+    fns = {"ours": Assigner(ours_c, device="cpu"), "ours_torch": Assigner(ours_c, device="cpu", backend="torch")}
+    if fq_c is not None:
+        apply = ApplyKmeans(fq_c)
+        fns["fq_utt"] = lambda a: fairseq_label(apply, a, utt_frames)
+        fns["fq_block"] = lambda a: fairseq_label(apply, a, FAISS_BATCH)
+    for fn in fns.values():
+        fn(x[:FAISS_BATCH])
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            walls[name].append(time.perf_counter() - t0)
+    return walls
 
 
 def store_frames(path: str, n: int, seed: int) -> np.ndarray:
@@ -150,15 +202,23 @@ def main() -> None:
     ap.add_argument("--nredo", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-slow", action="store_true", help="skip fairseq's recipe on the 256-d k=500 case")
-    ap.add_argument("--sk-timeout", type=float, default=300.0,
-                    help="seconds before fairseq's recipe (run in a child process) is stopped (default 300)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved labelling rounds (median reported)")
+    ap.add_argument("--utt-frames", type=int, default=500,
+                    help="frames per dump_km_label call in fairseq's per-utterance labelling (default 500: 10 s at "
+                         "50 Hz)")
+    ap.add_argument("--skip-slow", action="store_true", help="skip fairseq's fit on the 256-d k=500 case (its "
+                                                             "labelling is still timed, with our centroids)")
+    ap.add_argument("--sk-timeout", type=float, default=120.0,
+                    help="seconds before fairseq's fit (run in a child process) is stopped (default 120)")
+    ap.add_argument("--quick", action="store_true", help="200k frames per case, 3 labelling rounds")
     ap.add_argument("--fairseq-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.fairseq_child:
         fairseq_child(args.fairseq_child, args.k, args.sk_frac, args.seed, args.threads)
         return
+    if args.quick:
+        args.frames, args.repeat = min(args.frames, 200_000), min(args.repeat, 3)
     torch.set_num_threads(args.threads)
     import faiss
     from threadpoolctl import threadpool_limits
@@ -166,6 +226,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     spec = {"39": (39, 100, 300), "256": (256, 500, 1000)}
     rows = []
+    load0 = os.getloadavg()
     for case in args.cases.split(","):
         d, k, comps = spec[case]
         if case == "39" and args.feats:
@@ -175,37 +236,54 @@ def main() -> None:
             x, data = mixture(args.frames, d, comps, args.seed), "mixture"
         name = f"{len(x)}x{d} k={k}"
         with threadpool_limits(args.threads):
-            of, ol, ot, oc = run_ours(x, k, args.frac, args.niter, args.nredo, args.seed)
+            of, oc = run_ours(x, k, args.frac, args.niter, args.nredo, args.seed)
             oi = exact_inertia_per_frame(x, oc)
-        print(f"[{name}, {data}] ours: fit {of:.2f}s label {ol:.2f}s (torch backend {ot:.2f}s) "
-              f"inertia/frame {oi:.4f}", flush=True)
+        print(f"[{name}, {data}] ours: fit {of:.2f}s inertia/frame {oi:.4f}", flush=True)
+        fq = None
         if case == "256" and args.skip_slow:
-            rows.append((name, data, of, ol, ot, oi, None))
-            continue
-        fq = run_fairseq_capped(x, k, args.sk_frac, args.seed, args.threads, args.sk_timeout)
-        if fq is None:
-            print(f"[{name}] fairseq: stopped after {args.sk_timeout:g}s", flush=True)
-            rows.append((name, data, of, ol, ot, oi, None))
-            continue
-        sf, sl, sc = fq
-        with threadpool_limits(args.threads):
-            si = exact_inertia_per_frame(x, sc)
-        print(f"[{name}] fairseq: fit {sf:.2f}s label {sl:.2f}s inertia/frame {si:.4f}", flush=True)
-        rows.append((name, data, of, ol, ot, oi, (sf, sl, si)))
-    print(f"\nours: k-means++ + faiss Lloyd, sample {args.frac:g}, niter {args.niter}, nredo {args.nredo}, "
-          f"faiss top-1 assignment (torch addmm+min in brackets); fairseq: MiniBatchKMeans on a {args.sk_frac:g} "
-          f"sample + predict; {args.threads} threads; inertia on all frames")
-    print(f"{'case':<22}{'data':<10}{'ours fit':>9}{'label':>7}{'(torch)':>8}{'total':>7}{'fq fit':>8}{'label':>7}"
-          f"{'total':>7}{'speedup':>9}{'inertia ours/fq':>17}")
-    for name, data, of, ol, ot, oi, fq in rows:
-        short = "mixture" if data == "mixture" else "feats"
-        line = f"{name:<22}{short:<10}{of:9.2f}{ol:7.2f}{ot:8.2f}{of + ol:7.2f}"
-        if fq is None:
-            line += f"{'-':>8}{'-':>7}{'-':>7}   (fairseq skipped or timed out)"
+            print(f"[{name}] fairseq fit skipped (--skip-slow)", flush=True)
         else:
-            sf, sl, si = fq
-            line += f"{sf:8.2f}{sl:7.2f}{sf + sl:7.2f}{(sf + sl) / (of + ol):8.1f}x{oi / si:17.4f}"
-        print(line)
+            fq = run_fairseq_capped(x, k, args.sk_frac, args.seed, args.threads, args.sk_timeout)
+            if fq is None:
+                print(f"[{name}] fairseq fit: stopped after {args.sk_timeout:g}s", flush=True)
+        if fq is not None:
+            sf, sc = fq
+            with threadpool_limits(args.threads):
+                si = exact_inertia_per_frame(x, sc)
+            print(f"[{name}] fairseq: fit {sf:.2f}s inertia/frame {si:.4f}", flush=True)
+        with threadpool_limits(args.threads):
+            fq_c = fq[1] if fq is not None else oc  # labelling costs the same for any centroids of this shape
+            walls = time_labelling(x, oc, fq_c, args.repeat, args.utt_frames)
+            n = min(len(x), 200_000)
+            agree = float((fairseq_label(ApplyKmeans(fq_c), x[:n], FAISS_BATCH)
+                           == Assigner(fq_c, device="cpu")(x[:n])).mean())
+        med = {n: statistics.median(w) for n, w in walls.items()}
+        ratio = {n: statistics.median(a / b for a, b in zip(w, walls["ours"])) for n, w in walls.items()}
+        print(f"[{name}] labelling, median of {args.repeat}: ours {med['ours']:.3f}s (torch backend "
+              f"{med['ours_torch']:.3f}s), fairseq ApplyKmeans per {args.utt_frames}-frame utterance "
+              f"{med['fq_utt']:.3f}s, "
+              f"in 65,536-frame blocks {med['fq_block']:.3f}s; ApplyKmeans labels = faiss labels on {agree:.4%} of "
+              f"{n} frames", flush=True)
+        rows.append((name, data, of, oi, fq if fq is None else (fq[0], si), med, ratio))
+    load1 = os.getloadavg()
+    print(f"\nours: k-means++ + faiss Lloyd, sample {args.frac:g}, niter {args.niter}, nredo {args.nredo}, faiss "
+          f"top-1 assignment (torch addmm+min in brackets); fairseq: learn_kmeans.py's MiniBatchKMeans on a "
+          f"{args.sk_frac:g} sample, dump_km_label.py's ApplyKmeans (numpy matmul + argmin) per "
+          f"{args.utt_frames}-frame "
+          f"utterance as dump_label calls it (headline) and on our 65,536-frame blocks; {args.threads} threads "
+          f"for all; inertia on all frames; load average {load0[0]:.2f} -> {load1[0]:.2f}")
+    print("label: median of interleaved rounds; ratio = median over rounds of fairseq's time / ours in the same round "
+          "(>1: ours faster); fit: one run each, recipe against recipe")
+    print(f"{'case':<22}{'data':<9}{'ours fit':>9}{'fq fit':>8}{'ratio':>7}{'inertia ours/fq':>16}"
+          f"{'ours label':>11}{'(torch)':>8}{'fq utt':>8}{'ratio':>7}{'fq block':>9}{'ratio':>7}")
+    for name, data, of, oi, fq, med, ratio in rows:
+        short = "mixture" if data == "mixture" else "feats"
+        line = f"{name:<22}{short:<9}{of:9.2f}"
+        line += f"{'-':>8}{'-':>7}{'-':>16}" if fq is None else f"{fq[0]:8.2f}{fq[0] / of:6.1f}x{oi / fq[1]:16.4f}"
+        line += (f"{med['ours']:11.3f}{med['ours_torch']:8.3f}{med['fq_utt']:8.3f}{ratio['fq_utt']:6.2f}x"
+                 f"{med['fq_block']:9.3f}{ratio['fq_block']:6.2f}x")
+        print(line + ("   (fairseq fit skipped or timed out: its labelling timed with our centroids)"
+                      if fq is None else ""))
 
 
 if __name__ == "__main__":
