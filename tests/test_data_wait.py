@@ -250,6 +250,10 @@ def test_a_worker_recycles_its_shared_memory_blocks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_data, "_new_block", counted)
     items = [(e, i, tuple(map(utt_of, cuts[i : i + 3]))) for e in range(10) for i in range(0, 12, 3)]
+    # the first worker of the process opens what the process keeps for every later one (torch's and
+    # multiprocessing's shared-memory plumbing): count from after one, not from whichever test ran a loader before
+    list(torch.utils.data.DataLoader(ds, sampler=items[:8], batch_size=None, collate_fn=collate_identity,
+                                     num_workers=1, prefetch_factor=2))
     fds = len(os.listdir("/proc/self/fd"))
     for epoch in range(3):  # a new worker each time, as every epoch of the trainer
         made.unlink(missing_ok=True)
