@@ -11,12 +11,15 @@ falls below the untrained model, which is what the first test would report had t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import faiss
 import pytest
 import torch
 
@@ -29,6 +32,21 @@ from speechssl.units.layers import evaluate_layers
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "egs" / "mini_synth" / "hubert"
 K = 50
+THREADS = 2  # torch and faiss, in the fixture's k-means and in every training and evaluation, whatever ran before
+pytestmark = pytest.mark.threads(THREADS)  # the tests (tests/conftest.py); the module fixture pins its own, below
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int = THREADS):
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
 
 # The shipped config with only size and budget changed: what makes it learn or collapse (lr schedule shape, masking,
 # loss weights, feature penalty, frontend) comes from the YAML.
@@ -44,10 +62,15 @@ SHRINK = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """~7 minutes of mini_synth speech (augmented, 40 voices), fbank k-means units at 100 Hz."""
-    top = tmp_path_factory.mktemp("learning")
+    with pinned_threads():
+        return _make_corpus(tmp_path_factory.mktemp("learning"))
+
+
+def _make_corpus(top: Path) -> Path:
     data = top / "data"
     subprocess.run([sys.executable, str(RECIPE / "local" / "make_corpus.py"), "--out", str(data), "--hours", "0.12",
-                    "--nj", "2", "--seed", "3"], check=True, capture_output=True)
+                    "--nj", "2", "--seed", "3"], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     for s in ("train", "dev"):
         assert cli(["features", "dump", "--data", str(data / s), "--kind", "fbank", "--cmvn", "meanvar",
                     "--out", str(top / "fbank" / s)]) == 0
@@ -60,7 +83,7 @@ def corpus(tmp_path_factory):
 
 
 def train(top: Path, name: str, *overrides: str) -> dict:
-    torch.set_num_threads(2)
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (THREADS, THREADS)
     cfg = load_config(PretrainConfig, str(RECIPE / "conf" / "pretrain_iter1.yaml"), [
         f"exp_dir={top / name}", f"data.train={top / 'data' / 'train'}", f"data.dev={top / 'data' / 'dev'}",
         f"data.train_labels=[{top / 'labels' / 'train'}]", f"data.dev_labels=[{top / 'labels' / 'dev'}]",
@@ -82,13 +105,24 @@ def majority_rate(label_dir: Path) -> float:
     return max(counts.values()) / sum(counts.values())
 
 
+# Best-layer PNMI over the untrained model's, measured (issue 29) with this corpus and config at training seeds
+# 1, 2, 3 (seed 1 also at 1 thread: bit-identical to 2, and so are the k-means units at 1 and 2 threads):
+#   shipped      1.137  1.154  1.152
+#   masked_only  1.097  1.069  1.069
+# and by models that learned nothing: untrained ones of seeds 1-5 score 0.957, 1.009, 0.998, 0.997, 1.003, the
+# collapsed one of test_the_collapse_is_caught 0.902. Each bound sits near the middle of its gap, well above any of
+# those and well below the trained values (the old 1.02 was 0.01 above an untrained model's 1.009). Dev masked
+# accuracy over the majority rate: 3.18, 2.92/3.42 (masked_only/shipped, seed 2); the collapsed model 2.30.
+MIN_RATIO = {"shipped": 1.07, "masked_only": 1.04}
+
+
 @pytest.mark.parametrize("loss", ["shipped", "masked_only"])
 def test_pretraining_beats_the_untrained_model(corpus, loss):
     run = train(corpus, loss, *(["model.pred_nomask_weight=0.0"] if loss == "masked_only" else []))
     layers = run["layers"]
     best = max(r["pnmi"] for r in layers["layers"])
     random_best = layers["random_init"]["best_pnmi"]
-    assert best > 1.02 * random_best, (best, random_best, layers["layers"])
+    assert best > MIN_RATIO[loss] * random_best, (best / random_best, best, random_best, layers["layers"])
     acc, majority = run["valid"]["acc_m_0"], majority_rate(corpus / "labels" / "dev")
     assert acc > 1.5 * majority, (acc, majority)
 
@@ -108,4 +142,5 @@ def test_the_collapse_is_caught(corpus, monkeypatch):
     monkeypatch.setattr(HubertConfig, "__post_init__", lenient)
     run = train(corpus, "penalty", "model.pred_nomask_weight=0.0", "model.feature_penalty_weight=10.0")
     layers = run["layers"]
-    assert max(r["pnmi"] for r in layers["layers"]) < layers["random_init"]["best_pnmi"]
+    best, random_best = max(r["pnmi"] for r in layers["layers"]), layers["random_init"]["best_pnmi"]
+    assert best < random_best, (best / random_best, best, random_best)  # measured 0.902
