@@ -476,3 +476,16 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, corpus):
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     ea, eb = (json.loads((d / "best" / "config.json").read_text())["extra"] for d in (full, cut))
     assert (ea["step"], ea["valid"]) == (eb["step"], eb["valid"])
+
+
+def test_a_run_that_cannot_start_leaves_no_log_handler(tmp_path, corpus):
+    """Trainer.__init__ failing after EXP/train.log is opened (here: ckpt.init_from that does not exist) removes its
+    handler from the root logger: a long-lived process (a notebook, the test suite) does not log into dead runs."""
+    import logging
+
+    data, labdir = corpus
+    before = list(logging.getLogger().handlers)
+    with pytest.raises(UserError):
+        pretrain(tiny_cfg(tmp_path / "exp", data, labdir, f"ckpt.init_from={tmp_path / 'nowhere'}"))
+    assert (tmp_path / "exp" / "train.log").is_file()
+    assert logging.getLogger().handlers == before

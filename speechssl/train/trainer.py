@@ -96,6 +96,15 @@ class Trainer:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             self._log_handler = add_file_log(self.exp / "train.log")
         barrier(d)
+        try:
+            self._setup(cfg, resume, model)
+        except BaseException:  # a run that cannot start leaves no handler on the root logger (nor a process group)
+            self.close()
+            raise
+
+    def _setup(self, cfg: PretrainConfig, resume: str | None, model: nn.Module | None) -> None:
+        """Model, optimizer, data, resume or init, collapse watch, DDP wrapper (``__init__``'s body)."""
+        d = self.dist
         o = cfg.optim
         if o.batch_seconds is not None:  # the paper's update whatever the number of processes (train/config.py)
             o.accum_grad, cfg.data.max_duration = split_batch(o.batch_seconds, d.world, cfg.data.max_duration)
