@@ -3,7 +3,8 @@
 ``config.json`` layout::
 
     {"format": "speechssl-hubert", "version": 1,
-     "model_class": "HubertPretrainModel" | "HubertModel" | "CTCModel",
+     "model_class": "HubertPretrainModel" | "Wav2Vec2PretrainModel" | "BestRQPretrainModel" | "HubertModel"
+                    | "CTCModel",
      "model": {...HubertConfig.to_dict()...}, "extra": {...caller metadata: step, label sets, ...},
      "ctc": {...CTCHeadConfig.to_dict()...}                     (CTCModel only),
      "partial": {"base": PATH, "base_sha1": SHA1, "keys": [...]}  (only the tensors that were trained)}
@@ -47,7 +48,8 @@ from speechssl.fileio import atomic_dir
 
 from .config import HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
-from .hubert import HubertModel, HubertPretrainModel
+from .hubert import HubertModel
+from .pretrain import PRETRAIN_CLASSES, PRETRAIN_MODELS, build_pretrain_model
 
 __all__ = ["save_model", "load_model", "load_weights", "read_config", "CheckpointError", "read_safetensors",
            "read_json", "checkpoint_dir", "REDO"]
@@ -169,7 +171,8 @@ def save_model(
 ) -> None:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically: the one checkpoint writer.
 
-    ``model`` is a :class:`HubertPretrainModel` or :class:`HubertModel` (a DDP/compiled wrapper is unwrapped);
+    ``model`` is a pretraining model (``models/pretrain.py``), a :class:`CTCModel` or a :class:`HubertModel` (a
+    DDP/compiled wrapper is unwrapped);
     ``extra`` is JSON-able metadata stored under ``"extra"`` (step, label sets, k-means hash, ...).
     ``weights_from``: a checkpoint directory already holding exactly these weights (same model class and
     config): its ``model.safetensors`` is hard-linked (copied where links fail) instead of serialised again.
@@ -180,8 +183,8 @@ def save_model(
     """
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, (HubertModel, HubertPretrainModel, CTCModel)):
-        raise TypeError(f"save_model expects a HubertModel, HubertPretrainModel or CTCModel, got {type(model).__name__}")
+    if not isinstance(model, (HubertModel, CTCModel, *PRETRAIN_CLASSES)):
+        raise TypeError(f"save_model expects a HubertModel, a pretraining model or a CTCModel, got {type(model).__name__}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -239,7 +242,7 @@ def read_config(ckpt_dir) -> tuple[HubertConfig, dict]:
 def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` with strict key checking.
 
-    ``pretrain_head=True`` returns the checkpoint's own model class: a :class:`HubertPretrainModel` or a
+    ``pretrain_head=True`` returns the checkpoint's own model class: a pretraining model (its objective's) or a
     :class:`CTCModel` (a fine-tuned one; a partial one needs its base: ``speechssl.train.finetune.load_finetuned``);
     ``False`` returns the bare :class:`HubertModel` (from any kind of checkpoint). Returned in eval mode.
     """
@@ -255,7 +258,7 @@ def load_model(ckpt_dir, *, pretrain_head: bool = True) -> nn.Module:
             raise CheckpointError(f"{Path(ckpt_dir) / CONFIG}: {what}; {REDO}") from None
         model = CTCModel(config, head)
     else:
-        model = HubertPretrainModel(config)
+        model = build_pretrain_model(config)
     load_weights(model, ckpt_dir, encoder_only=not pretrain_head)
     return model.eval()
 
@@ -264,7 +267,7 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
     """Load a checkpoint's ``model.safetensors`` into ``model`` with strict key and shape checking: the one reader.
 
     ``encoder_only=False``: every tensor of ``model`` comes from the file and the file has no other.
-    ``encoder_only=True``: only the encoder (``model.hubert`` of a :class:`HubertPretrainModel`, or a bare
+    ``encoder_only=True``: only the encoder (``model.hubert`` of a pretraining model or CTC model, or a bare
     :class:`HubertModel`) is loaded, from the encoder of either kind of checkpoint; a head is left as it is.
     ``config``: when given, ``config.json``'s model settings must equal it (the trainer's resume).
     Returns the ``config.json`` dict; the train/eval mode of ``model`` is unchanged.
@@ -286,7 +289,8 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
     own = _plain(getattr(getattr(model, "config", None), "to_dict", dict)()) == _plain(saved_config.to_dict())
     hint = f"{CONFIG} and {WEIGHTS} describe different models; {REDO}" if own else ""
     saved_class = meta.get("model_class")
-    saved_head = saved_class in ("HubertPretrainModel", "CTCModel")  # the encoder under "hubert."
+    # the encoder under "hubert."
+    saved_head = saved_class in ("CTCModel", *(c.__name__ for c in PRETRAIN_MODELS.values()))
     if "partial" in meta:
         if encoder_only or not isinstance(model, CTCModel):
             raise CheckpointError(f"{ckpt_dir}: holds only the tensors tuned on the frozen base "
@@ -294,10 +298,10 @@ def load_weights(model: nn.Module, ckpt_dir, *, encoder_only: bool = False, conf
         _load_strict(model, state, weights, encoder_only, subset=True, hint=hint)
         return meta
     if encoder_only:
-        model = model.hubert if isinstance(model, (HubertPretrainModel, CTCModel)) else model
+        model = model.hubert if isinstance(model, (CTCModel, *PRETRAIN_CLASSES)) else model
         if saved_head:
             state = {k[len("hubert."):]: v for k, v in state.items() if k.startswith("hubert.")}
-    elif isinstance(model, (HubertPretrainModel, CTCModel)) and saved_class != type(model).__name__:
+    elif isinstance(model, (CTCModel, *PRETRAIN_CLASSES)) and saved_class != type(model).__name__:
         raise CheckpointError(f"{ckpt_dir}: holds a {saved_class}, not a {type(model).__name__}; load its encoder "
                               "alone (load_model: pretrain_head=False; load_weights: encoder_only=True)")
     _load_strict(model, state, weights, encoder_only, hint=hint)

@@ -16,9 +16,9 @@ tiny (CPU)  6       256     1024   4      256        fbank + conv   post    0.1 
 ==========  ======  ======  =====  =====  =========  =============  ======  ============
 
 Encoder families (``model_type``, read from transformers directories by :mod:`speechssl.models.hf`):
-``"hubert"`` (the only one :class:`~speechssl.models.hubert.HubertPretrainModel` pretrains), ``"wav2vec2"`` (the
-same encoder; its feature projection always has the LayerNorm) and ``"wavlm"`` (gated relative position bias in
-every attention layer, :mod:`speechssl.models.wavlm`).
+``"hubert"`` (what the HuBERT objective pretrains; BEST-RQ pretrains it too), ``"wav2vec2"`` (the wav2vec 2.0
+objective's; the same encoder, its feature projection always has the LayerNorm) and ``"wavlm"`` (gated relative
+position bias in every attention layer, :mod:`speechssl.models.wavlm`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from speechssl.errors import UserError
 __all__ = [
     "HubertConfig",
     "MODEL_TYPES",
+    "OBJECTIVES",
     "PAPER_CONV_LAYERS",
     "hubert_base",
     "hubert_large",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 MODEL_TYPES = ("hubert", "wav2vec2", "wavlm")
+OBJECTIVES = ("hubert", "wav2vec2", "bestrq")
 
 # wav2vec 2.0 / HuBERT waveform CNN: 7 layers, receptive field 400 samples (25 ms), stride 320 (20 ms).
 PAPER_CONV_LAYERS: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -73,7 +75,13 @@ class HubertConfig:
     frontend, feature projection, positional conv and layer layouts; ``feat_proj_layer_norm=False`` (transformers'
     HuBERT option: no LayerNorm before the feature projection) exists for ``"hubert"`` only; WavLM adds a gated
     relative position bias (``num_buckets`` buckets up to ``max_bucket_distance`` frames, layer 0's embedding
-    shared by all layers). Only ``"hubert"`` has a pretraining head here; the others are encoders (upstreams).
+    shared by all layers). WavLM loads as an encoder (upstream) only.
+
+    Pretraining objective (``objective``, :mod:`speechssl.models.pretrain`): ``"hubert"`` (k-means units; the head
+    fields ``final_dim`` ... ``pred_nomask_weight``), ``"wav2vec2"`` (contrastive against a Gumbel product quantizer:
+    ``num_codevector_groups`` ... ``feat_quantizer_dropout``, transformers' ``Wav2Vec2Config`` names and fairseq's
+    Base values; ``model_type`` "wav2vec2") or ``"bestrq"`` (a frozen random-projection quantizer of stacked fbank:
+    ``num_classes`` are its codebook sizes, ``bestrq_*``, ``quantizer_seed``). Masking (``mask_*``) is shared.
     """
 
     # frontend
@@ -115,6 +123,24 @@ class HubertConfig:
     pred_nomask_weight: float = 0.0
     # fairseq's L2 penalty on the waveform CNN's output ("cnn" frontend only; must be 0 with "fbank", see below)
     feature_penalty_weight: float = 10.0
+    # pretraining objective (models/pretrain.py): "hubert" (masked prediction of k-means units, the head above),
+    # "wav2vec2" (contrastive against a Gumbel product quantizer, models/wav2vec2.py) or "bestrq" (masked prediction
+    # of a frozen random-projection quantizer's codes, models/bestrq.py). mask_prob / mask_length are shared.
+    objective: str = "hubert"
+    # wav2vec 2.0 (transformers' Wav2Vec2Config names; fairseq wav2vec2_base_librispeech values)
+    num_codevector_groups: int = 2  # G (fairseq latent_groups)
+    num_codevectors_per_group: int = 320  # V (fairseq latent_vars)
+    codevector_dim: int = 256  # G codevectors of codevector_dim / G concatenated (fairseq latent_dim 0 -> final_dim)
+    proj_codevector_dim: int = 256  # project_q / project_hid output (fairseq final_dim)
+    num_negatives: int = 100  # K distractors per masked frame
+    contrastive_logits_temperature: float = 0.1  # fairseq logit_temp
+    diversity_loss_weight: float = 0.1  # fairseq loss_weights[0] (prob_perplexity)
+    gumbel_temperature: list[float] = field(default_factory=lambda: [2.0, 0.5, 0.999995])  # start, end, decay/update
+    feat_quantizer_dropout: float = 0.0  # dropout on the quantizer's input (fairseq dropout_features: 0.1 in Base)
+    # BEST-RQ: num_classes lists the codebook sizes (one random codebook, projection and softmax head each)
+    bestrq_codebook_dim: int = 16
+    bestrq_mask_noise_std: float = 0.1  # masked input frames are filled with N(0, std^2) noise (no mask embedding)
+    quantizer_seed: int = 0  # seeds BEST-RQ's frozen projection and codebooks (saved in the checkpoint too)
 
     def __post_init__(self) -> None:
         self.conv_layers = [tuple(int(v) for v in layer) for layer in self.conv_layers]
@@ -153,6 +179,30 @@ class HubertConfig:
         if self.num_buckets < 4 or self.max_bucket_distance <= self.num_buckets // 4:
             problems.append(f"need num_buckets >= 4 and max_bucket_distance > num_buckets // 4 (WavLM buckets), "
                             f"got num_buckets={self.num_buckets}, max_bucket_distance={self.max_bucket_distance}")
+        self.gumbel_temperature = [float(v) for v in self.gumbel_temperature]
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        elif self.objective == "wav2vec2":
+            if self.model_type != "wav2vec2":
+                problems.append(f"objective 'wav2vec2' needs model_type 'wav2vec2' (its encoder, exported as "
+                                f"transformers' Wav2Vec2ForPreTraining), got {self.model_type!r}")
+            if self.codevector_dim % self.num_codevector_groups:
+                problems.append(f"codevector_dim {self.codevector_dim} is not divisible by num_codevector_groups "
+                                f"{self.num_codevector_groups}")
+            if min(self.num_codevector_groups, self.num_codevectors_per_group, self.num_negatives) < 1:
+                problems.append("num_codevector_groups, num_codevectors_per_group and num_negatives must be >= 1")
+            start, end, decay = (self.gumbel_temperature + [0.0] * 3)[:3]
+            if len(self.gumbel_temperature) != 3 or not (start >= end > 0 and 0 < decay <= 1):
+                problems.append(f"gumbel_temperature must be [start, end, decay] with start >= end > 0 and "
+                                f"0 < decay <= 1, got {self.gumbel_temperature}")
+        elif self.objective == "bestrq":
+            if self.model_type == "wavlm":
+                problems.append("objective 'bestrq' pretrains model_type 'hubert' or 'wav2vec2', got 'wavlm'")
+            if self.downsample_rate % 160:
+                problems.append(f"objective 'bestrq' stacks 10 ms fbank frames into model frames: the frame step "
+                                f"({self.downsample_rate} samples) must be a multiple of 160")
+            if self.bestrq_codebook_dim < 1 or self.bestrq_mask_noise_std < 0:
+                problems.append("need bestrq_codebook_dim >= 1 and bestrq_mask_noise_std >= 0")
         if problems:
             raise UserError("invalid HubertConfig: " + "; ".join(problems))
 

@@ -289,16 +289,23 @@ class FbankFeatureExtractor(nn.Module):
             lens = torch.where(lens > 0, torch.div(lens + 2 * (kernel // 2) - kernel, stride, rounding_mode="floor") + 1, 0)
         return x.transpose(1, 2)
 
-    def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
+    def fbank(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalised fbank ``[B, T_fbank, num_mel_bins]`` the conv stack reads (no gradient, float32), and its
+        frame lengths (BEST-RQ's targets come from it too)."""
         with torch.no_grad(), torch.autocast(wavs.device.type, enabled=False):
             feats = fbank(wavs.float(), num_mel_bins=self.num_mel_bins, lengths=wav_lens, cmvn="meanvar")
-        fbank_lens = self.num_fbank_frames(wav_lens).to(wavs.device)
+        return feats, self.num_fbank_frames(wav_lens).to(wavs.device)
+
+    def encode(self, feats: Tensor, fbank_lens: Tensor) -> Tensor:
+        """The conv stack over normalised fbank frames (``feature_grad_mult`` applied): ``[B, T, output_dim]``."""
         if self.feature_grad_mult > 0:
-            features = _scale_grad(self._run(feats, fbank_lens), self.feature_grad_mult)
-        else:
-            with torch.no_grad():
-                features = self._run(feats, fbank_lens)
-        return features, self.num_frames(wav_lens)
+            return _scale_grad(self._run(feats, fbank_lens), self.feature_grad_mult)
+        with torch.no_grad():
+            return self._run(feats, fbank_lens)
+
+    def forward(self, wavs: Tensor, wav_lens: Tensor) -> tuple[Tensor, Tensor]:
+        feats, fbank_lens = self.fbank(wavs, wav_lens)
+        return self.encode(feats, fbank_lens), self.num_frames(wav_lens)
 
 
 def set_per_row_norm(model: nn.Module, on: bool = True) -> nn.Module:

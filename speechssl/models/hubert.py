@@ -27,7 +27,7 @@ from .masking import compute_mask_indices
 from .transformer import Encoder, FeatureProjection
 from .wavlm import WavLMEncoder
 
-__all__ = ["HubertModel", "HubertPretrainModel", "LABEL_PAD"]
+__all__ = ["HubertModel", "HubertPretrainModel", "LABEL_PAD", "masked_prediction_loss"]
 
 LABEL_PAD = -100  # label value of frames that carry no target (padding, unknown)
 
@@ -66,6 +66,13 @@ class HubertModel(nn.Module):
         Samples past ``wav_lens`` are zeroed first; with ``normalize_waveform`` each row is normalised to zero
         mean and unit variance over its own valid samples (fairseq ``task.normalize``, Large/X-Large).
         """
+        wavs, wav_lens = self.prepare_waveforms(wavs, wav_lens)
+        features, frame_lens = self.feature_extractor(wavs, wav_lens)
+        return features, frame_lens.to(wavs.device)
+
+    def prepare_waveforms(self, wavs: Tensor, wav_lens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """float32 waveforms with the samples past ``wav_lens`` zeroed (and each row normalised with
+        ``normalize_waveform``), and the lengths as int64 on their device: what the frontend reads."""
         if wavs.dim() != 2:
             raise ValueError(f"expected waveforms [B, S], got shape {tuple(wavs.shape)}")
         if wav_lens is None:
@@ -78,8 +85,7 @@ class HubertModel(nn.Module):
             mean = wavs.sum(1, keepdim=True) / count
             var = (((wavs - mean) * valid) ** 2).sum(1, keepdim=True) / count
             wavs = (wavs - mean) / torch.sqrt(var + 1e-5) * valid
-        features, frame_lens = self.feature_extractor(wavs, wav_lens)
-        return features, frame_lens.to(wavs.device)
+        return wavs, wav_lens
 
     def forward(self, wavs: Tensor, wav_lens: Tensor | None = None, mask: Tensor | None = None,
                 num_layers: int | None = None) -> tuple[list[Tensor], Tensor]:
@@ -118,9 +124,11 @@ class HubertPretrainModel(nn.Module):
 
     def __init__(self, config: HubertConfig):
         super().__init__()
-        if config.model_type != "hubert":
-            raise UserError(f"model.model_type={config.model_type!r}: only 'hubert' encoders are pretrained here "
-                            "(masked-unit prediction); wav2vec 2.0 and WavLM models load as upstreams only")
+        if config.objective != "hubert" or config.model_type != "hubert":
+            raise UserError(f"model.objective={config.objective!r}, model.model_type={config.model_type!r}: HuBERT's "
+                            "masked-unit prediction pretrains a 'hubert' encoder (wav2vec 2.0: model.objective=wav2vec2 "
+                            "model.model_type=wav2vec2; BEST-RQ: model.objective=bestrq; build the model of any "
+                            "objective with speechssl.models.pretrain.build_pretrain_model)")
         self.config = config
         self.hubert = HubertModel(config)
         num_sets = len(config.num_classes)
@@ -198,31 +206,8 @@ class HubertPretrainModel(nn.Module):
         x = torch.where(mask.unsqueeze(-1), self.hubert.masked_spec_embed.to(x.dtype), x)
         out = self.hubert.encoder(x, valid)[-1]
 
-        weights = {"m": cfg.pred_masked_weight, "u": cfg.pred_nomask_weight}
-        selections = {"m": mask, "u": valid & ~mask}
-        loss = out.new_zeros((), dtype=torch.float32)
-        sample_size = 0
-        logs: dict[str, float] = {}
-        for kind in ("m", "u"):
-            sel = selections[kind]
-            need_grad = weights[kind] > 0
-            with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
-                logit_list = self.logits(out[sel])
-            for i, (logit, lab) in enumerate(zip(logit_list, labels)):
-                target = lab[sel]
-                has = target != LABEL_PAD
-                ce = F.cross_entropy(logit[has], target[has], reduction="sum")
-                n = int(has.sum())
-                if i == 0 and need_grad:
-                    sample_size += n
-                if need_grad:
-                    loss = loss + weights[kind] * ce
-                logs[f"loss_{kind}_{i}"] = float(ce.detach()) / max(n, 1)
-                correct = (logit[has].argmax(-1) == target[has]).sum() if n else 0
-                logs[f"acc_{kind}_{i}"] = float(correct) / max(n, 1)
-                logs[f"count_{kind}_{i}"] = float(n)
-        loss = loss / max(sample_size, 1) + cfg.feature_penalty_weight * feature_pen.float()
-
+        loss, sample_size, logs = masked_prediction_loss(self.logits, out, mask, valid, labels, cfg)
+        loss = loss + cfg.feature_penalty_weight * feature_pen.float()
         num_valid = int(valid.sum())
         logs.update(
             loss=float(loss.detach()),
@@ -232,6 +217,45 @@ class HubertPretrainModel(nn.Module):
             sample_size=float(sample_size),
         )
         return {"loss": loss, "sample_size": sample_size, "mask": mask, "logs": logs}
+
+    def collapse_warnings(self, stats: dict[str, float]) -> list[str]:
+        """The objective's own collapse signs in validation ``stats`` (HuBERT: none beyond the RankMe watch)."""
+        return []
+
+
+def masked_prediction_loss(logits_fn, out: Tensor, mask: Tensor, valid: Tensor, labels: list[Tensor],
+                           cfg: HubertConfig) -> tuple[Tensor, int, dict[str, float]]:
+    """Cross-entropy of predicted units (HuBERT's k-means units, BEST-RQ's codes), fairseq's ``hubert`` criterion::
+
+        (pred_masked_weight * Σ_sets Σ_masked CE + pred_nomask_weight * Σ_sets Σ_unmasked CE) / sample_size
+
+    ``logits_fn(x [N, hidden]) -> [N, k_i]`` per label set; ``out`` [B, T, hidden] encoder output; ``labels`` per set
+    [B, T] (``LABEL_PAD``: no target). ``sample_size`` counts the target frames of the weighted kinds on the first
+    set. Returns ``(loss, sample_size, logs)`` with ``loss_{m,u}_i``, ``acc_{m,u}_i`` and ``count_{m,u}_i``."""
+    weights = {"m": cfg.pred_masked_weight, "u": cfg.pred_nomask_weight}
+    selections = {"m": mask, "u": valid & ~mask}
+    loss = out.new_zeros((), dtype=torch.float32)
+    sample_size = 0
+    logs: dict[str, float] = {}
+    for kind in ("m", "u"):
+        sel = selections[kind]
+        need_grad = weights[kind] > 0
+        with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
+            logit_list = logits_fn(out[sel])
+        for i, (logit, lab) in enumerate(zip(logit_list, labels)):
+            target = lab[sel]
+            has = target != LABEL_PAD
+            ce = F.cross_entropy(logit[has].float(), target[has], reduction="sum")
+            n = int(has.sum())
+            if i == 0 and need_grad:
+                sample_size += n
+            if need_grad:
+                loss = loss + weights[kind] * ce
+            logs[f"loss_{kind}_{i}"] = float(ce.detach()) / max(n, 1)
+            correct = (logit[has].argmax(-1) == target[has]).sum() if n else 0
+            logs[f"acc_{kind}_{i}"] = float(correct) / max(n, 1)
+            logs[f"count_{kind}_{i}"] = float(n)
+    return loss / max(sample_size, 1), sample_size, logs
 
 
 @torch.no_grad()

@@ -785,16 +785,23 @@ def build_pretrain_data(cfg: "PretrainConfig", d: Dist, encoder, exp_dir: Path, 
     dc = cfg.data
     if not dc.train:
         raise UserError("data.train is not set (a data dir with cuts.jsonl.gz or Kaldi files)")
-    if not dc.train_labels:
-        raise UserError("data.train_labels is empty (one label dir per label set)")
-    if dc.dev and len(dc.dev_labels) != len(dc.train_labels):
-        raise UserError(
-            f"data.dev_labels lists {len(dc.dev_labels)} label dir(s), data.train_labels "
-            f"{len(dc.train_labels)}: give one dev label dir per label set"
-        )
-    check_label_classes(dc.train_labels, cfg.model.num_classes)  # before any data is read or converted
-    if dc.dev:
-        check_label_classes(dc.dev_labels, cfg.model.num_classes, option="data.dev_labels")
+    from speechssl.models.pretrain import uses_labels
+
+    if uses_labels(cfg.model):
+        if not dc.train_labels:
+            raise UserError("data.train_labels is empty (one label dir per label set)")
+        if dc.dev and len(dc.dev_labels) != len(dc.train_labels):
+            raise UserError(
+                f"data.dev_labels lists {len(dc.dev_labels)} label dir(s), data.train_labels "
+                f"{len(dc.train_labels)}: give one dev label dir per label set"
+            )
+        check_label_classes(dc.train_labels, cfg.model.num_classes)  # before any data is read or converted
+        if dc.dev:
+            check_label_classes(dc.dev_labels, cfg.model.num_classes, option="data.dev_labels")
+    elif dc.train_labels or dc.dev_labels:
+        raise UserError(f"model.objective={cfg.model.objective} makes its own targets, but data.train_labels / "
+                        f"data.dev_labels name {len(dc.train_labels) + len(dc.dev_labels)} label dir(s): leave them "
+                        "empty (unit labels are HuBERT's)")
     frame_rate = float(encoder.frame_rate)
 
     def split(data_dir: str, label_dirs: list[str], name: str, *, train: bool):

@@ -66,10 +66,11 @@ class TrainingAborted(RuntimeError):
 
 
 class Trainer:
-    """Owns the model, optimizer, data and checkpoints of one training run: HuBERT pretraining here, CTC fine-tuning
+    """Owns the model, optimizer, data and checkpoints of one training run: pretraining here (every objective of
+    ``models/pretrain.py``: HuBERT, wav2vec 2.0, BEST-RQ), CTC fine-tuning
     in :class:`speechssl.train.finetune.FinetuneTrainer`, which overrides the hooks below and nothing of the loop.
 
-    ``model`` may be given (tests, custom heads); it must follow the ``HubertPretrainModel`` contract:
+    ``model`` may be given (tests, custom heads); it must follow the pretraining models' contract:
     ``forward(wavs, wav_lens, labels) -> {"loss": scalar, "logs": {name: float}}`` (optionally ``"sample_size"``)
     and ``.hubert`` with ``frame_rate``, ``downsample_rate`` and ``num_frames(num_samples)``. A model with a
     ``num_updates`` attribute gets the number of updates done before every forward (fine-tuning's freeze schedule).
@@ -207,16 +208,16 @@ class Trainer:
         return out
 
     def build_model(self) -> nn.Module:
-        """The model of a fresh run (pretraining: ``HubertPretrainModel`` of ``cfg.model``)."""
-        from speechssl.models.hubert import HubertPretrainModel
+        """The model of a fresh run: ``cfg.model.objective``'s pretraining model (``models/pretrain.py``)."""
+        from speechssl.models.pretrain import build_pretrain_model, uses_labels
 
         cfg = self.cfg
-        if len(cfg.model.num_classes) != len(cfg.data.train_labels):
+        if uses_labels(cfg.model) and len(cfg.model.num_classes) != len(cfg.data.train_labels):
             raise UserError(
                 f"model.num_classes {cfg.model.num_classes} has {len(cfg.model.num_classes)} entries but "
                 f"data.train_labels lists {len(cfg.data.train_labels)} label dir(s)"
             )
-        return HubertPretrainModel(cfg.model)
+        return build_pretrain_model(cfg.model)
 
     def build_data(self):
         """Train sampler and batches, dev loader (``train/data.py``'s ``PretrainData`` contract)."""
@@ -469,6 +470,9 @@ class Trainer:
         if self.dist.is_main:
             if self.collapse_watch is not None:  # rank 0 only: rank_L{i}, std_L{i} join rank 0's stats
                 stats.update(self.collapse_watch.check(self.encoder, self.step, writer))
+            # the objective's own signs (wav2vec 2.0: codebook perplexity; BEST-RQ: target entropy)
+            for line in getattr(self.model, "collapse_warnings", lambda _: [])(stats):
+                log.warning("collapse watch at update %d: %s", self.step, line)
         return stats
 
     def _log_valid(self, stats: dict[str, float], utts: int, writer) -> None:
