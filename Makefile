@@ -29,6 +29,25 @@ demo: install
 	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS) --valid 2
 	@test -f egs/mini_synth/hubert/exp/report.md && echo "report: egs/mini_synth/hubert/exp/report.md"
 
+# Three objectives side by side (issue 30): wav2vec 2.0 and BEST-RQ on the demo corpus with the same tiny model, batch and
+# optimiser as HuBERT, each given the training budget of HuBERT's two demo iterations together (2 x DEMO_MINUTES, the
+# Gumbel temperature annealed over the same 69% of the run as fairseq's), then PNMI by layer, SUPERB PR / KS / SID and
+# the fine-tuned PER on the 10-minute subset beside the demo's HuBERT, untrained and fbank rows (exp/report.md,
+# "Objectives"). Runs the demo first where its outputs are missing (finished stages are skipped).
+COMPARE_STEPS = $(shell expr 2 \* $(DEMO_MINUTES) \* 120)
+COMPARE_OPTS = optim.max_minutes=$(shell expr 2 \* $(DEMO_MINUTES)) optim.max_steps=$(COMPARE_STEPS) \
+  optim.warmup_steps=$(shell expr 2 \* $(DEMO_MINUTES) \* 15)
+GUMBEL = $(shell python3 -c 'print(f"[2.0,0.5,{0.25 ** (1 / (0.69 * $(COMPARE_STEPS))):.7f}]")')
+OBJECTIVES ?= wav2vec2 bestrq
+.PHONY: compare
+compare: demo
+	cd egs/mini_synth/hubert && for o in $(OBJECTIVES); do PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --objective $$o \
+	  --iter1-opts "$(COMPARE_OPTS) $$([ $$o = wav2vec2 ] && echo model.gumbel_temperature=$(GUMBEL))" || exit 1; done
+	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --tasks "pr ks sid" --upstreams \
+	  "fbank random:../hubert/exp/hubert_iter1/best ../hubert/exp/hubert_iter1/best ../hubert/exp/hubert_iter2/best $(foreach o,$(OBJECTIVES),../hubert/exp/$(o)/best)"
+	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS) --valid 2 --objectives "$(OBJECTIVES)"
+	@echo "report: egs/mini_synth/hubert/exp/report.md (section Objectives)"
+
 # pytest-randomly shuffles the order and reseeds random/numpy per test; `make test` fixes its seed so the order is
 # the same on every run (`make test TEST_SEED=N` for another order; the suite must pass under any).
 TEST_SEED ?= 29

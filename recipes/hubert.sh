@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # HuBERT recipe, corpus-independent: features -> k-means units -> pretraining -> units of a hidden layer -> the next
-# iteration, for --iterations iterations, then exp/report.md.
+# iteration, for --iterations iterations, then exp/report.md. With --objective wav2vec2 or bestrq, the same stages
+# train that objective instead, in one run (exp/<objective>): no k-means, no labels, no iterations (they make their
+# own targets); stage 2 then dumps only the spectral features the per-layer report compares with.
 # Called by egs/<corpus>/hubert/run.sh after the corpus-specific data preparation (stage 0 there).
 # Every stage reads files and writes files; a finished stage leaves <out>/.done and is skipped when re-run.
 #
@@ -18,6 +20,7 @@ set -euo pipefail
 
 stage=1
 stop_stage=100
+objective=hubert         # hubert | wav2vec2 | bestrq (models/pretrain.py); the latter two: one run, exp/<objective>
 data=data                # directory holding the Kaldi data dirs
 train_set=train
 dev_set=dev
@@ -40,7 +43,7 @@ hidden_sample_frac=auto  # iterations >= 2: fraction of the train utterances who
                          # 1.2 x max_frames at 50 Hz (k-means reads at most max_frames): 960 h -> 0.014, ~3.7 GB for
                          # Base instead of 26.5 GB at 0.1
 max_frames=2000000
-iter1_conf=conf/pretrain_iter1.yaml
+iter1_conf=""            # default conf/pretrain_iter1.yaml (--objective hubert), conf/pretrain_<objective>.yaml
 iter2_conf=conf/pretrain_iter2.yaml
 iter3_conf=conf/pretrain_iter3.yaml
 iter4_conf=conf/pretrain_iter4.yaml
@@ -69,6 +72,8 @@ master_port=29500
 rdzv_timeout=3600        # seconds a node waits for the others at a launch (the head may still be on a serial stage)
 launcher=""              # a command prefix that runs `speechssl VERB ...` on every process instead
 help_message="Usage: $0 [options]
+  --objective hubert|wav2vec2|bestrq   the pretraining objective (wav2vec2, bestrq: one run -> exp/<objective>,
+                               no k-means or label stages, --iter1-conf / --iter1-opts are its config)
   --stage N / --stop-stage N   run stages N..M: 1 validate, 2 MFCC/fbank, 3 k-means, 4 labels, 5 unit quality (iteration-1
                                targets), then for iteration i: 3i+3 pretrain, 3i+4 per-layer units, and for i >= 2
                                3i+2 its units from a hidden layer of iteration i-1 (iteration 2: stages 8, 9, 10)
@@ -161,20 +166,30 @@ after_head() {  # after_head DIR : on the other nodes, wait until the head has f
 }
 
 # ---------------------------------------------------------------------------------------------------- stages
-pretrain_iteration() {  # pretrain_iteration STAGE N K 'LABEL_ROOT ...' : HuBERT iteration N -> exp/hubert_iterN
-  local stage_no=$1 it=$2 k=$3 labels=$4  # one target set (k classes) per label root
-  local out=$exp/hubert_iter$it l tr=() dv=() nc=() init_opt=()
+run_name() {  # run_name N : the exp subdirectory of iteration N (hubert_iterN; wav2vec2 / bestrq: the objective)
+  if [ "$objective" = hubert ]; then echo "hubert_iter$1"; else echo "$objective"; fi
+}
+
+pretrain_iteration() {  # pretrain_iteration STAGE N K 'LABEL_ROOT ...' : iteration N -> exp/$(run_name N)
+  local stage_no=$1 it=$2 k=$3 labels=$4  # one target set (k classes) per label root (none: wav2vec2, bestrq)
+  local out l tr=() dv=() nc=() init_opt=() label_opts=()
+  out=$exp/$(run_name "$it")
   for l in $labels; do tr+=("$l/$train_set"); dv+=("$l/$dev_set"); nc+=("$k"); done
   stage_pending "$out" || return 0
-  log "stage $stage_no: HuBERT iteration $it -> $out"
+  if [ "$objective" = hubert ]; then
+    log "stage $stage_no: HuBERT iteration $it -> $out"
+    label_opts=(data.train_labels="[$(IFS=,; echo "${tr[*]}")]" data.dev_labels="[$(IFS=,; echo "${dv[*]}")]"
+                model.num_classes="[$(IFS=,; echo "${nc[*]}")]")
+  else
+    log "stage $stage_no: $objective pretraining (its own targets) -> $out"
+    label_opts=("data.train_labels=[]" "data.dev_labels=[]" "model.objective=$objective")
+  fi
   if [ "$it" -gt 1 ] && $(var iter "$it" _init); then
-    init_opt=("ckpt.init_from=$exp/hubert_iter$((it - 1))/best")
+    init_opt=("ckpt.init_from=$exp/$(run_name $((it - 1)))/best")
   fi
   # shellcheck disable=SC2046
   launch pretrain --config "$(var iter "$it" _conf)" --resume auto exp_dir="$out" \
-    data.train="$train" data.dev="$dev" \
-    data.train_labels="[$(IFS=,; echo "${tr[*]}")]" data.dev_labels="[$(IFS=,; echo "${dv[*]}")]" \
-    model.num_classes="[$(IFS=,; echo "${nc[*]}")]" "${init_opt[@]}" $(var iter "$it" _opts)
+    data.train="$train" data.dev="$dev" "${label_opts[@]}" "${init_opt[@]}" $(var iter "$it" _opts)
   done_mark "$out"
 }
 
@@ -195,7 +210,8 @@ label_sets() {  # label_sets STAGE WHAT OUT_ROOT ARGS... : `kmeans label ARGS` o
 
 layer_report() {  # layer_report STAGE N K : PNMI by layer of iteration N's best checkpoint (skipped without alignments)
   local stage_no=$1 it=$2 k=$3
-  local out=$exp/hubert_iter$it/layers
+  local out
+  out=$exp/$(run_name "$it")/layers
   if [ -z "$alignments" ]; then
     log "stage $stage_no: no alignments, no per-layer report of iteration $it"
     return 0
@@ -204,7 +220,7 @@ layer_report() {  # layer_report STAGE N K : PNMI by layer of iteration N's best
   $is_head || return 0
   log "stage $stage_no: what each layer of iteration $it learned (PNMI by layer, k=$k, beside an untrained model and ${sets1[0]} units)"
   # shellcheck disable=SC2086
-  serial speechssl units layers --ckpt "$exp/hubert_iter$it/best" --data "$train" --alignments "$alignments" \
+  serial speechssl units layers --ckpt "$exp/$(run_name "$it")/best" --data "$train" --alignments "$alignments" \
     --k "$k" --spectral "$dump/${sets1[0]}/$train_set" $layers_opts --out "$out"
   done_mark "$out"
 }
@@ -246,6 +262,14 @@ hidden_units() {  # hidden_units STAGE N K : units of a hidden layer of iteratio
 
 # ---------------------------------------------------------------------------------------------------- the chain
 [ "$alignments" = none ] && alignments=
+case "$objective" in
+  hubert) iter1_conf=${iter1_conf:-conf/pretrain_iter1.yaml} ;;
+  wav2vec2|bestrq)
+    iter1_conf=${iter1_conf:-conf/pretrain_$objective.yaml}
+    [ "$iterations" -eq 2 ] && iterations=1  # the default; another number is refused below
+    [ "$iterations" -eq 1 ] || { echo "$0: --objective $objective has no iterations (it makes its own targets), got --iterations $iterations" >&2; exit 1; } ;;
+  *) echo "$0: --objective must be hubert, wav2vec2 or bestrq, got '$objective'" >&2; exit 1 ;;
+esac
 train=$data/$train_set
 dev=$data/$dev_set
 if [ "$hidden_sample_frac" = auto ]; then  # from the train set's utt2dur (without one: sample_frac)
@@ -281,6 +305,17 @@ for f1 in "${sets1[@]}"; do  # stages 2-5 for each iteration-1 target set
   feat=${f1%%_cmvn-*}; cmvn=none; cmvn_opt=()
   [ "$f1" != "$feat" ] && cmvn=${f1#*_cmvn-} && cmvn_opt=(--cmvn "$cmvn")
   km=$exp/kmeans_${f1}_k$k1
+  if [ "$objective" != hubert ]; then  # no k-means targets: only the spectral features of the per-layer report
+    if in_stage 2 && [ -n "$alignments" ] && [ "$f1" = "${sets1[0]}" ]; then
+      out=$dump/$f1/$train_set
+      if stage_pending "$out"; then
+        log "stage 2: $feat (CMVN: $cmvn) for $train_set -> $out (the per-layer report's spectral baseline)"
+        launch features dump --data "$data/$train_set" --kind "$feat" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
+        done_mark "$out"
+      fi
+    fi
+    continue
+  fi
   if in_stage 2; then
     for s in $train_set $dev_set; do
       out=$dump/$f1/$s

@@ -340,6 +340,12 @@ def _runs_section(runs: list[_Run], rel) -> list[str]:
         ks = _get(c, "model.num_classes") or []
         names = _set_names(r)
         sets = ", ".join(f"{n} ({k})" for n, k in zip(names, ks)) or "–"
+        obj = str(_get(c, "model.objective", "hubert"))
+        if obj == "bestrq":
+            sets = "random-projection codes (" + ", ".join(str(k) for k in ks) + ")"
+        elif obj == "wav2vec2":
+            sets = (f"Gumbel quantizer ({_get(c, 'model.num_codevector_groups')} × "
+                    f"{_get(c, 'model.num_codevectors_per_group')} codes, contrastive)")
         if r.best:
             crit = r.best.get("best_by", "")
             best = f"update {r.best.get('step')} (valid {crit or 'metric'} {_fmt(r.best.get('metric'))})"
@@ -362,6 +368,8 @@ def _runs_section(runs: list[_Run], rel) -> list[str]:
             rows.append((f"masked accuracy, {nm}", f"train/acc_m_{t}", f"valid/acc_m_{t}"))
             rows.append((f"unmasked accuracy, {nm}", f"train/acc_u_{t}", f"valid/acc_u_{t}"))
         k = _get(r.config, "model.num_classes") or []
+        if _get(r.config, "model.objective") == "wav2vec2":  # the positive among K distractors
+            k = [int(_get(r.config, "model.num_negatives", 100)) + 1]
         found = [(label, _last(s.get(tt)), _last(s.get(vt))) for label, tt, vt in rows]
         found = [f for f in found if f[1] is not None or f[2] is not None]
         t_step = max((f[1][0] for f in found if f[1]), default=None)
@@ -377,7 +385,8 @@ def _runs_section(runs: list[_Run], rel) -> list[str]:
             chance = f"{1 / max(k):.3f}" if "accuracy" in label and k else "–"
             md.append(f"| {label} | {cell(tl, t_step)} | {cell(vl, v_step)} | {chance} |")
         md += ["", f"Train: mean over the last log window ({_get(r.config, 'log_every', '?')} updates); valid: the "
-               "whole dev set, same masks at every validation. Chance: 1/k.", ""]
+               "whole dev set, same masks at every validation. Chance: 1/k (wav2vec 2.0: 1/(K+1), its K "
+               "distractors and the positive).", ""]
         layers = _collapse_layers(s)
         if layers:
             ref = r.collapse_ref or {}
@@ -814,6 +823,85 @@ def _asr_section(dirs: Sequence[Path], rel) -> list[str]:
     return md
 
 
+# ============================================================================================== objectives
+_OBJECTIVE_NAMES = {"hubert": "HuBERT", "wav2vec2": "wav2vec 2.0", "bestrq": "BEST-RQ"}
+_OBJECTIVE_TASKS = [("pr", "per", "SUPERB PR PER % ↓"), ("ks", "accuracy", "SUPERB KS acc % ↑"),
+                    ("sid", "accuracy", "SUPERB SID acc % ↑")]
+
+
+def _objectives_section(runs: list[_Run], reports: list[_Layers], superb_files: list[Path],
+                        asr_dirs: Sequence[Path]) -> list[str]:
+    """One row per pretraining objective of the exp (HuBERT: its last iteration, timed over all its iterations)
+    beside the untrained model and fbank: best-layer PNMI, SUPERB PR / KS / SID, the PER fine-tuned on 10 minutes,
+    training time. Shown when the exp holds a run of an objective other than HuBERT (``make compare``)."""
+    by_obj: dict[str, list[_Run]] = {}
+    for r in runs:
+        by_obj.setdefault(str(_get(r.config, "model.objective", "hubert")), []).append(r)
+    if set(by_obj) <= {"hubert"}:
+        return []
+    md = ["## Objectives (same model, data and evaluation)", ""]
+    layers = {rep.run: rep.data for rep in reports}
+    superb: dict[str, dict[str, float]] = {}  # upstream dir name (= run name), "fbank", "random" -> task -> value
+    for f in superb_files:
+        r = _read_json(f, "SUPERB result (`speechssl superb`)")
+        label = str(r.get("upstream_label", ""))
+        name = "fbank" if label.split(":")[0] in ("fbank", "mfcc") else "random" if label.startswith("random:") \
+            else f.parent.parent.name
+        metric = {t: k for t, k, _ in _OBJECTIVE_TASKS}.get(r.get("task"))
+        test = r.get("test") or {}
+        if metric and isinstance(test.get(metric), (int, float)):
+            superb.setdefault(name, {})[r["task"]] = 100 * float(test[metric])
+    per: dict[str, float] = {}  # run name or "random" -> PER % of the full fine-tuning on the 10-minute subset
+    for d in asr_dirs:
+        for f in sorted(d.glob("*/decode_test/scores.json"), key=_natural_key) if d.is_dir() else []:
+            cfg = _read_yaml(f.parent.parent / "config.yaml")
+            scores = _read_json(f, "decoding scores (`speechssl decode`)")
+            if (Path(str(_get(cfg, "data.train", ""))).name != "train_10min" or str(_get(cfg, "tune.mode", "full"))
+                    != "full" or not isinstance(scores.get("per"), (int, float))):
+                continue
+            init = str(_get(cfg, "init", ""))
+            per["random" if init.startswith("random:") else Path(init).parent.name] = 100 * float(scores["per"])
+
+    def pnmi_cell(d: dict[str, Any] | None) -> str:
+        if not d:
+            return "–"
+        best = max(d["layers"], key=lambda x: float(x["pnmi"]))
+        rnd = d.get("random_init")
+        rbest = max(float(x["pnmi"]) for x in rnd["layers"]) if rnd else None
+        ratio = f", {float(best['pnmi']) / rbest:.2f}×" if rbest else ""
+        return f"{float(best['pnmi']):.3f} (L{best['layer']}{ratio})"
+
+    def row(name: str, key: str, pnmi: str, minutes: str) -> str:
+        cells = [f"{superb[key][t]:.1f}" if t in superb.get(key, {}) else "–" for t, _, _ in _OBJECTIVE_TASKS]
+        ft = f"{per[key]:.1f}" if key in per else "–"
+        return f"| {name} | {minutes} | {pnmi} | " + " | ".join(cells) + f" | {ft} |"
+
+    any_layers = next(iter(layers.values()), None)
+    sp = _spectral(any_layers) if any_layers else None
+    rnd = any_layers.get("random_init") if any_layers else None
+    md += ["| objective (run) | training | best-layer PNMI (layer, × untrained) | "
+           + " | ".join(h for _, _, h in _OBJECTIVE_TASKS) + " | fine-tuned PER % (10 min) ↓ |",
+           "|---|---|---|" + "---|" * len(_OBJECTIVE_TASKS) + "---|"]
+    md.append(row("fbank (spectral baseline)", "fbank",
+                  f"{float(sp['pnmi']):.3f} ({_spectral_label(sp)})" if sp else "–", "none"))
+    md.append(row("untrained model, same config (baseline)", "random",
+                  f"{max(float(x['pnmi']) for x in rnd['layers']):.3f} (1.00×)" if rnd else "–", "none"))
+    for obj in sorted(by_obj, key=lambda o: list(_OBJECTIVE_NAMES).index(o) if o in _OBJECTIVE_NAMES else 9):
+        rs = by_obj[obj]
+        last = rs[-1]
+        mins = [r.log["minutes"] for r in rs if "minutes" in r.log]
+        upd = sum(int(r.log.get("stop_update") or 0) for r in rs)
+        minutes = (f"{sum(mins):.1f} min, {upd} updates" + (f" ({len(rs)} runs)" if len(rs) > 1 else "")
+                   if mins else "–")
+        md.append(row(f"{_OBJECTIVE_NAMES.get(obj, obj)} ({last.name})", last.name, pnmi_cell(layers.get(last.name)),
+                      minutes))
+    md += ["", "PNMI: k-means of the best layer against the phone alignments (section above); SUPERB: test split of "
+           "the frozen-upstream tasks; fine-tuned PER: CTC on the 10-minute subset, greedy, test split (section "
+           "below). Training: wall-clock minutes of pretraining (HuBERT: its iterations together, not counting its "
+           "k-means and label stages). A dash: that stage was not run for the row.", ""]
+    return md
+
+
 def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.PathLike] = (),
                  out: str | os.PathLike | None = None, asr_dirs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``EXP/report.md`` (or ``out``) and its PNGs in ``<out's dir>/<out's stem>/`` (``EXP/report/``);
@@ -872,6 +960,7 @@ def write_report(exp_dir: str | os.PathLike, superb_dirs: Iterable[str | os.Path
     md += label_md
     md += superb_md
     md += asr_md
+    md += _objectives_section(runs, layer_reports, _superb_files(sdirs) if sdirs else [], adirs)
     atomic_write_text(md_path, "\n".join(md).rstrip("\n") + "\n")
     log.debug("wrote %s and %d figure(s) in %s", md_path, len(written), fig_dir)
     return md_path

@@ -442,10 +442,12 @@ def test_labels_one_frame_short_carry_no_loss_on_the_last_frame_and_bad_values_a
     with pytest.raises(ValueError, match=r"label set 0: values outside \[0, 10\) \(and not -100\): "
                                          r"\[10, 10, 10, 10, 10\]$"):
         model(wavs, lens, [torch.full((2, T), 10)])
-    with pytest.raises(ValueError, match=r"^model.model_type='wav2vec2': only 'hubert' encoders are pretrained here "
-                                         r"\(masked-unit prediction\); wav2vec 2.0 and WavLM models load as "
-                                         r"upstreams only$"):
+    with pytest.raises(ValueError, match=r"^model.objective='hubert', model.model_type='wav2vec2': HuBERT's "
+                                         r"masked-unit prediction pretrains a 'hubert' encoder \(wav2vec 2.0: "
+                                         r"model.objective=wav2vec2 model.model_type=wav2vec2; BEST-RQ: "):
         HubertPretrainModel(hubert_tiny(model_type="wav2vec2"))
+    with pytest.raises(ValueError, match=r"^model.objective='bestrq', model.model_type='hubert': HuBERT's"):
+        HubertPretrainModel(hubert_tiny(objective="bestrq"))
 
 
 def test_rows_without_frames_give_a_zero_loss():

@@ -440,3 +440,43 @@ def test_asr_section_missing_dir_is_one_line(tmp_path, capsys):
     assert main(["report", str(exp), "--asr", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere: no such directory" in err[0]
+
+
+def test_objectives_section(tmp_path):
+    """With a run of another objective (make compare), one row per objective (HuBERT: its last iteration, timed over
+    all its iterations) beside fbank and the untrained model, each figure from its own file; HuBERT alone: none."""
+    exp, sup, asr = tmp_path / "exp", tmp_path / "superb", tmp_path / "asr"
+    for name in ("hubert_iter1", "hubert_iter2"):
+        make_run(exp / name)
+    make_layers(exp / "hubert_iter2", [0.353, 0.349, 0.355], [0.308, 0.310, 0.308], spectral=0.325)
+    assert "## Objectives" not in write_report(exp).read_text()
+    for name, obj, pnmi in (("wav2vec2", "wav2vec2", [0.31, 0.33, 0.32]), ("bestrq", "bestrq", [0.34, 0.36, 0.35])):
+        make_run(exp / name)
+        cfg = yaml.safe_load((exp / name / "config.yaml").read_text())
+        cfg["model"]["objective"] = obj
+        (exp / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        make_layers(exp / name, pnmi, [0.308, 0.310, 0.308])
+    for up, label, per, acc in (("fbank", "fbank", 0.934, 0.40), ("random_hubert_iter1", "random:x", 0.66, 0.30),
+                                ("hubert_iter2", "hubert_iter2", 0.55, 0.61), ("wav2vec2", "wav2vec2", 0.60, 0.5),
+                                ("bestrq", "bestrq", 0.58, 0.55)):
+        make_superb(sup, up, label, "pr", {"per": per})
+        make_superb(sup, up, label, "ks", {"accuracy": acc})
+    for name, init, per in (("phone_random_10min", "random:/e/hubert_iter2/best", 0.7),
+                            ("phone_iter2_10min", "/e/hubert_iter2/best", 0.41),
+                            ("phone_bestrq_10min", "/e/bestrq/best", 0.45),
+                            ("phone_iter2_1h", "/e/hubert_iter2/best", 0.2)):   # 1 h: not in the 10-minute column
+        _asr_run(asr, name, init, "/d/" + name.rsplit("_", 1)[1].replace("10min", "train_10min"), "full", {"per": per})
+    (asr / "phone_iter2_1h" / "config.yaml").write_text(yaml.safe_dump(
+        {"init": "/e/hubert_iter2/best", "data": {"train": "/d/train_1h"}, "tune": {"mode": "full"}}))
+    text = section(write_report(exp, superb_dirs=[sup], asr_dirs=[asr]).read_text(), "Objectives")
+    minutes = re.search(r"after ([\d.]+) min", "\n".join(TRAIN_LOG))
+    assert minutes, "TRAIN_LOG has no stop line"
+    m = float(minutes[1])
+    assert table_row(text, "fbank")[1:] == ["none", "0.325 (fbank+cmvn(meanvar) units (100 Hz))", "93.4", "40.0", "–",
+                                            "–"]
+    assert table_row(text, "untrained")[1:] == ["none", "0.310 (1.00×)", "66.0", "30.0", "–", "70.0"]
+    hub = table_row(text, "HuBERT (hubert_iter2)")
+    assert hub[1].startswith(f"{2 * m:.1f} min,") and "(2 runs)" in hub[1]
+    assert hub[2:] == ["0.355 (L2, 1.15×)", "55.0", "61.0", "–", "41.0"]
+    assert table_row(text, "wav2vec 2.0 (wav2vec2)")[2:] == ["0.330 (L1, 1.06×)", "60.0", "50.0", "–", "–"]
+    assert table_row(text, "BEST-RQ (bestrq)")[2:] == ["0.360 (L1, 1.16×)", "58.0", "55.0", "–", "45.0"]

@@ -27,8 +27,10 @@ char_steps=""               # updates of the char-unit runs (default: $steps)
 nj=2
 seed=0
 exp=exp
+objectives=""               # make compare: fine-tune these runs of the hubert recipe instead (exp/<name>/best, phones,
+                            # 10 minutes, as phone_iter2_10min), e.g. "wav2vec2 bestrq"; the demo's runs are kept
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--superb DIR] [--steps N] [--valid N] [--char-steps N] [--nj N]
-          [--exp DIR]"
+          [--exp DIR] [--objectives 'wav2vec2 bestrq']"
 . ../../../tools/parse_options.sh
 
 data=$hubert/data
@@ -101,7 +103,14 @@ lanes() {  # run the "name init split units steps tune" lines of stdin in $nj la
 }
 
 mkdir -p "$exp"
-if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+if [ -n "$objectives" ] && [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  start=$(date +%s)
+  for o in $objectives; do
+    [ -f "$hubert/exp/$o/best/config.json" ] || { echo "$0: $hubert/exp/$o/best missing: run $hubert/run.sh --objective $o first" >&2; exit 1; }
+    echo "phone_${o}_10min $hubert/exp/$o/best train_10min phone $steps full"
+  done | lanes || { log "stage 1 (objectives) failed"; exit 1; }
+  log "stage 1 ($objectives) took $(( $(date +%s) - start )) s"
+elif [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   start=$(date +%s)
   lanes <<EOF || { log "stage 1 failed"; exit 1; }
 phone_iter2_10min $ckpt2 train_10min phone $steps full
@@ -116,7 +125,7 @@ EOF
   log "stage 1 took $(( $(date +%s) - start )) s"
 fi
 
-if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+if [ -z "$objectives" ] && [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
   start=$(date +%s)
   mkdir -p "$exp/lm"
   [ -f "$exp/lm/3gram.arpa" ] || python3 -c "import sys; from speechssl.asr.lm import build_arpa_from_text as b; \

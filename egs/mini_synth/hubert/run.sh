@@ -3,11 +3,13 @@
 #   ./run.sh                       # everything, default corpus
 #   ./run.sh --clean true          # a clean (no noise/reverb/perturbation) corpus
 #   ./run.sh --stage 2 --stop-stage 5
+#   ./run.sh --objective bestrq    # BEST-RQ (or wav2vec2) instead of HuBERT: one run -> exp/bestrq (make compare)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 stage=0
 stop_stage=100
+objective=hubert  # hubert | wav2vec2 | bestrq (recipes/hubert.sh --objective; conf/pretrain_<objective>.yaml)
 clean=false
 tiny=false
 seed=0
@@ -24,7 +26,7 @@ feats1=""         # iteration-1 targets: two k-means sets, one on 80-d fbank, on
                   # per-utterance fbank units alone (README)
 alignments=corpus # phone CTM for the quality reports: corpus = the generated data/train/phones.ctm; none (or '') = run
                   # as on a corpus without alignments (no stages 5, 7, 10; iteration-2 units from the middle layer)
-help_message="Usage: $0 [--stage N] [--stop-stage N] [--clean true] [--tiny true] [--seed N] [--nj N] [--iter2-init true|false]
+help_message="Usage: $0 [--stage N] [--stop-stage N] [--objective hubert|wav2vec2|bestrq] [--clean true] [--tiny true] [--seed N] [--nj N] [--iter2-init true|false]
           [--feats1 'FEAT[:CMVN] ...'] [--alignments corpus|none|CTM]
   stage 0 generates the corpus into data/; stages 1.. are recipes/hubert.sh (see its --help)."
 . ../../../tools/parse_options.sh
@@ -47,7 +49,7 @@ fi
 
 suffix=${data#data}
 [ "$alignments" = corpus ] && alignments=$data/train/phones.ctm
-../../../recipes/hubert.sh --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
+../../../recipes/hubert.sh --objective "$objective" --stage "$(( stage > 1 ? stage : 1 ))" --stop-stage "$stop_stage" \
   --data "$data" --train-set train --dev-set dev --dump "dump$suffix" --exp "exp$suffix" --nj "$nj" \
   --alignments "$alignments" --feats1 "$feats1" --hidden-sample-frac "$($tiny && echo 0.5 || echo auto)" \
   --iter1-opts "$iter1_opts" --iter2-opts "$iter2_opts" --iter2-init "$iter2_init"
