@@ -83,9 +83,6 @@ class BestRQPretrainModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, sum(config.num_classes))
         # no mask embedding (masked frames are noise): frozen, so DDP waits for no gradient of it
         self.hubert.masked_spec_embed.requires_grad_(False)
-        # no mask embedding (masked frames are noise): frozen, so the optimizer skips it and DDP without
-        # find_unused_parameters does not wait for its gradient
-        self.hubert.masked_spec_embed.requires_grad_(False)
 
     def logits(self, x: Tensor) -> list[Tensor]:
         return list(self.head(x).float().split(self.config.num_classes, dim=-1))

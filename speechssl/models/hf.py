@@ -20,7 +20,9 @@ names are transformers' base-model names, so reading is a key check and writing 
   directory may lack (transformers omits it when ``mask_time_prob`` and ``mask_feature_prob`` are 0; only
   pretraining uses it): the model keeps its initial value.
 * :func:`export_hf` / :func:`hf_config_dict`: write a directory ``transformers.AutoModel.from_pretrained`` loads
-  as ``HubertModel`` / ``Wav2Vec2Model`` / ``WavLMModel`` (waveform-CNN frontend only), atomically.
+  as ``HubertModel`` / ``Wav2Vec2Model`` / ``WavLMModel`` (waveform-CNN frontend only), atomically; a wav2vec 2.0
+  pretraining model (:class:`~speechssl.models.wav2vec2.Wav2Vec2PretrainModel`) goes with its quantizer and
+  projections as ``Wav2Vec2ForPreTraining``.
 * :func:`export_hf_ctc` / :func:`load_hf_ctc`: fine-tuned CTC models (:class:`~speechssl.models.ctc.CTCModel`) as
   ``HubertForCTC`` / ``Wav2Vec2ForCTC`` / ``WavLMForCTC`` directories with a ``Wav2Vec2Processor`` (``vocab.json``,
   ``tokenizer_config.json``: the blank is ``<pad>`` = ``pad_token_id`` 0; ``|`` the word delimiter of character
@@ -43,7 +45,9 @@ from .checkpoint import (FORMAT, REDO, _load_strict, _state_dict, _write_dir_ato
                          read_json, read_safetensors)
 from .config import MODEL_TYPES, HubertConfig
 from .ctc import CTCHeadConfig, CTCModel
-from .hubert import HubertModel, HubertPretrainModel
+from .hubert import HubertModel
+from .pretrain import PRETRAIN_CLASSES
+from .wav2vec2 import Wav2Vec2PretrainModel
 
 __all__ = ["read_hf_config", "read_hf_state_dict", "load_hf_dir", "hf_config_dict", "export_hf", "ARCHITECTURES",
            "export_hf_ctc", "load_hf_ctc", "CTC_ARCHITECTURES"]
@@ -54,6 +58,7 @@ CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
 PROCESSOR = "processor_config.json"  # transformers 5 Processor.save_pretrained: {"feature_extractor": {...}, ...}
 ARCHITECTURES = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model", "wavlm": "WavLMModel"}
+PRETRAINING_ARCHITECTURE = "Wav2Vec2ForPreTraining"  # export_hf of a Wav2Vec2PretrainModel
 BASE_PREFIXES = ("hubert.", "wav2vec2.", "wavlm.")  # base_model_prefix of the *For... models
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_NORM_OLD = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
@@ -302,10 +307,24 @@ def _encoder_of(model_or_dir) -> HubertModel:
         return load_hf_dir(path)
     model = getattr(model_or_dir, "module", model_or_dir)
     model = getattr(model, "_orig_mod", model)
-    model = model.hubert if isinstance(model, HubertPretrainModel) else model
+    model = model.hubert if isinstance(model, PRETRAIN_CLASSES) else model
     if not isinstance(model, HubertModel):
-        raise TypeError(f"export_hf expects a HubertModel, HubertPretrainModel or checkpoint dir, got {type(model)}")
+        raise TypeError(f"export_hf expects a HubertModel, a pretraining model or checkpoint dir, got {type(model)}")
     return model
+
+
+def _wav2vec2_pretraining_of(model_or_dir) -> Wav2Vec2PretrainModel | None:
+    """The :class:`Wav2Vec2PretrainModel` given, or read from a speechssl checkpoint directory of that class; None
+    for anything else."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        path = checkpoint_dir(model_or_dir)
+        meta = _read_json(path / CONFIG)
+        if meta.get("format") == FORMAT and meta.get("model_class") == Wav2Vec2PretrainModel.__name__:
+            return load_model(path)
+        return None
+    model = getattr(model_or_dir, "module", model_or_dir)
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, Wav2Vec2PretrainModel) else None
 
 
 def _refuse_tuning_modules(model: nn.Module) -> None:
@@ -340,15 +359,51 @@ def export_hf(model_or_dir, out_dir) -> None:
     ``transformers.AutoModel.from_pretrained(out_dir)`` loads as ``HubertModel``, ``Wav2Vec2Model`` or
     ``WavLMModel`` (by ``config.model_type``), atomically (an existing ``out_dir`` is replaced).
 
-    ``model_or_dir``: a :class:`HubertModel`, a :class:`HubertPretrainModel` (its head is dropped: transformers has
-    none), a speechssl checkpoint directory or a transformers directory. The fbank frontend is a :class:`UserError`.
+    ``model_or_dir``: a :class:`HubertModel`, a pretraining model (``models/pretrain.py``), a speechssl checkpoint
+    directory or a transformers directory. The fbank frontend is a :class:`UserError`.
+
+    A :class:`~speechssl.models.wav2vec2.Wav2Vec2PretrainModel` (or a checkpoint directory of one) is written whole,
+    as transformers' ``Wav2Vec2ForPreTraining`` (``from_pretrained`` loads it with no missing or unexpected key;
+    ``AutoModel`` still gives its ``Wav2Vec2Model``): the encoder under ``wav2vec2.``, then ``quantizer.*``,
+    ``project_q.*``, ``project_hid.*`` (the same names as ours), and in ``config.json`` the quantizer and loss
+    settings (``num_codevector_groups``, ``num_codevectors_per_group``, ``codevector_dim``, ``proj_codevector_dim``,
+    ``num_negatives``, ``contrastive_logits_temperature``, ``diversity_loss_weight``, ``feat_quantizer_dropout``)
+    and our pretraining mask as ``mask_time_prob`` / ``mask_time_length`` / ``mask_time_min_masks``. The Gumbel
+    temperature is no config field there (``set_gumbel_temperature``). Every other pretraining model drops its head
+    (transformers has none for it) and is written as its encoder.
     """
-    model = _encoder_of(model_or_dir)
+    pretraining = _wav2vec2_pretraining_of(model_or_dir)
+    model = pretraining if pretraining is not None else _encoder_of(model_or_dir)
     _refuse_tuning_modules(model)
     config = model.config
     hf_config = hf_config_dict(config)
     preprocessor = _preprocessor_dict(config)
     weights: dict[str, Tensor] = _state_dict(model)
+    if pretraining is not None:
+        hf_config.update(
+            architectures=[PRETRAINING_ARCHITECTURE],
+            num_codevector_groups=config.num_codevector_groups,
+            num_codevectors_per_group=config.num_codevectors_per_group,
+            codevector_dim=config.codevector_dim,
+            proj_codevector_dim=config.proj_codevector_dim,
+            num_negatives=config.num_negatives,
+            contrastive_logits_temperature=config.contrastive_logits_temperature,
+            diversity_loss_weight=config.diversity_loss_weight,
+            feat_quantizer_dropout=config.feat_quantizer_dropout,
+            mask_time_prob=config.mask_prob,
+            mask_time_length=config.mask_length,
+            mask_time_min_masks=config.mask_min_masks,
+        )
+        heads = ("quantizer.", "project_q.", "project_hid.")
+        renamed = {}
+        for key, value in weights.items():
+            if key.startswith("hubert."):
+                key = "wav2vec2." + key[len("hubert."):]
+            elif not key.startswith(heads):
+                raise UserError(f"export_hf: parameter {key} belongs to neither the encoder nor the quantizer and "
+                                "projections of Wav2Vec2ForPreTraining")
+            renamed[key] = value
+        weights = renamed
     _write_dir_atomic(Path(out_dir), {"model.safetensors": weights, CONFIG: hf_config, PREPROCESSOR: preprocessor})
 
 
