@@ -305,19 +305,13 @@ for f1 in "${sets1[@]}"; do  # stages 2-5 for each iteration-1 target set
   feat=${f1%%_cmvn-*}; cmvn=none; cmvn_opt=()
   [ "$f1" != "$feat" ] && cmvn=${f1#*_cmvn-} && cmvn_opt=(--cmvn "$cmvn")
   km=$exp/kmeans_${f1}_k$k1
+  dump_sets="$train_set $dev_set"
   if [ "$objective" != hubert ]; then  # no k-means targets: only the spectral features of the per-layer report
-    if in_stage 2 && [ -n "$alignments" ] && [ "$f1" = "${sets1[0]}" ]; then
-      out=$dump/$f1/$train_set
-      if stage_pending "$out"; then
-        log "stage 2: $feat (CMVN: $cmvn) for $train_set -> $out (the per-layer report's spectral baseline)"
-        launch features dump --data "$data/$train_set" --kind "$feat" "${cmvn_opt[@]}" --nshard "$nj" --out "$out"
-        done_mark "$out"
-      fi
-    fi
-    continue
+    dump_sets=""
+    [ -n "$alignments" ] && [ "$f1" = "${sets1[0]}" ] && dump_sets=$train_set
   fi
   if in_stage 2; then
-    for s in $train_set $dev_set; do
+    for s in $dump_sets; do
       out=$dump/$f1/$s
       if stage_pending "$out"; then
         log "stage 2: $feat (CMVN: $cmvn, 100 Hz) for $s -> $out"
@@ -326,6 +320,7 @@ for f1 in "${sets1[@]}"; do  # stages 2-5 for each iteration-1 target set
       fi
     done
   fi
+  [ "$objective" = hubert ] || continue  # wav2vec2, bestrq: no k-means, labels or label quality
 
   if in_stage 3 && stage_pending "$km"; then
     if $is_head; then

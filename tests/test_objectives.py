@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 
-import kaldi_native_fbank as knf  # the fbank reference (dev extra), as tests/test_features.py
 import numpy as np
 import pytest
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from scipy.stats import chisquare
 
 from speechssl.errors import UserError
+from test_features import knf_fbank  # kaldi-native-fbank: the fbank reference (dev extra)
 from speechssl.models import export_hf, load_model, save_model
 from speechssl.models.bestrq import ENTROPY_FLOOR, BestRQPretrainModel
 from speechssl.models.config import hubert_base, hubert_large, hubert_tiny
@@ -343,19 +343,6 @@ def forward_targets(model, wavs, lens, **kw) -> tuple[list[torch.Tensor], dict]:
         del model.targets
     assert len(seen) == 1
     return seen[0], out
-
-
-def knf_fbank(x: np.ndarray, bins: int = 80) -> np.ndarray:
-    o = knf.FbankOptions()
-    o.frame_opts.dither = 0.0
-    o.frame_opts.snip_edges = True
-    o.frame_opts.samp_freq = SR
-    o.mel_opts.num_bins = bins
-    o.use_energy = False
-    f = knf.OnlineFbank(o)
-    f.accept_waveform(SR, x.tolist())
-    f.input_finished()
-    return np.stack([np.asarray(f.get_frame(i)) for i in range(f.num_frames_ready)])
 
 
 def reference_targets(model: BestRQPretrainModel, wav: np.ndarray, num_frames: int):

@@ -33,8 +33,8 @@ from speechssl.errors import UserError
 from speechssl.features.kaldi import fbank
 from .config import HubertConfig
 from .frontend import FbankFeatureExtractor, lengths_to_mask
-from .hubert import LABEL_PAD, HubertModel, masked_prediction_loss
-from .masking import compute_mask_indices
+from .hubert import LABEL_PAD, HubertModel, masked_prediction_loss, refuse_labels
+from .masking import pretraining_mask
 
 __all__ = ["BestRQPretrainModel", "RandomProjectionQuantizer", "ENTROPY_FLOOR"]
 
@@ -108,10 +108,7 @@ class BestRQPretrainModel(nn.Module):
         return [torch.where(complete, codes[..., i], LABEL_PAD) for i in range(codes.shape[-1])]
 
     def compute_mask(self, frame_lens: Tensor, num_frames: int, generator: torch.Generator | None = None) -> Tensor:
-        padding = ~lengths_to_mask(frame_lens.cpu(), num_frames)
-        return compute_mask_indices((len(frame_lens), num_frames), padding, self.config.mask_prob,
-                                    self.config.mask_length, min_masks=self.config.mask_min_masks,
-                                    generator=generator)
+        return pretraining_mask(self.config, frame_lens, num_frames, generator)
 
     def _noise(self, like: Tensor, where: Tensor) -> Tensor:
         noise = torch.randn(like.shape, dtype=like.dtype, device=like.device) * self.config.bestrq_mask_noise_std
@@ -120,9 +117,7 @@ class BestRQPretrainModel(nn.Module):
     def forward(self, wavs: Tensor, wav_lens: Tensor | None, labels: list[Tensor] | None = None,
                 mask: Tensor | None = None, generator: torch.Generator | None = None) -> dict:
         cfg = self.config
-        if labels:
-            raise UserError(f"model.objective=bestrq makes its own targets; got {len(labels)} label set(s) "
-                            "(leave data.train_labels / data.dev_labels empty)")
+        refuse_labels(labels, "bestrq")
         enc = self.hubert
         wavs, wav_lens = enc.prepare_waveforms(wavs, wav_lens)
         front = enc.feature_extractor

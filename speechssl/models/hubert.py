@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from speechssl.errors import UserError
 from .config import HubertConfig
 from .frontend import build_frontend, lengths_to_mask
-from .masking import compute_mask_indices
+from .masking import pretraining_mask
 from .transformer import Encoder, FeatureProjection
 from .wavlm import WavLMEncoder
 
-__all__ = ["HubertModel", "HubertPretrainModel", "LABEL_PAD", "masked_prediction_loss"]
+__all__ = ["HubertModel", "HubertPretrainModel", "LABEL_PAD", "masked_prediction_loss", "refuse_labels"]
 
 LABEL_PAD = -100  # label value of frames that carry no target (padding, unknown)
 
@@ -138,10 +138,7 @@ class HubertPretrainModel(nn.Module):
 
     def compute_mask(self, frame_lens: Tensor, num_frames: int, generator: torch.Generator | None = None) -> Tensor:
         """HuBERT span mask ``[B, T]`` for the given frame lengths (see :mod:`speechssl.models.masking`)."""
-        padding = ~lengths_to_mask(frame_lens.cpu(), num_frames)
-        return compute_mask_indices((len(frame_lens), num_frames), padding, self.config.mask_prob,
-                                    self.config.mask_length, min_masks=self.config.mask_min_masks,
-                                    generator=generator)
+        return pretraining_mask(self.config, frame_lens, num_frames, generator)
 
     def logits(self, x: Tensor) -> list[Tensor]:
         """``x`` [N, hidden] encoder outputs -> per label set ``[N, k_i]`` float32 logits."""
@@ -221,6 +218,13 @@ class HubertPretrainModel(nn.Module):
     def collapse_warnings(self, stats: dict[str, float]) -> list[str]:
         """The objective's own collapse signs in validation ``stats`` (HuBERT: none beyond the RankMe watch)."""
         return []
+
+
+def refuse_labels(labels: list[Tensor] | None, objective: str) -> None:
+    """wav2vec 2.0 and BEST-RQ make their own targets: a label set given to them is a one-line error."""
+    if labels:
+        raise UserError(f"model.objective={objective} makes its own targets; got {len(labels)} label set(s) "
+                        "(leave data.train_labels / data.dev_labels empty)")
 
 
 def masked_prediction_loss(logits_fn, out: Tensor, mask: Tensor, valid: Tensor, labels: list[Tensor],

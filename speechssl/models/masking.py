@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_mask_indices"]
+__all__ = ["compute_mask_indices", "pretraining_mask"]
 
 
 def compute_mask_indices(
@@ -70,3 +70,11 @@ def compute_mask_indices(
             idx = idx[torch.randperm(len(idx), generator=generator)[:keep]]
         mask[row, idx] = True
     return mask
+
+
+def pretraining_mask(config, frame_lens: Tensor, num_frames: int, generator: torch.Generator | None = None) -> Tensor:
+    """The span mask ``[B, T]`` every pretraining objective draws: :func:`compute_mask_indices` with ``config``'s
+    ``mask_prob``, ``mask_length`` and ``mask_min_masks`` on rows of ``frame_lens`` valid frames."""
+    padding = torch.arange(num_frames).view(1, -1) >= frame_lens.cpu().view(-1, 1)
+    return compute_mask_indices((len(frame_lens), num_frames), padding, config.mask_prob, config.mask_length,
+                                min_masks=config.mask_min_masks, generator=generator)

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from speechssl.errors import UserError
 from .config import HubertConfig
 from .frontend import lengths_to_mask
-from .hubert import HubertModel
-from .masking import compute_mask_indices
+from .hubert import HubertModel, refuse_labels
+from .masking import pretraining_mask
 
 __all__ = ["Wav2Vec2PretrainModel", "GumbelVectorQuantizer", "sample_negatives", "gumbel_temperature",
            "PERPLEXITY_FLOOR"]
@@ -141,18 +141,13 @@ class Wav2Vec2PretrainModel(nn.Module):
         return gumbel_temperature(self.config.gumbel_temperature, self.num_updates)
 
     def compute_mask(self, frame_lens: Tensor, num_frames: int, generator: torch.Generator | None = None) -> Tensor:
-        padding = ~lengths_to_mask(frame_lens.cpu(), num_frames)
-        return compute_mask_indices((len(frame_lens), num_frames), padding, self.config.mask_prob,
-                                    self.config.mask_length, min_masks=self.config.mask_min_masks,
-                                    generator=generator)
+        return pretraining_mask(self.config, frame_lens, num_frames, generator)
 
     def forward(self, wavs: Tensor, wav_lens: Tensor | None, labels: list[Tensor] | None = None,
                 mask: Tensor | None = None, negatives: Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict:
         cfg = self.config
-        if labels:
-            raise UserError(f"model.objective=wav2vec2 makes its own targets; got {len(labels)} label set(s) "
-                            "(leave data.train_labels / data.dev_labels empty)")
+        refuse_labels(labels, "wav2vec2")
         enc = self.hubert
         features, frame_lens = enc.extract_features(wavs, wav_lens)
         B, T, _ = features.shape
