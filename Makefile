@@ -14,8 +14,9 @@ install:
 DEMO_MINUTES ?= 5
 DEMO_OPTS = optim.max_minutes=$(DEMO_MINUTES) optim.max_steps=$$(( $(DEMO_MINUTES) * 120 )) optim.warmup_steps=$$(( $(DEMO_MINUTES) * 15 ))
 
-# The fine-tuning stage (egs/mini_synth/asr) runs ASR_STEPS updates per run (10 runs, two side by side); the recipe's own
-# default is 600 (README, "Fine-tuning").
+# The fine-tuning stage (egs/mini_synth/asr) runs ASR_STEPS updates per run (7 runs, two side by side: the 1-hour subset's
+# three are left out, at 60 updates they rank nothing); the recipe's own default is 600 updates and both subsets
+# (README, "Fine-tuning").
 ASR_STEPS ?= 60
 # SUPERB's ASR task (a BiLSTM CTC head on frozen features, 600 steps: WER above 90% for every upstream, it cannot rank
 # them) leaves the demo to the fine-tuning stage, which measures recognition with the encoder trained;
@@ -26,7 +27,7 @@ demo: install
 	cd egs/mini_synth/hubert && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh \
 	  --iter1-opts "$(DEMO_OPTS)" --iter2-opts "$(DEMO_OPTS)"
 	cd egs/mini_synth/superb && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --tasks "$(SUPERB_TASKS)"
-	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS) --valid 2
+	cd egs/mini_synth/asr && PATH=$(abspath $(VENV))/bin:$$PATH ./run.sh --steps $(ASR_STEPS) --valid 2 --with-1h false
 	@test -f egs/mini_synth/hubert/exp/report.md && echo "report: egs/mini_synth/hubert/exp/report.md"
 
 # Three objectives side by side (issue 30): wav2vec 2.0 and BEST-RQ on the demo corpus with the same tiny model, batch and

@@ -27,10 +27,11 @@ char_steps=""               # updates of the char-unit runs (default: $steps)
 nj=2
 seed=0
 exp=exp
+with_1h=true                # also the 1-hour subset (3 more runs; make demo: false, at 60 updates they do not rank)
 objectives=""               # make compare: fine-tune these runs of the hubert recipe instead (exp/<name>/best, phones,
                             # 10 minutes, as phone_iter2_10min), e.g. "wav2vec2 bestrq"; the demo's runs are kept
 help_message="Usage: $0 [--stage N] [--stop-stage N] [--hubert DIR] [--superb DIR] [--steps N] [--valid N] [--char-steps N] [--nj N]
-          [--exp DIR] [--objectives 'wav2vec2 bestrq']"
+          [--exp DIR] [--with-1h true|false] [--objectives 'wav2vec2 bestrq']"
 . ../../../tools/parse_options.sh
 
 data=$hubert/data
@@ -112,7 +113,8 @@ if [ -n "$objectives" ] && [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   log "stage 1 ($objectives) took $(( $(date +%s) - start )) s"
 elif [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   start=$(date +%s)
-  lanes <<EOF || { log "stage 1 failed"; exit 1; }
+  skip='^$'; $with_1h || skip=' train_1h '  # grep -v: the lines of no run / of the 1-hour runs
+  grep -v -- "$skip" <<EOF | lanes || { log "stage 1 failed"; exit 1; }
 phone_iter2_10min $ckpt2 train_10min phone $steps full
 phone_random_10min random:$ckpt2 train_10min phone $steps full
 phone_iter1_10min $ckpt1 train_10min phone $steps full
