@@ -211,6 +211,13 @@ def _set_names(run: _Run) -> list[str]:
     return names
 
 
+def _chance_classes(config: dict[str, Any]) -> list[int]:
+    """The class counts that set chance accuracy: the units per target set, or wav2vec 2.0's K distractors + 1."""
+    if _get(config, "model.objective") == "wav2vec2":
+        return [int(_get(config, "model.num_negatives", 100)) + 1]
+    return _get(config, "model.num_classes") or []
+
+
 def _plot_curves(run: _Run, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -237,10 +244,12 @@ def _plot_curves(run: _Run, path: Path) -> None:
         nm = names[int(t)] if t.isdigit() and int(t) < len(names) else f"set {t}"
         line(ax, f"train/acc_m_{t}", "-", color=f"C{i}", alpha=0.6, label=f"train, {nm}")
         line(ax, f"valid/acc_m_{t}", "o-", color=f"C{i}", markersize=4, label=f"valid, {nm}")
-    k = _get(run.config, "model.num_classes") or []
+    k = _chance_classes(run.config)
     if k:
         ax.axhline(1.0 / max(k), color="0.5", ls=":", lw=1, label=f"chance (1/{max(k)})")
-    ax.set_title("masked-frame accuracy (predicting the unit of a masked frame)", fontsize=9)
+    ax.set_title("masked-frame accuracy (" + ("picking the positive among the distractors"
+                 if _get(run.config, "model.objective") == "wav2vec2" else "predicting the unit of a masked frame")
+                 + ")", fontsize=9)
     ax.set_ylabel("accuracy")
 
     ax = axes[1][0]
@@ -367,9 +376,7 @@ def _runs_section(runs: list[_Run], rel) -> list[str]:
             nm = names[int(t)] if t.isdigit() and int(t) < len(names) else f"set {t}"
             rows.append((f"masked accuracy, {nm}", f"train/acc_m_{t}", f"valid/acc_m_{t}"))
             rows.append((f"unmasked accuracy, {nm}", f"train/acc_u_{t}", f"valid/acc_u_{t}"))
-        k = _get(r.config, "model.num_classes") or []
-        if _get(r.config, "model.objective") == "wav2vec2":  # the positive among K distractors
-            k = [int(_get(r.config, "model.num_negatives", 100)) + 1]
+        k = _chance_classes(r.config)
         found = [(label, _last(s.get(tt)), _last(s.get(vt))) for label, tt, vt in rows]
         found = [f for f in found if f[1] is not None or f[2] is not None]
         t_step = max((f[1][0] for f in found if f[1]), default=None)

@@ -270,9 +270,16 @@ def test_config_model_types_and_pretraining_refusal():
         hubert_base(model_type="wav2vec2", feat_proj_layer_norm=False)
     with pytest.raises(UserError, match="num_buckets"):
         hubert_base(model_type="wavlm", num_buckets=2)
-    for model_type in ("wav2vec2", "wavlm"):
-        with pytest.raises(UserError, match=f"model.model_type='{model_type}': only 'hubert'"):
+    for model_type in ("wav2vec2", "wavlm"):  # HuBERT's objective pretrains a hubert encoder
+        with pytest.raises(UserError, match=f"model.model_type='{model_type}': HuBERT's masked-unit prediction "
+                                            "pretrains a 'hubert' encoder"):
             HubertPretrainModel(hubert_base(model_type=model_type, num_hidden_layers=1))
+    with pytest.raises(UserError, match="objective 'bestrq' pretrains model_type 'hubert' or 'wav2vec2', got 'wavlm'"):
+        hubert_base(model_type="wavlm", objective="bestrq")
+    with pytest.raises(UserError, match="objective 'wav2vec2' needs model_type 'wav2vec2'"):
+        hubert_base(objective="wav2vec2")
+    with pytest.raises(UserError, match="objective must be one of"):
+        hubert_base(objective="data2vec")
 
 
 def test_export_refuses_fbank(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import speechssl.models.hubert as hubert_mod
+import speechssl.models.masking as masking_mod
 from speechssl.data.kaldi import c_sorted
 from speechssl.models import HubertPretrainModel, hubert_tiny
 from speechssl.models.hubert import LABEL_PAD
@@ -160,12 +160,13 @@ def scattered_compute_mask_indices(shape, padding_mask, mask_prob, mask_length, 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_scattered_mask_fails_the_span_property(seed, monkeypatch):
     """Test of the test: the scattered-frames mutant fails the properties above, called directly and through
-    ``HubertPretrainModel.compute_mask`` (compute_mask_indices monkeypatched in speechssl.models.hubert)."""
+    ``HubertPretrainModel.compute_mask`` (compute_mask_indices monkeypatched in speechssl.models.masking, where
+    ``pretraining_mask``, every objective's mask, calls it)."""
     case = dict(lengths=[200, 160, 200], T=200, p=0.8, L=10, min_masks=2, seed=seed)
     with pytest.raises(AssertionError, match="in no fully masked window"):
         check_masks(scattered_compute_mask_indices, **case)
     check_masks(compute_mask_indices, **case)
-    monkeypatch.setattr(hubert_mod, "compute_mask_indices", scattered_compute_mask_indices)
+    monkeypatch.setattr(masking_mod, "compute_mask_indices", scattered_compute_mask_indices)
     model = _mask_model(0.8, 10, 2)
     mask = model.compute_mask(torch.tensor([200, 160, 200]), 200, torch.Generator().manual_seed(seed))
     smallest = int(mask.sum(1).argmin())
