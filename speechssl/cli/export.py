@@ -20,7 +20,8 @@ from speechssl.fileio import check_writable_dir, check_writable_file
 
 FORMATS = {
     "hf": "a directory transformers' AutoModel.from_pretrained loads (HubertModel, Wav2Vec2Model or WavLMModel: "
-          "config.json, model.safetensors, preprocessor_config.json); for a fine-tuned CTC checkpoint, "
+          "config.json, model.safetensors, preprocessor_config.json); for a wav2vec 2.0 pretraining checkpoint, "
+          "Wav2Vec2ForPreTraining with its quantizer and projections; for a fine-tuned CTC checkpoint, "
           "AutoModelForCTC + AutoProcessor (HubertForCTC, Wav2Vec2ForCTC or WavLMForCTC; vocab.json, "
           "tokenizer_config.json)",
     "s3prl": "s3prl's converted HuBERT checkpoint (one .pt file: task_cfg, model_cfg, model_weight, "
