@@ -424,7 +424,8 @@ def update_logs(path: Path) -> list[dict[str, str]]:
     keep = ("frames", "frozen", "grad_norm", "loss", "ntokens", "zero_inf", "lr")
     out = []
     for line in path.read_text().splitlines():
-        if ": update " in line:
+        # log_train's INFO lines only: under load the data-wait watch adds a WARNING "...: update N: training waited ..."
+        if " INFO speechssl.train.logs: update " in line:
             fields = dict(kv.split("=", 1) for kv in line.split(": update ", 1)[1].split()[1:])
             out.append({k: fields[k] for k in keep})
     return out
