@@ -768,7 +768,7 @@ class PretrainData:
         while True:
             start_skip = self.sampler.batches_done
             got = False
-            for batch in self.train_loader:
+            for batch in start_loader(self.train_loader):
                 got = True
                 yield batch
             if not got and start_skip == 0:
@@ -859,11 +859,31 @@ class _NumFrames:
             return int(self.encoder.num_frames(torch.tensor([int(n)]))[0])
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def start_loader(loader: torch.utils.data.DataLoader) -> Iterator:
+    """``iter(loader)`` with the stop signals blocked while its workers fork. A worker gets torch's own SIGTERM
+    handler (which re-raises a signal from anyone but its parent) before its ``worker_init_fn`` ignores the signal; a
+    preemption landing in that window killed the worker and the trainer raised "DataLoader worker exited
+    unexpectedly" instead of saving (seen under load, where a tiny corpus re-forks the workers every few updates).
+    Blocked, the signal waits: the worker discards it once :func:`_worker_init` ignores it and unblocks; the trainer
+    gets it as soon as the workers are started."""
+    if loader.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
     # A preemption (SLURM, torchrun passing on SIGTERM) signals every process of the job, loader workers included.
     # They leave it to the training process, which finishes the update, saves a checkpoint and then shuts them down;
-    # a worker dying of the signal would make the DataLoader raise before the checkpoint is written.
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    # a worker dying of the signal would make the DataLoader raise before the checkpoint is written. The signals
+    # arrive blocked (start_loader): ignore them, then unblock (a pending one is discarded).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

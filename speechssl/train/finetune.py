@@ -46,6 +46,7 @@ from speechssl.train.data import (
     _NumFrames,
     _worker_init,
     collate_identity,
+    start_loader,
     cut_num_samples,
     load_cuts,
 )
@@ -350,7 +351,7 @@ class FinetuneTrainer(Trainer):
         self.model.eval()
         tok = self.tokenizer
         sums = torch.zeros(7, dtype=torch.float64)  # loss*n, n, word err, words, char err, chars, zero_inf
-        for batch in self.dev_loader:
+        for batch in start_loader(self.dev_loader):
             wavs, lens, labels = self._to_device(batch)
             with self._autocast():
                 out = self.model(wavs, lens, labels)

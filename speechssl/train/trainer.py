@@ -41,7 +41,7 @@ from speechssl.train import checkpoints as ck
 from speechssl.train import state as st
 from speechssl.train.collapse import CollapseWatch
 from speechssl.train.config import CheckpointConfig, DataConfig, OptimConfig, PretrainConfig, split_batch
-from speechssl.train.data import batch_wavs, build_pretrain_data
+from speechssl.train.data import batch_wavs, build_pretrain_data, start_loader
 from speechssl.train.distributed import (
     StopSignals,
     all_reduce,
@@ -449,7 +449,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0.0
         with st.preserved_rng(st.derived_seed(self.cfg.seed, 0xDE5)):
-            for batch in self.dev_loader:
+            for batch in start_loader(self.dev_loader):
                 wavs, lens, labels = self._to_device(batch)
                 with self._autocast():
                     out = self.model(wavs, lens, labels)
