@@ -506,7 +506,7 @@ def read_kaldi_text(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("units", ["char", "phone"])
-def test_finetune_then_decode_scores_equal_jiwer(asr, tmp_path, capsys, units):
+def test_finetune_then_decode_scores_equal_jiwer(asr, tmp_path, capsys, monkeypatch, units):
     train, dev, base = asr
     exp = tmp_path / "exp"
     assert main(tiny_ft(exp, train, dev, base, "valid_every=2", units=units)) == 0
@@ -534,6 +534,22 @@ def test_finetune_then_decode_scores_equal_jiwer(asr, tmp_path, capsys, units):
     assert printed[metric] == scores[metric]
     # the validation of the same model on the same data by the trainer (summed batch counts) agrees
     assert best["extra"]["valid"][metric] == pytest.approx(scores[metric])
+    # --batch-seconds bounds each forward's padded audio (durations from utt2dur or the headers: this dir has no
+    # segments), and the hypotheses do not depend on how the utterances were batched
+    from speechssl.models.ctc import CTCModel
+
+    shapes, logits = [], CTCModel.logits
+
+    def recorded(self, wavs, wav_lens=None):
+        shapes.append(tuple(wavs.shape))
+        return logits(self, wavs, wav_lens)
+
+    monkeypatch.setattr(CTCModel, "logits", recorded)
+    assert main(["decode", "--ckpt", str(exp / "best"), "--data", str(dev), "--out", str(tmp_path / "dec3"),
+                 "--batch-seconds", "3"]) == 0
+    assert sum(n for n, _ in shapes) == len(ids) and len(shapes) > 1
+    assert all(n == 1 or n * samples <= 3 * 16000 for n, samples in shapes), shapes
+    assert read_kaldi_text(tmp_path / "dec3" / "hyp.txt") == hyp
 
 
 def test_adapters_checkpoint_holds_only_tuned_tensors_and_checks_its_base(asr, tmp_path, capsys):

@@ -93,8 +93,10 @@ def decode(ckpt: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | 
         searcher = BeamDecoder(tok.vocab, blank=0, word_delim=tok.word_delim, lm=lm, beam=beam,
                                lm_weight=lm_weight, word_score=word_score)
 
-    # duration-sorted batches of at most batch_seconds of audio
-    durs = {u.utt_id: (u.duration if u.duration is not None else 0.0) for u in utts}
+    # duration-sorted batches of at most batch_seconds of audio (padding included): utt2dur, else the audio headers
+    from speechssl.data.durations import durations_of
+
+    durs = durations_of(dd, [u.utt_id for u in utts])
     order = sorted(utts, key=lambda u: (durs[u.utt_id], u.utt_id))
     batches, cur, longest = [], [], 0.0
     for u in order:
