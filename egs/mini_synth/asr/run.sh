@@ -4,7 +4,7 @@
 # fine-tuned with the same recipe and steps (random:CKPT; its frontend is fbank, so that row is also "the spectral
 # features, learned from the labels alone").
 #   ./run.sh                      # after ../hubert/run.sh: subsets, 7 fine-tunings, decoding, table, report
-#   ./run.sh --steps 100          # the demo's budget (make demo): 10 runs in ~6 minutes on 2 CPU cores
+#   ./run.sh --steps 60 --valid 2 --with-1h false   # make demo's budget: 7 runs in ~3 minutes on 2 CPU cores
 #   ./run.sh --stage 3            # only the table and the report
 # Stages:
 #   0: speaker-balanced 10-minute and 1-hour labelled subsets of train (nested: same seed), phones.ctm with them

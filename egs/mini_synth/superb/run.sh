@@ -11,7 +11,7 @@
 #   ./run.sh --upstreams "fbank fbank:nocmvn random:../hubert/exp/hubert_iter1/best ../hubert/exp/hubert_iter1/best"
 #     (fbank:nocmvn: fbank without per-utterance CMVN, the informative spectral baseline for the mean-pooled
 #      SID / KS / IC heads, which SUPERB's CMVN'd fbank leaves with nothing but the class prior)
-# Heads, steps, batches and the generated sets are sized so the stage takes <= 7 minutes on 2 CPU cores (5.9 measured
+# Heads, steps, batches and the generated sets are sized so the stage takes <= 7 minutes on 2 CPU cores (6.2 measured
 # for the nine tasks of `make demo`; conf/*.yaml say how they differ from SUPERB's). Finished runs are reused
 # (--resume), so a rerun only does what is missing.
 set -euo pipefail
