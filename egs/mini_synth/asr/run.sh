@@ -3,7 +3,7 @@
 # judges pretraining (HuBERT's Libri-light 10 min / 1 h tables), each beside the untrained model of the same config
 # fine-tuned with the same recipe and steps (random:CKPT; its frontend is fbank, so that row is also "the spectral
 # features, learned from the labels alone").
-#   ./run.sh                      # after ../hubert/run.sh: subsets, 7 fine-tunings, decoding, table, report
+#   ./run.sh                      # after ../hubert/run.sh: subsets, 10 fine-tunings, decoding, table, report
 #   ./run.sh --steps 60 --valid 2 --with-1h false   # make demo's budget: 7 runs in ~3 minutes on 2 CPU cores
 #   ./run.sh --stage 3            # only the table and the report
 # Stages:
